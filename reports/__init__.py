@@ -1,1 +1,24 @@
-"""chunkft reports."""
+"""chunkft reports: figures, a self-contained report.html and a Chrome trace of the simulated step.
+
+The only matplotlib user in chunkft (object API on the Agg canvas: no display, no pyplot state).
+"""
+
+from .data import Alternative, ReportData, RunRecord, SweepPoint
+from .runfile import RunFileError, load_run
+from .trace import trace_events, trace_json
+from .writer import ReportError, render, write_report, write_report_data
+
+__all__ = [
+    "Alternative",
+    "ReportData",
+    "ReportError",
+    "RunFileError",
+    "RunRecord",
+    "SweepPoint",
+    "load_run",
+    "render",
+    "trace_events",
+    "trace_json",
+    "write_report",
+    "write_report_data",
+]

@@ -1,0 +1,320 @@
+"""Reports: figures decode and are not blank, report.html embeds and names every figure, trace.json is
+valid trace-event JSON whose compute track adds up to the simulated step, bad input fails cleanly.
+
+Simulations here are hand-made (a forward/backward/update schedule with a prefetch and a write-back) over
+the parameters of real Hugging Face models built from config on the meta device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from matplotlib.image import imread
+
+from executor.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, partition
+from planner.plan import load_plan
+from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
+from profiles import build_model, load_model
+from reports import ReportData, ReportError, RunRecord, render, trace_events, write_report_data
+from reports.cli import main as report_cli
+from reports.data import Alternative
+from reports.inputs import report_data, sweep_from_alternatives
+from reports.layers import activations_by_layer, chunk_spans, layer_groups, layer_of, per_layer_bytes
+from reports.runfile import RunFileError, run_from_dict
+from reports.writer import write_report
+
+GOLDEN_PLAN = Path(__file__).parent / "golden" / "plan_v1.json"
+FIGURES = ("memory", "lanes", "per_layer", "chunk_map", "sweep")
+GIB = 1 << 30
+
+
+def synthetic_step(
+    params: list[ParamSpec], chunks, active: int, *, act_per_layer: int, layer_s: float, h2d_s: float,
+    reserve: int = 0, tokens: int = 1024,
+) -> StepSimulation:
+    """A consistent one-step schedule: prefetch of the next window while forward/backward run, the update
+    (waiting for the prefetch if it is late), then the write-back of the active window."""
+    layers = sorted({n for p in params if (n := layer_of(p.name)) is not None})
+    cn = chunk_numel(chunks[active], params)
+    nxt = (active + 1) % len(chunks)
+    state = dict.fromkeys(CATEGORIES, 0)
+    state["weights"] = sum(p.numel * DTYPE_BYTES[p.dtype] for p in params)
+    events: list[LaneEvent] = []
+    mem: list[MemorySample] = []
+
+    def sample(t: float, name: str) -> None:
+        mem.append(MemorySample(t, tuple((c, state[c]) for c in CATEGORIES), name))
+
+    events.append(LaneEvent("h2d", f"prefetch chunk {nxt}", 0.0, h2d_s, chunk=nxt))
+    state["prefetch"] = cn * 12
+    sample(0.0, f"prefetch chunk {nxt}")
+    t = 0.0
+    for i in layers:
+        events.append(LaneEvent("compute", f"fwd layers.{i}", t, t + layer_s, layer=i))
+        t += layer_s
+        state["activations"] += act_per_layer
+        sample(t, f"fwd layers.{i}")
+    for i in reversed(layers):
+        events.append(LaneEvent("compute", f"bwd layers.{i}", t, t + 2 * layer_s, layer=i))
+        t += 2 * layer_s
+        state["activations"] -= act_per_layer
+        state["gradients"] = cn * 4
+        sample(t, f"bwd layers.{i}")
+    t = max(t, h2d_s)
+    state.update(optimizer_states=cn * 8, master=cn * 4, prefetch=0)
+    events.append(LaneEvent("compute", f"update chunk {active}", t, t + layer_s, chunk=active))
+    t += layer_s
+    sample(t, f"update chunk {active}")
+    wb = cn * 12 / 26e9
+    events.append(LaneEvent("d2h", f"write back chunk {active}", t, t + wb, chunk=active))
+    t += wb
+    state.update(gradients=0, optimizer_states=0, master=0)
+    sample(t, f"write back chunk {active}")
+    peak = max(mem, key=lambda s: s.total_bytes)
+    return StepSimulation(
+        events=tuple(events), memory=tuple(mem), peak_bytes=peak.total_bytes,
+        peak_by_category=peak.bytes_by_category, peak_time_s=peak.time_s, peak_cause=peak.event,
+        reserve_bytes=reserve, host_bytes=sum(p.numel for p in params) * 12, step_seconds=t,
+        tokens_per_step=tokens,
+    )
+
+
+def model_data(preset: str, k: int, *, h2d_s: float, run: RunRecord | None = None) -> ReportData:
+    specs = tuple(param_specs(build_model(load_model(preset), device="meta")))
+    chunks = partition(specs, num_chunks=k)
+    weights = sum(p.numel * DTYPE_BYTES[p.dtype] for p in specs)
+    sim = synthetic_step(list(specs), chunks, 0, act_per_layer=weights // 40, layer_s=1e-3, h2d_s=h2d_s,
+                         reserve=weights // 10)
+    alts = (
+        Alternative("dense AdamW", 1, weights * 8, sim.step_seconds * 0.8, 1.0, False),
+        Alternative("offload everything", k, weights, sim.step_seconds * 5, 1.0, True),
+    )
+    budget = (sim.peak_bytes + sim.reserve_bytes) * 5 // 4
+    sweep = sweep_from_alternatives(
+        alts + (Alternative("chosen", k, sim.peak_bytes, sim.step_seconds, 1.0, True),),
+        gpu="test GPU", reserve_bytes=sim.reserve_bytes,
+        budgets=[budget * i // 10 for i in range(2, 80)],
+    )
+    return ReportData(
+        model_name=preset, gpu_name="test GPU", budget_bytes=budget, reserve_bytes=sim.reserve_bytes,
+        memory_total_bytes=budget * 11 // 10, num_chunks=k, checkpointing="none", grad_bytes_per_element=4,
+        state_bytes_per_element=8, master_bytes_per_element=4, params=specs, chunks=chunks,
+        rotation=tuple(range(k)), simulation=sim, alternatives=alts, sweep=sweep, run=run,
+    )
+
+
+def a_run(sim: StepSimulation) -> RunRecord:
+    return RunRecord(
+        peak_bytes=sim.peak_bytes * 21 // 20,
+        peak_by_category=tuple((c, b * 21 // 20) for c, b in sim.peak_by_category),
+        step_seconds=sim.step_seconds * 1.3, tokens_per_second=1000.0,
+        train_losses=tuple((s, 4.0 / s**0.3) for s in range(1, 60)),
+        eval_losses=tuple((s, 4.2 / s**0.3) for s in (20, 40, 60)),
+    )
+
+
+def check_report_dir(out: Path, figures: tuple[str, ...]) -> None:
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == len(figures)
+    for stem in figures:
+        assert f"href='{stem}.png'" in html and f"id='{stem}'" in html
+        img = imread(out / f"{stem}.png")
+        assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 600
+        assert float(np.std(img[..., :3])) > 0.05, f"{stem}.png is (nearly) blank"
+    assert "src='http" not in html and "src=\"http" not in html  # opens offline
+    assert sorted(p.name for p in out.iterdir()) == sorted([*(f"{s}.png" for s in figures), "report.html",
+                                                            "trace.json"])
+
+
+@pytest.fixture(scope="module")
+def tiny() -> ReportData:
+    return model_data("tiny-llama", 4, h2d_s=0.02)
+
+
+def test_tiny_report_with_run(tmp_path: Path, tiny: ReportData) -> None:
+    data = dataclasses.replace(tiny, run=a_run(tiny.simulation))
+    path = write_report_data(data, tmp_path / "rep")
+    assert path == tmp_path / "rep" / "report.html"
+    check_report_dir(tmp_path / "rep", (*FIGURES, "measured"))
+    html = path.read_text(encoding="utf-8")
+    for text in ("tiny-llama", "dense AdamW", "offload everything", "Headroom", "Host memory",
+                 "Measured peak", "(predicted -4.8% off)"):
+        assert text in html, text
+
+
+def test_llama3_8b_report(tmp_path: Path) -> None:
+    """The full-size layout: 32 blocks, 64 windows (a sanity check that labels scale, not the planner)."""
+    data = model_data("llama-3-8b", 64, h2d_s=0.01)
+    write_report_data(data, tmp_path / "rep")
+    check_report_dir(tmp_path / "rep", FIGURES)
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert html.count("<tr><td class='num'>") == 64  # one chunk-table row per window
+
+
+def test_trace_compute_adds_up_to_step(tiny: ReportData) -> None:
+    sim = tiny.simulation  # the prefetch (20 ms) outlasts forward+backward (12 ms): compute waits
+    events = trace_events(sim)
+    json.loads(json.dumps(events))
+    slices = [e for e in events if e["ph"] == "X"]
+    assert all(set(e) >= {"name", "ph", "ts", "dur", "pid", "tid"} and e["dur"] >= 0 for e in slices)
+    by_tid: dict[int, list[dict]] = {}
+    for e in slices:
+        by_tid.setdefault(e["tid"], []).append(e)
+    assert len(by_tid) == 3
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    compute = by_tid[next(t for t, n in names.items() if n == "compute")]
+    assert sum(e["dur"] for e in compute) == pytest.approx(sim.step_seconds * 1e6, rel=1e-9)
+    idle = [e for e in compute if e["name"].startswith("idle")]
+    wb = next(e for e in sim.events if e.lane == "d2h")  # nothing computes during the final write-back
+    assert [e["dur"] for e in idle] == pytest.approx([(0.02 - 0.012) * 1e6, (wb.end_s - wb.start_s) * 1e6])
+    real = [e for e in compute if not e["name"].startswith("idle")]
+    assert sum(e["dur"] for e in real) == pytest.approx(
+        sum(e.end_s - e.start_s for e in sim.events if e.lane == "compute") * 1e6)
+    counters = [e for e in events if e["ph"] == "C"]
+    assert len(counters) == len(sim.memory)
+    top = max(counters, key=lambda e: sum(v for k, v in e["args"].items() if k != "reserve"))
+    assert sum(v for k, v in top["args"].items() if k != "reserve") == sim.peak_bytes
+
+
+def test_trace_file_is_the_json_object_format(tmp_path: Path, tiny: ReportData) -> None:
+    files = render(tiny)
+    doc = json.loads(files["trace.json"])
+    assert doc["displayTimeUnit"] == "ms" and isinstance(doc["traceEvents"], list)
+    assert {e["ph"] for e in doc["traceEvents"]} == {"M", "X", "C"}
+
+
+def test_layer_accounting(tiny: ReportData) -> None:
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_of("transformer.h.3.attn.c_attn.weight") == 3
+    assert layer_of("bert.encoder.layer.5.output.dense.weight") == 5
+    assert layer_of("model.embed_tokens.weight") is None
+    groups = layer_groups(tiny.params)
+    assert groups[0] == "embed" and groups[-1] == "head" and "L3" in groups
+    rows = per_layer_bytes(tiny.params, tiny.simulation, grad_bytes_per_element=4, state_bytes_per_element=8,
+                           master_bytes_per_element=4)
+    assert [r.label for r in rows] == ["embed", "L0", "L1", "L2", "L3", "head"]
+    assert sum(r.weight_bytes for r in rows) == sum(p.numel * 4 for p in tiny.params)
+    assert sum(r.numel for r in rows) == sum(p.numel for p in tiny.params)
+    assert all(r.state_bytes == 12 * r.numel and r.grad_bytes == 4 * r.numel for r in rows)
+    act = tiny.simulation.memory[1].bytes_by_category[1][1]  # after fwd layers.0
+    assert activations_by_layer(tiny.simulation) == dict.fromkeys(range(4), act)
+
+
+def test_chunk_spans_tile_the_stream(tiny: ReportData) -> None:
+    spans = chunk_spans(tiny.params, tiny.chunks)
+    assert spans[0].start_bytes == 0
+    assert all(a.end_bytes == b.start_bytes for a, b in zip(spans, spans[1:], strict=False))
+    assert spans[-1].end_bytes == sum(p.numel * DTYPE_BYTES[p.dtype] for p in tiny.params)
+    assert spans[0].first == "model.embed_tokens.weight"
+
+
+def test_sweep_from_alternatives() -> None:
+    alts = (Alternative("a", 1, 10 * GIB, 1.0, 1.0, True), Alternative("b", 8, 4 * GIB, 2.0, 1.0, True))
+    pts = sweep_from_alternatives(alts, gpu="g", reserve_bytes=GIB, budgets=[4 * GIB, 6 * GIB, 12 * GIB])
+    assert [p.feasible for p in pts] == [False, True, True]
+    assert [p.k for p in pts] == [None, 8, 1]
+    assert pts[1].peak_bytes == 5 * GIB and pts[2].step_seconds == 1.0
+
+
+def test_report_from_the_golden_plan(tmp_path: Path) -> None:
+    """write_report on a real v1 plan file (hand-made simulation: the simulator is another module)."""
+    plan = load_plan(GOLDEN_PLAN)
+    ct = plan.chunk_table
+    sim = synthetic_step(list(ct.params), ct.chunks, 0, act_per_layer=1 << 16, layer_s=1e-4, h2d_s=1e-4,
+                         reserve=plan.hardware.reserve_bytes)
+    data = report_data(plan, sim)
+    assert data.num_chunks == ct.num_chunks and data.master_bytes_per_element == 4
+    assert any(p.feasible for p in data.sweep) and data.notes
+    write_report(plan, tmp_path / "rep", simulation=sim)
+    check_report_dir(tmp_path / "rep", FIGURES)
+    assert "full fine-tuning (AdamW, states on GPU)" in (tmp_path / "rep" / "report.html").read_text()
+
+
+def test_run_json_parsing() -> None:
+    doc = {"measured": {"peak_bytes": 100, "peak_by_category": {"weights": 60, "activations": 40},
+                        "step_seconds": 0.5, "tokens_per_second": 2048.0},
+           "losses": [3.0, 2.5], "eval_losses": [{"step": 2, "loss": 2.7}]}
+    r = run_from_dict(doc)
+    assert r.peak_by_category == (("weights", 60), ("activations", 40))
+    assert r.train_losses == ((1, 3.0), (2, 2.5)) and r.eval_losses == ((2, 2.7),)
+    for bad, msg in (({"measured": {}}, "missing measured.peak_bytes"),
+                     ({**doc, "measured": {**doc["measured"], "peak_bytes": -1}}, "non-negative integer"),
+                     ({**doc, "measured": {**doc["measured"], "peak_by_category": {"vram": 1}}}, "unknown"),
+                     ({**doc, "losses": ["x"]}, "losses[0]")):
+        with pytest.raises(RunFileError, match=re.escape(msg)):
+            run_from_dict(bad)
+
+
+def test_unwritable_destination_leaves_nothing(tmp_path: Path, tiny: ReportData) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ReportError, match="not a directory"):
+        write_report_data(tiny, blocker)
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report_data(tiny, tmp_path / "missing" / "rep")
+    if os.geteuid() != 0:  # root can write anywhere
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o555)
+        with pytest.raises(ReportError, match="writable"):
+            write_report_data(tiny, ro / "rep")
+        ro.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (["ro"] if os.geteuid() != 0 else [])
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        ("missing-plan", "cannot read it"),
+        ("bad-json-plan", "not valid JSON"),
+        ("bad-run", "missing measured.peak_bytes"),
+        ("out-is-file", "not a directory"),
+    ],
+)
+def test_cli_bad_input(tmp_path: Path, setup: str, expected: str) -> None:
+    plan, run, out = tmp_path / "plan.json", None, tmp_path / "out"
+    plan.write_text(GOLDEN_PLAN.read_text())
+    if setup == "missing-plan":
+        plan = tmp_path / "nope.json"
+    elif setup == "bad-json-plan":
+        plan.write_text('{"schema_version": 1,')
+    elif setup == "bad-run":
+        run = tmp_path / "run.json"
+        run.write_text('{"measured": {}}')
+    else:
+        out = tmp_path / "plan.json"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    args = [str(plan)] + ([str(run)] if run else []) + ["-o", str(out)]
+    result = CliRunner().invoke(report_cli, args)
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chunkft-report: error:") and expected in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model", "extra"), [("tiny-llama", ["--seq-len", "128"]),
+                                               ("llama-3-8b", ["--seq-len", "1024", "--host-mem", "128GiB"])])
+def test_real_plan_end_to_end(tmp_path: Path, model: str, extra: list[str]) -> None:
+    """chunkft-plan on --gpu 4090, then chunkft-report on its plan: the real solver and simulator."""
+    from planner.cli import main as plan_cli
+
+    plan = tmp_path / "plan.json"
+    result = CliRunner().invoke(plan_cli, [model, "--gpu", "4090", *extra, "-o", str(plan)])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(report_cli, [str(plan), "-o", str(tmp_path / "rep")])
+    assert result.exit_code == 0, result.output
+    check_report_dir(tmp_path / "rep", FIGURES)
+    doc = json.loads((tmp_path / "rep" / "trace.json").read_text())
+    compute = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
+    # The compute track covers the drawn (worst-memory) window's step; step_seconds is the rotation mean.
+    end = max(e["ts"] + e["dur"] for e in doc["traceEvents"] if e["ph"] == "X")
+    assert sum(e["dur"] for e in compute) == pytest.approx(end, rel=1e-9)
+    assert end >= doc["otherData"]["step_seconds"] * 1e6 * (1 - 1e-9)
