@@ -82,9 +82,13 @@ def partition(
 ) -> tuple[Chunk, ...]:
     """Cut the parameter stream into windows of near-equal bytes.
 
-    Give exactly one of num_chunks (K) or bytes_per_chunk. Cut k lands on the row boundary nearest to
-    byte k*total/K ("rows") or on the tensor boundary nearest to it ("whole"). Raises ValueError when
-    the stream cannot hold K non-empty windows.
+    Give exactly one of num_chunks (K) or bytes_per_chunk. bytes_per_chunk is a target, not a cap: it
+    sets K = ceil(total / bytes_per_chunk) and the windows are then cut as for K (a "rows" window can
+    exceed total/K by less than one row; a "whole" window by up to its largest tensor). The planner
+    sizes memory from the windows it gets back, never from the target. Cut k lands on the row
+    boundary nearest to byte k*total/K ("rows") or on the tensor boundary nearest to it ("whole",
+    greedy: it may refuse a K that a cleverer cut could satisfy). Raises ValueError when the stream
+    cannot hold K non-empty windows.
     """
     if (num_chunks is None) == (bytes_per_chunk is None):
         raise ValueError("give exactly one of num_chunks or bytes_per_chunk")
@@ -97,7 +101,7 @@ def partition(
         raise ValueError("empty parameters cannot be partitioned")
 
     row_bytes = [s.row_numel * element_cost_bytes(s, state_bytes_per_element) for s in specs]
-    tensor_bytes = [rb * s.rows for rb, s in zip(row_bytes, specs)]
+    tensor_bytes = [rb * s.rows for rb, s in zip(row_bytes, specs, strict=True)]
     total = sum(tensor_bytes)
     if bytes_per_chunk is not None:
         if bytes_per_chunk <= 0:
