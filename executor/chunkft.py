@@ -1,0 +1,294 @@
+"""The ChunkFT driver: one window of the parameter stream trains per optimizer step.
+
+It ties the parts together on an unmodified model: SliceGradients gives exact gradients for the active
+window only (nothing else holds gradients), ChunkedOptimizer updates that window from fp32 master rows and
+states, the TransferEngine brings the next window's states in while the current one computes, the LR
+schedule advances every optimizer step, and the rotation picks the next window.
+
+Typical loop (gradient accumulation: scale each micro-batch loss by 1/accum and call backward per
+micro-batch, then step once):
+
+    driver = ChunkFT(model, chunks, hparams=AdamWHparams(lr=1e-4), schedule=..., rotation=...)
+    for batch in batches:
+        driver.backward(model(**batch).loss)
+        stats = driver.step()
+    driver.close()
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from executor.chunks import Chunk
+from executor.optimizer import (
+    AdamWHparams,
+    ChunkedOptimizer,
+    HostStateDtype,
+    Hparams,
+    SGDHparams,
+    StatesOn,
+    clip_,
+    grad_norm,
+)
+from executor.rotation import Rotation, RotationSpec
+from executor.schedule import ScheduleSpec, lr_at
+from executor.slicegrad import SliceGradients
+from executor.transfer import TransferEngine
+
+__all__ = [
+    "AdamWHparams",
+    "ChunkFT",
+    "RotationSpec",
+    "SGDHparams",
+    "ScheduleSpec",
+    "StepStats",
+]
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one optimizer step did."""
+
+    chunk: int  # the window updated (or that would have been, when skipped)
+    lr: float
+    grad_norm: float  # 2-norm of the window's gradients before clipping (inf/nan when skipped)
+    skipped: bool  # non-finite gradient norm: no update, same window, schedule not advanced
+    transfer_wait_s: float  # seconds the host blocked on this window's state copy
+
+
+class ChunkFT:
+    """Trains one chunk of the model's parameters per optimizer step (see the module docstring).
+
+    Non-finite gradient norm: the step is skipped (no weights or states change), the gradients are still
+    cleared, and neither the schedule nor the rotation advance, so the same window retries on the next
+    batch with the same learning rate.
+
+    Prefetch: right after the update of window c the driver writes c's states back and starts copying
+    the newly activated window's states into the freed slot, so both copies overlap the next forward and
+    backward; the update waits for them (StepStats.transfer_wait_s). With state_slots=2 the window after
+    that is also prefetched, one step earlier, into a second slot: more slack for a slow host link, one more
+    window of fp32 states on the device. prefetch_order names the windows in the order the plan expects
+    them (the one following the active window in it is the one prefetched into the second slot); None
+    follows the rotation itself (exact also for the random order); an empty sequence disables prefetching
+    (every copy is synchronous, at the update). A wrong order only costs a synchronous copy, never
+    correctness.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        chunks: Sequence[Chunk],
+        *,
+        hparams: Hparams,
+        schedule: ScheduleSpec,
+        rotation: RotationSpec,
+        host_state_dtype: HostStateDtype = "float32",
+        states_on: StatesOn = "host",
+        max_grad_norm: float | None = None,
+        device: torch.device | None = None,
+        prefetch_order: Sequence[int] | None = None,
+        state_slots: int = 1,
+    ) -> None:
+        chunks = tuple(chunks)
+        if not chunks:
+            raise ValueError("ChunkFT needs at least one chunk; partition the model's parameters first")
+        for i, c in enumerate(chunks):
+            if c.index != i:
+                raise ValueError(
+                    f"chunks[{i}].index is {c.index}; chunks must be given in index order 0..K-1"
+                )
+        if not isinstance(schedule, ScheduleSpec):
+            raise TypeError(f"schedule must be a ScheduleSpec, got {type(schedule).__name__}")
+        if not isinstance(rotation, RotationSpec):
+            raise TypeError(f"rotation must be a RotationSpec, got {type(rotation).__name__}")
+        if state_slots not in (1, 2):
+            raise ValueError(f"state_slots must be 1 or 2, got {state_slots}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        params = dict(model.named_parameters())
+        _check_chunks(chunks, params)
+        used = [params[sl.name] for c in chunks for sl in c.slices]
+        if device is None:
+            device = used[0].device
+        wrong = [n for c in chunks for n in (sl.name for sl in c.slices) if params[n].device != device]
+        if wrong:
+            raise ValueError(
+                f"parameter {wrong[0]!r} is on {params[wrong[0]].device}, not {device}; move the model"
+            )
+        if prefetch_order is not None:
+            prefetch_order = tuple(int(i) for i in prefetch_order)
+            bad = [i for i in prefetch_order if not 0 <= i < len(chunks)]
+            if bad:
+                raise ValueError(f"prefetch_order names chunk {bad[0]}, but there are {len(chunks)} chunks")
+
+        self.model = model
+        self.chunks = chunks
+        self.hparams = hparams
+        self.schedule = schedule
+        self.max_grad_norm = max_grad_norm
+        self._prefetch_order = prefetch_order
+        self._prefetch = prefetch_order is None or len(prefetch_order) > 0
+        self._slicegrad = SliceGradients(model)
+        self._slicegrad.check_supported(chunks)
+        self._optimizer = ChunkedOptimizer(
+            params,
+            chunks,
+            hparams,
+            host_state_dtype=host_state_dtype,
+            states_on=states_on,
+            device=device,
+            state_slots=state_slots,
+        )
+        self._rotation = Rotation(rotation, len(chunks))
+        self._schedule_step = 0
+        self._closed = False
+        self._activate(self._rotation.current())
+
+    # ----- the public loop -----------------------------------------------------------------------------
+    @property
+    def active_chunk(self) -> Chunk:
+        """The window that gets gradients now."""
+        return self.chunks[self._rotation.current()]
+
+    @property
+    def schedule_step(self) -> int:
+        """Optimizer steps taken (skipped ones excluded): the schedule's position."""
+        return self._schedule_step
+
+    @property
+    def engine(self) -> TransferEngine:
+        """The transfer engine (read-only use: memory accounting and reports)."""
+        return self._optimizer.engine
+
+    @property
+    def engine_slot_bytes(self) -> int:
+        """Device bytes of the fp32 state slots (state_slots windows at most), for memory reports."""
+        return self._optimizer.engine.slot_bytes()
+
+    def host_state_bytes(self) -> int:
+        """Bytes of the optimizer states and master copies kept in host memory."""
+        return self._optimizer.engine.store_bytes("host")
+
+    def lr(self) -> float:
+        """The learning rate the next step() will use."""
+        return lr_at(self.schedule, self.hparams.lr, self._schedule_step)
+
+    def backward(self, loss: Tensor) -> None:
+        """Accumulate the active window's gradients (scale the loss by 1/accumulation before calling)."""
+        self._check_open()
+        loss.backward()
+
+    def step(self) -> StepStats:
+        """Clip and apply the accumulated window gradients, then advance schedule and rotation."""
+        self._check_open()
+        chunk = self._rotation.current()
+        lr = self.lr()
+        grads = self._slicegrad.window_grads()
+        norm = grad_norm(list(grads.values()))
+        norm_value = float(norm)  # one host sync per step: skipping is decided on the host
+        if not math.isfinite(norm_value):
+            self._slicegrad.zero_grad()
+            return StepStats(chunk, lr, norm_value, True, 0.0)
+        if self.max_grad_norm is not None:
+            clip_(list(grads.values()), norm, self.max_grad_norm)
+        wait_s = self._optimizer.update(chunk, grads, lr)
+        self._slicegrad.zero_grad()
+        self._schedule_step += 1
+        if self._rotation.advance():
+            self._optimizer.engine.write_back(chunk)
+            self._slicegrad.deactivate()
+            self._activate(self._rotation.current())
+            self._optimizer.begin_window(self._rotation.current())
+        return StepStats(chunk, lr, norm_value, False, wait_s)
+
+    def close(self) -> None:
+        """Restore the model (every module and requires_grad flag) and finish pending copies."""
+        if self._closed:
+            return
+        self._slicegrad.deactivate()
+        self._optimizer.engine.synchronize()
+        self._closed = True
+
+    # ----- resume --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the model weights needed to continue exactly: rotation position, schedule step,
+        every chunk's states, step counts and master copies. Plain containers and tensors only, so it loads
+        with torch.load(weights_only=True). Take it between steps (accumulated gradients are not saved)."""
+        return {
+            "version": STATE_VERSION,
+            "optimizer_kind": type(self.hparams).__name__,
+            "chunks": [[[sl.name, sl.row_start, sl.row_end] for sl in c.slices] for c in self.chunks],
+            "rotation": self._rotation.state_dict(),
+            "schedule_step": self._schedule_step,
+            "optimizer": self._optimizer.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a state_dict() of a driver built with the same chunks and optimizer kind."""
+        self._check_open()
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"driver state version {state.get('version')!r} is not {STATE_VERSION}")
+        if state["optimizer_kind"] != type(self.hparams).__name__:
+            raise ValueError(
+                f"driver state is for {state['optimizer_kind']}, this run uses {type(self.hparams).__name__}"
+            )
+        mine = [[[sl.name, sl.row_start, sl.row_end] for sl in c.slices] for c in self.chunks]
+        theirs = [[[str(n), int(a), int(b)] for n, a, b in c] for c in state["chunks"]]
+        if theirs != mine:
+            raise ValueError("driver state was saved with a different chunk table; resume with the same plan")
+        self._optimizer.load_state_dict(state["optimizer"])
+        self._rotation.load_state_dict(state["rotation"])
+        self._schedule_step = int(state["schedule_step"])
+        self._slicegrad.deactivate()
+        self._activate(self._rotation.current())
+
+    # ----- internals -----------------------------------------------------------------------------------
+    def _activate(self, chunk: int) -> None:
+        """Give `chunk` gradients and start copying its states and the next window's."""
+        self._slicegrad.activate(self.chunks[chunk])
+        if self._prefetch:
+            upcoming = self._prefetch_after(chunk)
+            self._optimizer.engine.prefetch(chunk, *([] if upcoming is None else [upcoming]))
+
+    def _prefetch_after(self, chunk: int) -> int | None:
+        order = self._prefetch_order
+        if order is None:
+            return self._rotation.upcoming()
+        if chunk not in order:
+            return order[0] if order[0] != chunk else None
+        i = order.index(chunk)
+        following = [order[(i + j) % len(order)] for j in range(1, len(order) + 1)]
+        return next((c for c in following if c != chunk), None)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ChunkFT driver was closed; build a new one to keep training")
+
+
+def _check_chunks(chunks: Sequence[Chunk], params: dict[str, nn.Parameter]) -> None:
+    """Every slice names a parameter, stays within its rows, and no row is in two windows."""
+    covered: dict[str, list[tuple[int, int]]] = {}
+    for c in chunks:
+        for sl in c.slices:
+            p = params.get(sl.name)
+            if p is None:
+                raise ValueError(f"chunk {c.index} names {sl.name!r}, which is not a parameter of the model")
+            rows = p.shape[0] if p.dim() else 1
+            if not 0 <= sl.row_start < sl.row_end <= rows:
+                raise ValueError(
+                    f"chunk {c.index}: rows [{sl.row_start}, {sl.row_end}) of {sl.name!r} are outside "
+                    f"[0, {rows}); rebuild the plan for this model"
+                )
+            if not p.is_contiguous():
+                raise ValueError(f"parameter {sl.name!r} is not contiguous; call .contiguous() on it first")
+            for a, b in covered.get(sl.name, []):
+                if sl.row_start < b and a < sl.row_end:
+                    raise ValueError(f"rows of {sl.name!r} are in more than one chunk; use a valid partition")
+            covered.setdefault(sl.name, []).append((sl.row_start, sl.row_end))

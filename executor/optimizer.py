@@ -1,0 +1,254 @@
+"""The chunked optimizer: AdamW and SGD with momentum, updating only the active window's rows.
+
+Per (chunk, slice) it keeps a step count and the optimizer states; the active window's states and fp32
+master rows are on the device in fp32 during the update, the others wherever the TransferEngine stores
+them (host fp32 by default, host bf16 as a lossy option, or dropped at rotation: "reset", BAdam-style).
+When the model's weights are not fp32, an fp32 master copy of every chunk is kept and the update is done
+on it and then rounded into the weights: tiny updates accumulate in the master instead of being lost to
+bf16 rounding. When the weights are fp32 they are their own master.
+
+The per-tensor update math is torch.optim.AdamW / torch.optim.SGD's single-tensor path, operation for
+operation, so K=1 reproduces them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from executor.chunks import Chunk, ParamSlice
+from executor.transfer import KindSpec, TransferEngine
+
+HostStateDtype = Literal["float32", "bfloat16", "reset"]
+StatesOn = Literal["host", "gpu"]
+HOST_STATE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "reset")
+STATES_ON: tuple[str, ...] = ("host", "gpu")
+
+
+@dataclass(frozen=True)
+class AdamWHparams:
+    """torch.optim.AdamW's hyper-parameters (decoupled weight decay)."""
+
+    lr: float
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0.0:
+            raise ValueError(f"AdamW lr must be >= 0, got {self.lr}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {self.betas}")
+        if not self.eps > 0.0:
+            raise ValueError(f"AdamW eps must be > 0, got {self.eps}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"AdamW weight_decay must be >= 0, got {self.weight_decay}")
+
+
+@dataclass(frozen=True)
+class SGDHparams:
+    """torch.optim.SGD's hyper-parameters (no dampening)."""
+
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0.0:
+            raise ValueError(f"SGD lr must be >= 0, got {self.lr}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"SGD momentum must be in [0, 1), got {self.momentum}")
+        if not self.weight_decay >= 0.0:
+            raise ValueError(f"SGD weight_decay must be >= 0, got {self.weight_decay}")
+        if self.nesterov and self.momentum == 0.0:
+            raise ValueError("SGD nesterov needs momentum > 0; set momentum or nesterov=False")
+
+
+Hparams = AdamWHparams | SGDHparams
+
+
+def state_kinds(hparams: Hparams) -> tuple[str, ...]:
+    """Names of the per-element optimizer states, in the order they are stored."""
+    if isinstance(hparams, AdamWHparams):
+        return ("exp_avg", "exp_avg_sq")
+    return ("momentum_buffer",) if hparams.momentum != 0.0 else ()
+
+
+def adamw_update_(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    *,
+    step: int,
+    lr: float,
+    hp: AdamWHparams,
+) -> None:
+    """One AdamW update in place; `step` is this tensor's update count including this one (>= 1)."""
+    beta1, beta2 = hp.betas
+    if hp.weight_decay != 0:
+        param.mul_(1 - lr * hp.weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(hp.eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def sgd_update_(
+    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, *, lr: float, hp: SGDHparams
+) -> None:
+    """One SGD update in place. A zero momentum buffer gives exactly torch's first step (buf = grad)."""
+    if hp.weight_decay != 0:
+        grad = grad.add(param, alpha=hp.weight_decay)
+    if momentum_buffer is not None:
+        momentum_buffer.mul_(hp.momentum).add_(grad)
+        grad = grad.add(momentum_buffer, alpha=hp.momentum) if hp.nesterov else momentum_buffer
+    param.add_(grad, alpha=-lr)
+
+
+def grad_norm(grads: Sequence[Tensor]) -> Tensor:
+    """The 2-norm of all gradients together, as torch.nn.utils.clip_grad_norm_ computes it."""
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, 2.0) for g in grads]), 2.0)
+
+
+def clip_(grads: Sequence[Tensor], total_norm: Tensor, max_norm: float) -> None:
+    """Scale gradients in place like clip_grad_norm_ (coefficient max_norm/(norm+1e-6), at most 1)."""
+    coef = torch.clamp(max_norm / (total_norm + 1e-6), max=1.0)
+    for g in grads:
+        g.mul_(coef.to(g.device))
+
+
+@dataclass(frozen=True)
+class SliceLayout:
+    """Where one slice of a chunk sits in the chunk's flat state tensors and in its parameter."""
+
+    slice: ParamSlice
+    offset: int  # element offset in the chunk's flat tensors
+    numel: int
+    param_offset: int  # element offset of row_start in the flattened parameter
+
+
+def chunk_layout(chunk: Chunk, params: Mapping[str, nn.Parameter]) -> tuple[SliceLayout, ...]:
+    """The flat layout of a chunk's slices, in slice order."""
+    out, offset = [], 0
+    for sl in chunk.slices:
+        p = params[sl.name]
+        row_numel = p.numel() // (p.shape[0] if p.dim() else 1)
+        n = sl.num_rows * row_numel
+        out.append(SliceLayout(sl, offset, n, sl.row_start * row_numel))
+        offset += n
+    return tuple(out)
+
+
+class ChunkedOptimizer:
+    """Per-(chunk, slice) AdamW or SGD state; updates one chunk's rows from its window gradients."""
+
+    def __init__(
+        self,
+        params: Mapping[str, nn.Parameter],
+        chunks: Sequence[Chunk],
+        hparams: Hparams,
+        *,
+        host_state_dtype: HostStateDtype = "float32",
+        states_on: StatesOn = "host",
+        device: torch.device,
+        state_slots: int = 1,
+    ) -> None:
+        if not isinstance(hparams, AdamWHparams | SGDHparams):
+            raise TypeError(f"hparams must be AdamWHparams or SGDHparams, got {type(hparams).__name__}")
+        if host_state_dtype not in HOST_STATE_DTYPES:
+            raise ValueError(
+                f"host_state_dtype {host_state_dtype!r} is unknown; use one of {', '.join(HOST_STATE_DTYPES)}"
+            )
+        if states_on not in STATES_ON:
+            raise ValueError(f"states_on {states_on!r} is unknown; use one of {', '.join(STATES_ON)}")
+        self.hparams = hparams
+        self.host_state_dtype = host_state_dtype
+        self._params = params
+        self.layouts = [chunk_layout(c, params) for c in chunks]
+        used = [params[sl.name] for c in chunks for sl in c.slices]
+        self.needs_master = any(p.dtype != torch.float32 for p in used)
+        location = "host" if states_on == "host" else "device"
+        kinds = []
+        if self.needs_master:
+            kinds.append(KindSpec("master", location, torch.float32))
+        store_dtype = torch.bfloat16 if host_state_dtype == "bfloat16" else torch.float32
+        for name in state_kinds(hparams):
+            kinds.append(KindSpec(name, "none" if host_state_dtype == "reset" else location, store_dtype))
+        self.engine = TransferEngine(
+            [sum(s.numel for s in lay) for lay in self.layouts],
+            kinds,
+            device=device,
+            max_slots=state_slots,
+        )
+        self.steps = [[0] * len(lay) for lay in self.layouts]
+        if self.needs_master:
+            for c, lay in enumerate(self.layouts):
+                master = self.engine.store(c, "master")
+                for s in lay:
+                    master[s.offset : s.offset + s.numel].copy_(self._rows(s))
+
+    def _rows(self, s: SliceLayout) -> Tensor:
+        """The slice's rows of its parameter as a flat view (no autograd, no version bump)."""
+        return self._params[s.slice.name].data.view(-1)[s.param_offset : s.param_offset + s.numel]
+
+    def begin_window(self, chunk: int) -> None:
+        """The rotation moved to `chunk` from another window: with "reset", its bias correction restarts."""
+        if self.host_state_dtype == "reset":
+            self.steps[chunk] = [0] * len(self.steps[chunk])
+
+    def update(self, chunk: int, grads: Mapping[str, Tensor], lr: float) -> float:
+        """Update the chunk's rows with its (already clipped) window gradients; returns seconds waited.
+
+        A slice without a gradient entry is skipped like a parameter whose .grad is None in torch.
+        """
+        fetched = self.engine.wait(chunk)
+        t = fetched.tensors
+        for i, s in enumerate(self.layouts[chunk]):
+            grad = grads.get(s.slice.name)
+            if grad is None:
+                continue
+            grad = grad.reshape(-1)
+            master = t["master"][s.offset : s.offset + s.numel] if self.needs_master else self._rows(s)
+            self.steps[chunk][i] += 1
+            if isinstance(self.hparams, AdamWHparams):
+                adamw_update_(
+                    master,
+                    grad,
+                    t["exp_avg"][s.offset : s.offset + s.numel],
+                    t["exp_avg_sq"][s.offset : s.offset + s.numel],
+                    step=self.steps[chunk][i],
+                    lr=lr,
+                    hp=self.hparams,
+                )
+            else:
+                buf = t["momentum_buffer"][s.offset : s.offset + s.numel] if "momentum_buffer" in t else None
+                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams)
+            if self.needs_master:
+                self._rows(s).copy_(master)
+        return fetched.wait_s
+
+    def state_dict(self) -> dict:
+        return {"steps": [list(s) for s in self.steps], "engine": self.engine.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        steps = state["steps"]
+        if [len(s) for s in steps] != [len(s) for s in self.steps]:
+            raise ValueError("optimizer state step counts do not match this run's chunk layout")
+        self.engine.load_state_dict(state["engine"])
+        self.steps = [[int(x) for x in s] for s in steps]
+
+
+def bytes_per_element(hparams: Hparams) -> int:
+    """fp32 optimizer-state bytes per parameter element (for partition's state_bytes_per_element)."""
+    return 4 * len(state_kinds(hparams))
