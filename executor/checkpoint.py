@@ -1,0 +1,237 @@
+"""Atomic, verifiable training checkpoints, so a crash never leaves one that cannot be resumed from.
+
+Layout under the run's output directory:
+
+    checkpoints/step-000007/model.safetensors   model weights (shared/tied tensors stored once)
+    checkpoints/step-000007/trainer.pt          driver state (all chunks' host optimizer states, rotation,
+                                                schedule) and RNG states, loaded with weights_only=True
+    checkpoints/step-000007/state.json          step, data position, plan/model identity, file sizes and
+                                                sha256 digests (written last)
+    checkpoints/latest                          the name of the newest complete checkpoint
+
+A checkpoint is written into a temporary sibling directory, every file fsynced, then os.replace'd into
+place; `latest` is replaced atomically afterwards. Killing the writer at any instant leaves the previous
+checkpoint and pointer intact; stale temporary directories are removed by the next save. Loading verifies
+every file's size and digest and the identity of the model and the plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_model, save_model
+
+FORMAT_VERSION = 1
+CHECKPOINTS = "checkpoints"
+LATEST = "latest"
+STATE_FILE = "state.json"
+MODEL_FILE = "model.safetensors"
+TRAINER_FILE = "trainer.pt"
+TMP_MARK = ".tmp-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or belongs to another model or plan; one line."""
+
+
+@dataclass(frozen=True)
+class CheckpointMeta:
+    """What identifies a checkpoint and where the run stood; the JSON part of it."""
+
+    step: int  # optimizer steps completed
+    model_fingerprint: str  # planner.plan.fingerprint of the trainable parameters
+    plan_sha256: str  # digest of the plan's canonical JSON
+    data_epoch: int
+    data_index: int
+    consecutive_bad_steps: int = 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A loaded checkpoint: its metadata and the trainer state; the weights are already in the model."""
+
+    path: Path
+    meta: CheckpointMeta
+    trainer: dict[str, Any]  # {"driver": driver.state_dict(), "rng": rng_state(), "extra": {...}}
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator a training step may draw from (dropout, sampling)."""
+    import random
+
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    import random
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(
+    output_dir: Path, meta: CheckpointMeta, model: torch.nn.Module, trainer: dict[str, Any], keep: int = 2
+) -> Path:
+    """Write a complete checkpoint atomically, point `latest` at it, and keep only the newest `keep`."""
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
+    final = root / checkpoint_name(meta.step)
+    tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
+    tmp.mkdir()
+    try:
+        save_model(model, str(tmp / MODEL_FILE))
+        torch.save(trainer, tmp / TRAINER_FILE)
+        files = {}
+        for name in (MODEL_FILE, TRAINER_FILE):
+            _fsync_file(tmp / name)
+            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
+        state = {"format_version": FORMAT_VERSION, **meta.__dict__, "files": files}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+        _fsync_file(tmp / STATE_FILE)
+        _fsync_dir(tmp)
+        if final.exists():  # a re-save of the same step (e.g. a resumed run that ends where it started)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _write_atomically(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+    for old in sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name
+    )[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path:
+    """The directory `latest` points at; CheckpointError when there is none."""
+    root = Path(output_dir) / CHECKPOINTS
+    pointer = root / LATEST
+    if not pointer.is_file():
+        raise CheckpointError(
+            f"{output_dir}: no checkpoint to resume from ({pointer} is missing); run without "
+            "--resume to start fresh"
+        )
+    name = pointer.read_text().strip()
+    if not name.startswith("step-") or "/" in name or not (root / name).is_dir():
+        raise CheckpointError(
+            f"{pointer}: points at {name!r}, which is not a checkpoint directory; the "
+            "checkpoint is corrupt, start fresh without --resume"
+        )
+    return root / name
+
+
+def read_meta(path: Path) -> CheckpointMeta:
+    """Parse and verify a checkpoint directory's state.json and file digests."""
+    state_path = path / STATE_FILE
+    try:
+        state = json.loads(state_path.read_text())
+        files = state.pop("files")
+        version = state.pop("format_version")
+        meta = CheckpointMeta(**state)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"{state_path}: unreadable checkpoint state ({type(e).__name__}); the checkpoint "
+            "is corrupt, resume from an older one or start fresh"
+        ) from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format {version}, this chunkft reads {FORMAT_VERSION}")
+    for name, info in files.items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
+            raise CheckpointError(
+                f"{f}: missing or does not match its recorded size/sha256; the checkpoint is "
+                "corrupt, resume from an older one or start fresh"
+            )
+    return meta
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, *, model_fingerprint: str, plan_sha256: str
+) -> Checkpoint:
+    """Verify a checkpoint against this model and plan, load its weights into the model, return the rest."""
+    meta = read_meta(path)
+    if meta.model_fingerprint != model_fingerprint:
+        raise CheckpointError(
+            f"{path}: belongs to another model (fingerprint {meta.model_fingerprint[:12]}, "
+            f"this model {model_fingerprint[:12]}); use its own output directory"
+        )
+    if meta.plan_sha256 != plan_sha256:
+        raise CheckpointError(
+            f"{path}: was written under another plan (plan sha256 {meta.plan_sha256[:12]}, "
+            f"this plan {plan_sha256[:12]}); resume with the plan it was made with"
+        )
+    try:
+        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: cannot load the weights ({e}); the checkpoint does not fit this model"
+        ) from None
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: tensors do not match the model (missing {sorted(missing)[:3]}"
+            f", unexpected {sorted(unexpected)[:3]})"
+        )
+    try:
+        trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle that weights_only refuses or a truncated archive
+        raise CheckpointError(
+            f"{path / TRAINER_FILE}: cannot load the trainer state ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
+    return Checkpoint(path=path, meta=meta, trainer=trainer)
+
+
+def _remove_stale_temporaries(root: Path) -> None:
+    for p in root.iterdir():
+        if TMP_MARK in p.name:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

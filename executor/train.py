@@ -1,0 +1,591 @@
+"""The training loop of chunkft-run: replay a plan on real data, top to bottom.
+
+    load plan -> build model -> check fingerprint -> data -> ChunkFT driver from the plan
+    -> for each step: micro-batches (forward, backward) -> driver.step -> log, eval, checkpoint
+    -> export the model -> run.json
+
+Everything a run writes goes under the output directory: metrics.jsonl (one line per step and per
+evaluation), checkpoints/ (see executor/checkpoint.py), model/ (a Hugging Face directory) and run.json
+(measured figures beside the plan's predictions). Every input is validated before anything is written.
+`--max-steps` changes how many steps run, never the learning-rate schedule (the plan's), so a run stopped
+at step 7 and resumed to 15 takes exactly the steps of an uninterrupted 15-step run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from executor.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from executor.chunks import param_specs
+from executor.data import (
+    Batches,
+    ByteTokenizer,
+    DataError,
+    DataPosition,
+    HFTokenizer,
+    TokenData,
+    Tokenizer,
+    eval_batches,
+    load_dataset,
+)
+from executor.measure import CpuPeakTracker, CudaPeak, MemoryMeasurement, StepClock, measured_steps
+
+MAX_EVAL_EXAMPLES = 256  # the first examples of the held-out split; bounds eval time on large files
+MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
+
+
+class RunError(Exception):
+    """A run that cannot start or continue; str() is one line (what is wrong, what to do)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
+
+    def __init__(self, signum: int, step: int, resume_command: str) -> None:
+        self.signum = signum
+        self.step = step
+        self.resume_command = resume_command
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    plan_path: Path
+    data_path: Path
+    output_dir: Path
+    max_steps: int | None = None  # None: the plan's run.total_steps
+    resume: bool = False
+    progress: bool = True
+    keep_checkpoints: int = 2
+    max_bad_steps: int = MAX_BAD_STEPS
+    device: str | None = None  # None: cuda when available, else cpu
+
+
+@dataclass(frozen=True)
+class RunResult:
+    output_dir: Path
+    steps: int  # optimizer steps completed in total
+    train_losses: tuple[float, ...]  # per step, over the whole run including resumed parts
+    evals: tuple[tuple[int, float, float | None], ...]  # (step, eval loss, eval accuracy)
+    skipped_steps: int
+    memory: MemoryMeasurement | None
+    run_json: Path
+    model_dir: Path
+
+
+def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
+    """Run the plan. Raises RunError/DataError/CheckpointError/PlanError/ProfileError on bad input (nothing
+    written), TrainingInterrupted after a signal (checkpoint written)."""
+    # ---- plan, device, model, data: all validated before anything is written
+    from planner.plan import check_model, load_plan, plan_to_json
+
+    plan = load_plan(opts.plan_path)
+    plan_sha = hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    total_steps = plan.run.total_steps if opts.max_steps is None else opts.max_steps
+    if total_steps < 1:
+        raise RunError(f"--max-steps must be >= 1, got {total_steps}")
+    out = Path(opts.output_dir)
+    _check_output_dir(out, opts.resume)
+
+    model, tokenizer = build_model(plan, device)
+    check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
+    seq_len, mbs, accum = plan.run.seq_len, plan.run.micro_batch_size, plan.run.grad_accum_steps
+    dataset = load_dataset(
+        opts.data_path,
+        tokenizer,
+        task=plan.model.task,
+        seq_len=seq_len,
+        num_labels=plan.model.num_labels,
+        min_train_examples=mbs,
+    )
+    batches = Batches(dataset.train, mbs, seed=plan.run.seed)
+    held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
+    apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)
+    model.train()
+    driver = build_driver(model, plan, device)
+
+    start_step, bad_in_a_row = 0, 0
+    if opts.resume:
+        ckpt = load_checkpoint(
+            latest_checkpoint(out), model, model_fingerprint=plan.model.fingerprint, plan_sha256=plan_sha
+        )
+        driver.load_state_dict(ckpt.trainer["driver"])
+        set_rng_state(ckpt.trainer["rng"])
+        batches.seek(DataPosition(ckpt.meta.data_epoch, ckpt.meta.data_index))
+        start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
+        if start_step >= total_steps:
+            raise RunError(
+                f"the checkpoint is at step {start_step}, --max-steps is {total_steps}; raise "
+                "--max-steps to continue"
+            )
+
+    # ---- from here on the run writes into the output directory
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if opts.resume else None)
+    autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
+    resume_cmd = (
+        f"chunkft-run {opts.plan_path} --data {opts.data_path} --output {out} "
+        f"--max-steps {total_steps} --resume"
+    )
+
+    def save(step: int) -> Path:
+        meta = CheckpointMeta(
+            step=step,
+            model_fingerprint=plan.model.fingerprint,
+            plan_sha256=plan_sha,
+            data_epoch=batches.position.epoch,
+            data_index=batches.position.index,
+            consecutive_bad_steps=bad_in_a_row,
+        )
+        trainer = {"driver": driver.state_dict(), "rng": rng_state()}
+        return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
+
+    def evaluate_and_log(step: int) -> None:
+        loss, acc = evaluate(model, held_out, mbs * accum, device, autocast, plan.model.task)
+        metrics.write({"step": step, "eval_loss": loss, "eval_accuracy": acc})
+        model.train()
+
+    rotation = len(plan.chunk_table.chunks) * plan.rotation.update_interval
+    span = measured_steps(total_steps - start_step, rotation)
+    span = range(start_step + span.start, start_step + span.stop)
+    tracker: CpuPeakTracker | CudaPeak = CpuPeakTracker(model) if device.type == "cpu" else CudaPeak(device)
+    clock = StepClock(device)
+    progress = _Progress(log if opts.progress else None, total_steps)
+    stop = _StopSignals()
+
+    try:
+        with stop.installed():
+            if plan.run.eval_every > 0 and start_step == 0:
+                evaluate_and_log(0)
+            for step in range(start_step, total_steps):
+                if step == span.start:
+                    tracker.start()
+                measuring = step in span
+                clock.start()
+                loss_sum, tokens = 0.0, 0
+                for _ in range(accum):
+                    batch = {k: v.to(device) for k, v in batches.next().items()}
+                    with tracker.phase("forward"), autocast:
+                        loss = model(**batch).loss / accum
+                    with tracker.phase("backward"):
+                        driver.backward(loss)
+                    loss_sum += float(loss.detach())
+                    tokens += int(batch["attention_mask"].sum())
+                with tracker.phase("optimizer"):
+                    stats = driver.step()
+                seconds = clock.stop(tokens, stats.transfer_wait_s, exclude=measuring or step == start_step)
+                if measuring:
+                    tracker.note_step(step)
+                if step + 1 == span.stop:
+                    tracker.stop()
+
+                bad = stats.skipped or not math.isfinite(loss_sum)
+                bad_in_a_row = bad_in_a_row + 1 if bad else 0
+                done = step + 1
+                metrics.write(
+                    {
+                        "step": done,
+                        "loss": loss_sum,
+                        "lr": stats.lr,
+                        "grad_norm": stats.grad_norm,
+                        "chunk": stats.chunk,
+                        "tokens": tokens,
+                        "tokens_per_s": tokens / seconds,
+                        "seconds": seconds,
+                        "transfer_wait_s": stats.transfer_wait_s,
+                        "skipped": bad,
+                    }
+                )
+                progress.show(done, loss_sum, tokens / seconds, _memory_now(device, tracker))
+                if bad_in_a_row >= opts.max_bad_steps:
+                    raise RunError(
+                        f"loss or gradients were not finite for {bad_in_a_row} steps in a row (up to "
+                        f"step {done}); lower the learning rate or check the data"
+                    )
+                if plan.run.eval_every > 0 and done % plan.run.eval_every == 0 and done < total_steps:
+                    evaluate_and_log(done)
+                if stop.signum is not None:
+                    save(done)
+                    raise TrainingInterrupted(stop.signum, done, resume_cmd)
+                if (
+                    plan.run.checkpoint_every > 0
+                    and done % plan.run.checkpoint_every == 0
+                    and done < total_steps
+                ):
+                    save(done)
+            tracker.stop()
+            progress.end()
+            evaluate_and_log(total_steps)
+            save(total_steps)
+    finally:
+        tracker.stop()
+        progress.end()
+        metrics.close()
+        driver.close()
+
+    model_dir = export_model(model, tokenizer, out / "model")
+    memory = tracker.result() if tracker.steps_measured else None
+    result = _write_run_json(opts, plan, plan_sha, device, out, memory, clock, model_dir)
+    return result
+
+
+# ------------------------------------------------------------------------------------ building blocks
+
+
+def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+    """The plan's model on the device, randomly initialised from the plan's seed (presets) or loaded
+    (directories), and the tokenizer that goes with it."""
+    from profiles import build_model as build_hf_model
+    from profiles import load_model
+
+    dtype = getattr(torch, plan.run.weight_dtype)
+    preset = load_model(plan.model.path or plan.model.name, task=plan.model.task)
+    if plan.model.task == "sequence-classification" and plan.model.num_labels:
+        preset.config.num_labels = plan.model.num_labels
+    preset.config._attn_implementation = plan.run.attn_implementation
+    torch.manual_seed(plan.run.seed)  # the preset's random init and any fresh head
+    if plan.model.source == "preset":
+        model = build_hf_model(preset, device="cpu", dtype=dtype)
+        tokenizer: Tokenizer = ByteTokenizer()
+        vocab = int(getattr(model.config, "vocab_size", 0))
+        if vocab < ByteTokenizer.vocab_size:
+            raise RunError(
+                f"preset {plan.model.name} has a {vocab}-token vocabulary; the byte tokenizer needs "
+                f"{ByteTokenizer.vocab_size}"
+            )
+    else:
+        tokenizer = HFTokenizer(preset.path or plan.model.name)
+        model = build_hf_model(preset, device="cpu", dtype=dtype, load_weights=True)
+    if plan.model.task == "sequence-classification" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_id  # classifiers on decoders find the last real token
+    return model.to(device), tokenizer
+
+
+def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ...]) -> None:
+    """Activation checkpointing as the plan says: none, every decoder layer, or the selected layers."""
+    if mode == "none":
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "selected":
+        blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        for i, block in enumerate(blocks):
+            block.gradient_checkpointing = i in layers  # per-instance flag read by the layer's __call__
+
+
+def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any:
+    """The ChunkFT driver with every setting taken from the plan."""
+    from executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
+    from executor.rotation import RotationSpec
+    from executor.schedule import ScheduleSpec
+
+    o, s = plan.run.optimizer, plan.run.schedule
+    hparams = (
+        AdamWHparams(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if o.name == "adamw"
+        else SGDHparams(lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.nesterov)
+    )
+    return ChunkFT(
+        model,
+        plan.chunk_table.chunks,
+        hparams=hparams,
+        schedule=ScheduleSpec(
+            kind=s.kind, warmup_steps=s.warmup_steps, total_steps=s.total_steps, min_lr_ratio=s.min_lr_ratio
+        ),
+        rotation=RotationSpec(
+            order=plan.rotation.order, update_interval=plan.rotation.update_interval, seed=plan.rotation.seed
+        ),
+        host_state_dtype=plan.placement.host_state_dtype,
+        states_on=plan.placement.optimizer_states,
+        max_grad_norm=o.max_grad_norm,
+        device=device,
+        prefetch_order=tuple(plan.rotation.sequence) if plan.placement.prefetch else (),
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, data: TokenData, batch_size: int, device: torch.device, autocast: Any, task: str
+) -> tuple[float, float | None]:
+    """Mean loss over the held-out examples (and accuracy for classification)."""
+    model.eval()
+    loss_sum, n, correct = 0.0, 0, 0
+    for batch in eval_batches(data, batch_size):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            out = model(**batch)
+        rows = int(batch["input_ids"].shape[0])
+        loss_sum += float(out.loss) * rows
+        n += rows
+        if task == "sequence-classification":
+            correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
+    return loss_sum / n, (correct / n if task == "sequence-classification" else None)
+
+
+def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> Path:
+    """A Hugging Face directory (safetensors) that from_pretrained loads, written beside then swapped in."""
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+# -------------------------------------------------------------------------------------------- helpers
+
+
+def _check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse an unwritable directory, and a fresh run into one that already holds a run."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--output {out} is a file; give a directory")
+    probe_dir = out
+    while not probe_dir.exists():
+        probe_dir = probe_dir.parent
+    if not os.access(probe_dir, os.W_OK | os.X_OK):
+        raise RunError(f"--output {out}: {probe_dir} is not writable; choose another --output")
+    if not resume and (out / "checkpoints").exists():
+        raise RunError(
+            f"--output {out} already holds a run; add --resume to continue it or choose another --output"
+        )
+    if resume and not (out / "checkpoints").exists():
+        raise CheckpointError(f"--output {out} has no checkpoints to resume from; run without --resume")
+
+
+def _head(data: TokenData, n: int) -> TokenData:
+    return TokenData(data.input_ids[:n], data.attention_mask[:n], data.labels[:n])
+
+
+def _autocast(device: torch.device, weight_dtype: str, compute_dtype: str) -> Any:
+    if compute_dtype == weight_dtype:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=getattr(torch, compute_dtype))
+
+
+def _memory_now(device: torch.device, tracker: Any) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+class _MetricsLog:
+    """metrics.jsonl, line-buffered; on resume, lines past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: Path, keep_through_step: int | None) -> None:
+        self.path = path
+        if keep_through_step is None:
+            path.unlink(missing_ok=True)
+        elif path.exists():
+            kept = [
+                ln
+                for ln in path.read_text().splitlines()
+                if ln.strip() and _line_step(ln) <= keep_through_step
+            ]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, path)
+        self._f = open(path, "a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        self._f.close()
+
+    def records(self) -> list[dict[str, Any]]:
+        return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def _line_step(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return 1 << 62  # an unreadable (half-written) line is dropped
+
+
+class _Progress:
+    """One `\\r`-rewritten line on stderr: step, loss, tokens/s, memory."""
+
+    def __init__(self, stream: TextIO | None, total: int) -> None:
+        self.stream = stream
+        self.total = total
+        self._open = False
+
+    def show(self, step: int, loss: float, tokens_per_s: float, memory_bytes: int) -> None:
+        if self.stream is None:
+            return
+        self.stream.write(
+            f"\rstep {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"mem {memory_bytes / 2**20:,.1f} MiB "
+        )
+        self.stream.flush()
+        self._open = True
+
+    def end(self) -> None:
+        if self.stream is not None and self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second signal stops at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+        previous: dict[int, Callable[..., Any] | int | None] = {}
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, self._handle)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _write_run_json(
+    opts: RunOptions,
+    plan: Any,
+    plan_sha: str,
+    device: torch.device,
+    out: Path,
+    memory: MemoryMeasurement | None,
+    clock: StepClock,
+    model_dir: Path,
+) -> RunResult:
+    """run.json: what was measured beside what the plan predicted, and the losses."""
+    import transformers
+
+    import executor
+
+    records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    pred = plan.predictions
+    measured: dict[str, Any] = {
+        "device": str(device),
+        "memory_method": memory.method if memory else None,
+        "peak_bytes": memory.peak_bytes if memory else None,
+        "reserved_bytes": memory.reserved_bytes if memory else None,
+        "peak_by_category": dict(memory.peak_by_category) if memory else {},
+        "memory_steps": list(memory.steps) if memory else [],
+        "step_seconds": clock.median_step_seconds(),
+        "tokens_per_second": clock.tokens_per_second(),
+        "transfer_wait_s": clock.median_transfer_wait_s(),
+        "timed_steps_this_session": len(clock.seconds),
+    }
+    predicted = {
+        "peak_bytes": pred.peak_bytes,
+        "peak_by_category": dict(pred.peak_by_category),
+        "reserve_bytes": pred.reserve_bytes,
+        "step_seconds": pred.step_seconds,
+        "tokens_per_second": pred.tokens_per_second,
+    }
+
+    def ratio(a: float | None, b: float) -> float | None:
+        return a / b if a is not None and b else None
+
+    doc = {
+        "plan": {
+            "path": str(opts.plan_path),
+            "sha256": plan_sha,
+            "model_fingerprint": plan.model.fingerprint,
+            "model": plan.model.name,
+            "num_chunks": len(plan.chunk_table.chunks),
+        },
+        "data": str(opts.data_path),
+        "steps": steps[-1]["step"] if steps else 0,
+        "measured": measured,
+        "predicted": predicted,
+        "ratios": {
+            "peak_bytes": ratio(measured["peak_bytes"], pred.peak_bytes),
+            "step_seconds": ratio(measured["step_seconds"], pred.step_seconds),
+            "tokens_per_second": ratio(measured["tokens_per_second"], pred.tokens_per_second),
+        },
+        "losses": {
+            "train": [r["loss"] for r in steps],
+            "final_train": steps[-1]["loss"] if steps else None,
+            "eval": evals,
+            "final_eval": evals[-1]["eval_loss"] if evals else None,
+            "final_eval_accuracy": evals[-1]["eval_accuracy"] if evals else None,
+        },
+        "skipped_steps": sum(1 for r in steps if r["skipped"]),
+        "model_dir": str(model_dir),
+        "versions": {
+            "chunkft": getattr(executor, "__version__", _chunkft_version()),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    path = out / "run.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    os.replace(tmp, path)
+    return RunResult(
+        output_dir=out,
+        steps=doc["steps"],
+        train_losses=tuple(r["loss"] for r in steps),
+        evals=tuple((r["step"], r["eval_loss"], r["eval_accuracy"]) for r in evals),
+        skipped_steps=doc["skipped_steps"],
+        memory=memory,
+        run_json=path,
+        model_dir=model_dir,
+    )
+
+
+def _chunkft_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("chunkft")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+__all__ = ["RunError", "RunOptions", "RunResult", "TrainingInterrupted", "train", "DataError"]

@@ -1,0 +1,660 @@
+"""Model profiling without allocating: parameter bytes from a meta-device model, activation bytes from
+fake-tensor traces of a shallow copy of the model.
+
+Why shallow: a decoder is one block repeated L times, so three blocks at full width (the first, a
+representative middle one, the last) plus embedding and head carry everything the planner needs; the
+simulator composes the other L-3 blocks from the middle one. Nothing here allocates real storage, so a
+70B-wide block traces on a laptop CPU in well under a second.
+
+Memory is measured as the live bytes of every storage created during the step (activations, gradients
+of activations, parameter gradients before the executor's hook moves them into its fp32 window buffer,
+temporaries). Parameters and buffers exist before the trace and are not counted here.
+
+Attention: the trace runs on the CPU fake device, so "sdpa" goes through PyTorch's CPU flash kernel
+(memory linear in the sequence, like CUDA flash/mem-efficient kernels; it saves output + logsumexp), and
+"eager" materialises the B*heads*S*S scores as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from executor.chunks import DTYPE_BYTES, ParamSpec, param_specs
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+Task = Literal["causal-lm", "sequence-classification"]
+
+# How a block takes part in the backward pass of a ChunkFT step:
+# "full": its weights are in the active window (weight and input gradients, everything saved);
+# "input": above the window (frozen weights, input gradient only so the window below gets its gradient);
+# "none": below the window (forward only, nothing saved, no backward).
+BlockMode = Literal["full", "input", "none"]
+# The head (final norm, LM/classifier head, loss): "full" when the window touches the head and a block
+# below it, "input" when the window is below the head, "weight" when the window is only in the head.
+HeadMode = Literal["full", "input", "weight"]
+
+TRACE_LAYERS = 3  # first, representative middle, last
+_REPRESENTATIVE = 1
+
+
+class ProfilingError(ValueError):
+    """The model cannot be profiled (unsupported architecture or settings); one clear line."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Memory of one piece of the step, relative to the live bytes when it starts.
+
+    delta_bytes: live bytes at the end minus at the start (what it keeps, e.g. saved activations);
+    excursion_bytes: the highest live bytes inside it minus at the start (>= max(0, delta_bytes)).
+    """
+
+    delta_bytes: int
+    excursion_bytes: int
+    grad_bytes: int = 0  # fp32 window-gradient buffers created inside it (part of delta_bytes)
+
+
+ZERO_SEGMENT = Segment(0, 0)
+
+
+@dataclass(frozen=True)
+class BlockMemory:
+    """Forward and backward segments of one representative block in one mode."""
+
+    fwd: Segment
+    bwd: Segment  # ZERO_SEGMENT in mode "none"
+
+
+@dataclass(frozen=True)
+class ActivationProfile:
+    """Traced activation memory of one micro-batch (sequences of seq_len tokens) at one dtype."""
+
+    micro_batch: int
+    seq_len: int
+    dtype: str
+    attn_implementation: str
+    embed_fwd: Segment  # embedding, position embeddings, masks: up to the first block
+    embed_bwd_trainable: Segment  # the embedding's backward when it is in the window
+    blocks: tuple[tuple[str, BlockMemory], ...]  # (mode, memory) for full/input/none/ckpt-full/ckpt-input
+    head_fwd: tuple[tuple[str, Segment], ...]  # by HeadMode: last block output -> loss
+    head_bwd: tuple[tuple[str, Segment], ...]  # by HeadMode: loss.backward() -> first block gradient
+    hidden_bytes: int  # one block input/output, B*S*H in the compute dtype (what goes between GPUs)
+
+    def block(self, mode: BlockMode, checkpointed: bool = False) -> BlockMemory:
+        key = f"ckpt-{mode}" if checkpointed and mode != "none" else mode
+        return dict(self.blocks)[key]
+
+    def head(self, mode: HeadMode) -> tuple[Segment, Segment]:
+        return dict(self.head_fwd)[mode], dict(self.head_bwd)[mode]
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What the planner needs to know about a model besides activations: parameters by position."""
+
+    model_type: str
+    task: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    num_attention_heads: int
+    head_dim: int
+    layers_prefix: str  # e.g. "model.layers." (parameter names of block i start with prefix + "i.")
+    specs: tuple[ParamSpec, ...]  # trainable tensors in stream (forward) order, at the weight dtype
+    spec_layer: tuple[int, ...]  # per spec: -1 embedding side, 0..L-1 block, L head side
+    tied_embeddings: bool
+
+    @property
+    def num_params(self) -> int:
+        return sum(s.numel for s in self.specs)
+
+    def layer_numel(self, layer: int) -> int:
+        return sum(s.numel for s, li in zip(self.specs, self.spec_layer, strict=True) if li == layer)
+
+    def linear_numel(self, layer: int) -> int:
+        """Elements of the 2-D weights of a group (what matmul FLOPs scale with)."""
+        pairs = zip(self.specs, self.spec_layer, strict=True)
+        return sum(s.numel for s, li in pairs if li == layer and len(s.shape) == 2)
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the repeated blocks: the longest one (ties: the first registered)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0 and (best is None or len(mod) > len(best[1])):
+            best = (name, mod)
+    if best is None:
+        raise ProfilingError(f"{type(model).__name__} has no list of repeated blocks; cannot profile it")
+    return best
+
+
+def structure_of(model: nn.Module, task: str) -> ModelStructure:
+    """Parameter specs and their positions from a (meta-device) model; nothing is allocated."""
+    cfg = model.config  # type: ignore[attr-defined]
+    prefix, layers = _decoder_layers(model)
+    prefix = prefix + "."
+    specs = param_specs(model)
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    num_layers = len(layers)
+    spec_layer: list[int] = []
+    seen_block = False
+    for s in specs:
+        m = pattern.match(s.name)
+        if m:
+            spec_layer.append(int(m.group(1)))
+            seen_block = True
+        else:
+            spec_layer.append(num_layers if seen_block else -1)
+    hidden = int(cfg.hidden_size)
+    heads = int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or hidden // heads)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False)) and task == "causal-lm"
+    return ModelStructure(
+        model_type=str(getattr(cfg, "model_type", type(model).__name__)),
+        task=task,
+        num_layers=num_layers,
+        hidden_size=hidden,
+        vocab_size=int(cfg.vocab_size),
+        num_attention_heads=heads,
+        head_dim=head_dim,
+        layers_prefix=prefix,
+        specs=tuple(specs),
+        spec_layer=tuple(spec_layer),
+        tied_embeddings=tied,
+    )
+
+
+def build_from_config(config: object, task: str, device: str, dtype: torch.dtype) -> nn.Module:
+    """An unmodified Hugging Face model from a config (what profiles.build_model does for a preset)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    if device == "meta":
+        with torch.device("meta"):
+            model = auto.from_config(config, dtype=dtype)
+    else:
+        model = auto.from_config(config, dtype=dtype)
+    return model
+
+
+def model_structure(config: object, task: str, dtype: str) -> ModelStructure:
+    """Structure of the full-depth model, built on the meta device."""
+    model = build_from_config(config, task, "meta", TORCH_DTYPES[dtype])
+    return structure_of(model, task)
+
+
+# ------------------------------------------------------------------------------------- live bytes
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every storage created while active, until the storage dies.
+
+    Storages that exist before (parameters, buffers, preallocated window buffers) are not counted; a
+    view shares its base's storage and adds nothing. Works under FakeTensorMode (fake storages are real
+    Python objects with weak references), like torch's own MemTracker.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._refs: list[weakref.ref] = []
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def track(self, t: torch.Tensor) -> None:
+        st = t.untyped_storage()
+        if st in self._seen:
+            return
+        nbytes = st.nbytes()
+        self._seen[st] = nbytes
+        self.live += nbytes
+        self.peak = max(self.peak, self.live)
+        self._refs.append(weakref.ref(st, functools.partial(_on_free, self, nbytes)))
+
+    def ignore(self, tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> None:
+        """Storages that already exist (parameters, buffers, inputs): views of them add nothing."""
+        for t in tensors:
+            self._seen[t.untyped_storage()] = 0
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            self.track(t)
+        return out
+
+
+def _on_free(counter: LiveBytes, nbytes: int, _ref: object) -> None:
+    counter._free(nbytes)
+
+
+def _tensors(obj: object) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for o in obj:
+            yield from _tensors(o)
+
+
+class _Timeline:
+    """Markers (name, live bytes) and the peak between consecutive markers."""
+
+    def __init__(self, counter: LiveBytes) -> None:
+        self.counter = counter
+        self.grad_bytes = 0  # fp32 gradient buffers adopted so far
+        # (name, live at mark, peak since previous mark, gradient buffer bytes so far)
+        self.marks: list[tuple[str, int, int, int]] = []
+
+    def mark(self, name: str) -> None:
+        self.marks.append((name, self.counter.live, self.counter.peak, self.grad_bytes))
+        self.counter.reset_peak()
+
+    def index(self, name: str, after: int = 0) -> int:
+        for i in range(after, len(self.marks)):
+            if self.marks[i][0] == name:
+                return i
+        raise ProfilingError(f"trace marker {name!r} missing; the model's forward does not run as expected")
+
+    def segment(self, a: int, b: int) -> Segment:
+        start = self.marks[a][1]
+        top = max([start] + [self.marks[i][2] for i in range(a + 1, b + 1)])
+        return Segment(self.marks[b][1] - start, top - start, self.marks[b][3] - self.marks[a][3])
+
+
+# ------------------------------------------------------------------------------------------ tracing
+
+
+def enable_layer_checkpointing(model: nn.Module, layer_indices: Sequence[int]) -> None:
+    """Checkpoint exactly these blocks (non-reentrant torch.utils.checkpoint), per instance.
+
+    Hugging Face blocks (GradientCheckpointingLayer) read `gradient_checkpointing` and
+    `_gradient_checkpointing_func` from the instance, so setting them on chosen blocks checkpoints those
+    blocks only; the profiler and the executor must use this same mechanism for the numbers to agree.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    _, layers = _decoder_layers(model)
+    chosen = set(layer_indices)
+    for i, layer in enumerate(layers):
+        on = i in chosen
+        if (
+            on
+            and not hasattr(layer, "_gradient_checkpointing_func")
+            and not hasattr(type(layer), "gradient_checkpointing")
+        ):
+            raise ProfilingError(f"{type(layer).__name__} cannot checkpoint single layers")
+        layer.gradient_checkpointing = on
+        if on:
+            layer._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    if chosen and hasattr(model, "config"):
+        model.config.use_cache = False  # type: ignore[attr-defined]
+
+
+def move_grads_hook(
+    buffers: dict[torch.Tensor, torch.Tensor], on_new: Callable[[int], None] | None = None
+) -> Callable[[torch.Tensor], None]:
+    """What the executor (executor/slicegrad.py) does after a parameter's gradient is accumulated: the
+    first gradient, upcast to fp32 (no copy when it already is), becomes the window buffer; later ones
+    are added into it; `.grad` is dropped, so no parameter holds a gradient across the backward."""
+
+    def hook(p: torch.Tensor) -> None:
+        grad = p.grad
+        p.grad = None
+        assert grad is not None
+        if p in buffers:
+            buffers[p].add_(grad)
+        else:
+            buffers[p] = grad.to(torch.float32).contiguous()
+            if on_new is not None:
+                on_new(buffers[p].numel() * 4)
+
+    return hook
+
+
+def example_batch(task: str, vocab_size: int, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """Inputs and labels of one micro-batch (token ids; class labels for classification)."""
+    ids = torch.randint(0, vocab_size, (micro_batch, seq_len))
+    mask = torch.ones((micro_batch, seq_len), dtype=torch.long)
+    if task == "causal-lm":
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (micro_batch,))}
+
+
+def _shallow_config(config: object, layers: int) -> object:
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = layers  # type: ignore[attr-defined]
+    if hasattr(cfg, "layer_types") and getattr(cfg, "layer_types", None):
+        cfg.layer_types = list(cfg.layer_types)[:layers]  # type: ignore[attr-defined]
+    cfg.use_cache = False  # type: ignore[attr-defined]
+    return cfg
+
+
+def _trace(
+    model: nn.Module,
+    task: str,
+    vocab_size: int,
+    micro_batch: int,
+    seq_len: int,
+    trainable: Callable[[int], bool],
+    structure: ModelStructure,
+    checkpoint_layers: Sequence[int],
+) -> _Timeline:
+    """One forward+backward of the shallow model under the live-bytes counter, with block markers."""
+    from torch.distributed._tools.mod_tracker import ModTracker
+
+    params = dict(model.named_parameters())
+    buffers: dict[torch.Tensor, torch.Tensor] = {}
+    batch = example_batch(task, vocab_size, micro_batch, seq_len)
+    counter = LiveBytes()
+    counter.ignore(list(model.parameters()) + list(model.buffers()) + list(batch.values()))
+    timeline = _Timeline(counter)
+
+    def on_new(nbytes: int) -> None:
+        timeline.grad_bytes += nbytes
+
+    handles = []
+    for spec, layer in zip(structure.specs, structure.spec_layer, strict=True):
+        p = params[spec.name]
+        p.requires_grad_(trainable(layer))
+        if p.requires_grad:
+            handles.append(p.register_post_accumulate_grad_hook(move_grads_hook(buffers, on_new)))
+    enable_layer_checkpointing(model, checkpoint_layers)
+    _, layers = _decoder_layers(model)
+    block_index = {id(layer): i for i, layer in enumerate(layers)}
+    tracker = ModTracker()
+
+    def hook(kind: str) -> Callable[..., None]:
+        def fn(mod: nn.Module, *args: object) -> None:
+            i = block_index.get(id(mod))
+            if i is not None:
+                timeline.mark(f"{kind} {i}")
+
+        return fn
+
+    tracker.register_user_hooks(hook("pre_fw"), hook("post_fw"), hook("pre_bw"), hook("post_bw"))
+    try:
+        with tracker, counter:
+            timeline.mark("start")
+            loss = model(**batch).loss
+            timeline.mark("fwd_end")
+            loss.backward()
+            del loss
+            timeline.mark("bwd_end")
+            buffers.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        enable_layer_checkpointing(model, [])
+    return timeline
+
+
+_CACHE: dict[tuple[str, str, int, int, str, str], ActivationProfile] = {}
+
+
+def activation_profile(
+    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn_implementation: str = "sdpa"
+) -> ActivationProfile:
+    """Traced activation memory of one micro-batch (cached per configuration)."""
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
+    key = (text, task, micro_batch, seq_len, dtype, attn_implementation)
+    if key not in _CACHE:
+        _CACHE[key] = _activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation)
+    return _CACHE[key]
+
+
+def _activation_profile(
+    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str
+) -> ActivationProfile:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if micro_batch < 1 or seq_len < 1:
+        raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
+    cfg = _shallow_config(config, TRACE_LAYERS)
+    cfg._attn_implementation = attn  # type: ignore[attr-defined]
+    torch_dtype = TORCH_DTYPES[dtype]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = build_from_config(cfg, task, "cpu", torch_dtype)
+        model.train()
+        st = structure_of(model, task)
+        L = TRACE_LAYERS
+        r = _REPRESENTATIVE
+        vocab = st.vocab_size
+
+        def run(trainable: Callable[[int], bool], ckpt: bool) -> _Timeline:
+            return _trace(model, task, vocab, micro_batch, seq_len, trainable, st, range(L) if ckpt else [])
+
+        blocks: dict[str, BlockMemory] = {}
+        head_fwd: dict[str, Segment] = {}
+        head_bwd: dict[str, Segment] = {}
+        t_full = run(lambda layer: True, False)
+        t_input = run(lambda layer: layer == -1, False)
+        t_none = run(lambda layer: layer == L, False)
+        t_ckpt_full = run(lambda layer: True, True)
+        t_ckpt_input = run(lambda layer: layer == -1, True)
+
+    def block_segments(tl: _Timeline, backward: bool) -> BlockMemory:
+        a = tl.index(f"pre_fw {r}")
+        b = tl.index(f"pre_fw {r + 1}", a)
+        fwd = tl.segment(a, b)
+        if not backward:
+            return BlockMemory(fwd, ZERO_SEGMENT)
+        bwd_from = tl.index("fwd_end")
+        c = tl.index(f"pre_bw {r}", bwd_from)
+        d = tl.index(f"pre_bw {r - 1}", c)
+        return BlockMemory(fwd, tl.segment(c, d))
+
+    def head_segments(tl: _Timeline, backward: bool) -> tuple[Segment, Segment]:
+        a = tl.index(f"post_fw {L - 1}")
+        b = tl.index("fwd_end", a)
+        fwd = tl.segment(a, b)
+        if not backward:
+            return fwd, ZERO_SEGMENT
+        c = b
+        d = (
+            tl.index(f"pre_bw {L - 1}", c)
+            if any(m[0] == f"pre_bw {L - 1}" for m in tl.marks)
+            else len(tl.marks) - 1
+        )
+        return fwd, tl.segment(c, d)
+
+    blocks["full"] = block_segments(t_full, True)
+    blocks["input"] = block_segments(t_input, True)
+    blocks["none"] = block_segments(t_none, False)
+    blocks["ckpt-full"] = block_segments(t_ckpt_full, True)
+    blocks["ckpt-input"] = block_segments(t_ckpt_input, True)
+    head_fwd["full"], head_bwd["full"] = head_segments(t_full, True)
+    head_fwd["input"], head_bwd["input"] = head_segments(t_input, True)
+    head_fwd["weight"], head_bwd["weight"] = head_segments(t_none, True)
+    embed_fwd = t_full.segment(t_full.index("start"), t_full.index("pre_fw 0"))
+    e0 = t_full.index("post_bw 0", t_full.index("fwd_end"))
+    embed_bwd = t_full.segment(e0, t_full.index("bwd_end", e0))
+    hidden = micro_batch * seq_len * st.hidden_size * DTYPE_BYTES[dtype]
+    return ActivationProfile(
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        dtype=dtype,
+        attn_implementation=attn,
+        embed_fwd=embed_fwd,
+        embed_bwd_trainable=embed_bwd,
+        blocks=tuple(blocks.items()),
+        head_fwd=tuple(head_fwd.items()),
+        head_bwd=tuple(head_bwd.items()),
+        hidden_bytes=hidden,
+    )
+
+
+# ------------------------------------------------------------------------------------------- FLOPs
+
+
+@dataclass(frozen=True)
+class BlockFlops:
+    """Floating-point operations of one block for one micro-batch (causal attention counted half)."""
+
+    forward: int
+    backward_input: int  # gradient w.r.t. the block input only (frozen weights)
+    backward_full: int  # input and weight gradients
+
+
+def block_flops(st: ModelStructure, layer: int, micro_batch: int, seq_len: int) -> BlockFlops:
+    """Matmul FLOPs 2*weights*tokens plus attention 4*B*S^2*heads*head_dim (half for causal)."""
+    tokens = micro_batch * seq_len
+    linear = 2 * st.linear_numel(layer) * tokens
+    causal = 0.5 if st.task == "causal-lm" else 1.0
+    attn = int(4 * micro_batch * seq_len * seq_len * st.num_attention_heads * st.head_dim * causal)
+    # Backward: input gradient = one matmul per forward matmul; weight gradient = another one; attention
+    # backward costs about 2.5 forward attention (flash backward recomputes the scores).
+    return BlockFlops(
+        forward=linear + attn,
+        backward_input=linear + int(2.5 * attn),
+        backward_full=2 * linear + int(2.5 * attn),
+    )
+
+
+def head_flops(st: ModelStructure, micro_batch: int, seq_len: int) -> int:
+    """Forward FLOPs of the head (LM head over every token; a classifier only over the pooled token)."""
+    tokens = micro_batch * seq_len if st.task == "causal-lm" else micro_batch
+    return 2 * st.linear_numel(st.num_layers) * tokens + (
+        2 * st.hidden_size * st.vocab_size * tokens if st.tied_embeddings else 0
+    )
+
+
+def param_bytes(specs: Sequence[ParamSpec]) -> int:
+    return sum(s.numel * DTYPE_BYTES[s.dtype] for s in specs)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def gib(n: int) -> float:
+    """Bytes as GiB, for display only."""
+    return n / 2**30
+
+
+__all__ = [
+    "ActivationProfile",
+    "BlockFlops",
+    "BlockMemory",
+    "ModelStructure",
+    "ProfilingError",
+    "Segment",
+    "activation_profile",
+    "block_flops",
+    "enable_layer_checkpointing",
+    "head_flops",
+    "model_structure",
+    "reference_step_peak",
+    "TORCH_DTYPES",
+    "structure_of",
+]
+
+
+# ------------------------------------------------------------------------------- reference traces
+
+
+class _NoHandle:
+    """A hook handle with nothing to remove."""
+
+    def remove(self) -> None:
+        return None
+
+
+def reference_step_peak(
+    config: object,
+    task: str,
+    chunk_names: Sequence[str],
+    *,
+    max_chunk_numel: int,
+    slots: int,
+    micro_batch: int,
+    grad_accum: int,
+    seq_len: int,
+    dtype: str,
+    attn_implementation: str = "sdpa",
+    checkpoint_layers: Sequence[int] = (),
+    optimizer: str = "adamw",
+) -> tuple[int, dict[str, int]]:
+    """Peak bytes of one full ChunkFT training step of the full-depth model, traced by torch's own
+    MemTracker under FakeTensorMode (nothing allocated): what the planner's composed prediction is
+    checked against. The window is given as whole parameter names (cuts between tensors); the executor's
+    behaviour is reproduced: fp32 state slots, gradients adopted into fp32 buffers by hooks, the
+    per-tensor AdamW update with its two fp32 temporaries. Returns (peak, MemTracker breakdown)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    cfg = copy.deepcopy(config)
+    cfg._attn_implementation = attn_implementation  # type: ignore[attr-defined]
+    cfg.use_cache = False  # type: ignore[attr-defined]
+    torch_dtype = TORCH_DTYPES[dtype]
+    master = dtype != "float32"
+    states = 2 if optimizer == "adamw" else 1
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = build_from_config(cfg, task, "cpu", torch_dtype)
+        model.train()
+        vocab = int(cfg.vocab_size)
+        window = set(chunk_names)
+        params = dict(model.named_parameters())
+        buffers: dict[torch.Tensor, torch.Tensor] = {}
+        handles = []
+        for name, p in params.items():
+            p.requires_grad_(name in window)
+            if name in window:
+                handles.append(p.register_post_accumulate_grad_hook(move_grads_hook(buffers)))
+        enable_layer_checkpointing(model, checkpoint_layers)
+        tracker = MemTracker()
+        tracker.track_external(model)
+        # MemTracker installs gradient hooks on every parameter a module uses, which torch refuses for
+        # frozen ones; mark those as already hooked on this tracker instance.
+        for p in params.values():
+            if not p.requires_grad:
+                tracker._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
+        with tracker:
+            kinds = states + (1 if master else 0)
+            slot_tensors = [torch.empty(max_chunk_numel, dtype=torch.float32) for _ in range(slots * kinds)]
+            for micro in range(grad_accum):
+                if micro:
+                    tracker.reset_mod_stats()  # per-module stats only; the global peak is kept
+                batch = example_batch(task, vocab, micro_batch, seq_len)
+                loss = model(**batch).loss / grad_accum
+                loss.backward()
+                del loss, batch
+            for p, g in list(buffers.items()):  # the update, per tensor
+                flat = g.reshape(-1)
+                if optimizer == "adamw":
+                    denom = (flat.sqrt() / 1.0001).add_(1e-8)
+                    del denom
+                else:
+                    tmp = flat.add(flat)
+                    del tmp
+                del p
+            buffers.clear()
+            del slot_tensors
+        peak = tracker.get_tracker_snapshot("peak")
+        for h in handles:
+            h.remove()
+    dev = next(iter(peak))
+    by_kind = {str(getattr(k, "value", k)): int(v) for k, v in peak[dev].items()}
+    return by_kind.get("Total", 0), by_kind

@@ -1,0 +1,646 @@
+"""The one step simulator: every plan the solver considers, and every plan written, goes through here.
+
+It replays one optimizer step of each window of the rotation on three lanes (compute, host-to-device,
+device-to-host) with every allocation and free, in the memory categories the runner measures:
+
+- weights: resident model weights (per GPU when layers are placed across GPUs);
+- master / optimizer_states / prefetch: the executor's fp32 state slots (one for the active window, one
+  for the prefetched next window, both sized for the largest window), or every window's states when they
+  stay on the GPU;
+- gradients: the active window's fp32 gradient buffers, created by the first backward that reaches each
+  tensor and freed after the update;
+- activations / temporaries: traced segments (planner/profile_model.py) composed block by block.
+
+The peak is the maximum over windows (the bottom window keeps every block's activations; others keep
+less), the step time the mean over the rotation. Copies follow the executor's transfer engine: one FIFO
+copy stream, the write-back of the previous window then the fill of the one after next.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
+from planner.costs import CostModel
+from planner.graph import StepNode, step_order
+from planner.profile_model import ActivationProfile, ModelStructure, Segment, block_flops, head_flops
+from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
+
+GIB = 2**30
+MIB = 2**20
+CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
+FRAGMENTATION = 0.05  # caching-allocator slack, as a fraction of the allocated peak
+
+
+@dataclass(frozen=True)
+class Window:
+    """One chunk as the simulator sees it."""
+
+    index: int
+    numel: int
+    low: int  # lowest group with trainable rows: -1 embedding side, 0..L-1 block, L head side
+    high: int
+    max_slice_numel: int
+    numel_by_group: tuple[tuple[int, int], ...]  # (group, elements of the window in that group)
+
+
+def windows_of(
+    structure: ModelStructure, specs: Sequence[ParamSpec], chunks: Sequence[Chunk]
+) -> tuple[Window, ...]:
+    """Windows from a chunk table; the groups come from the structure's parameter positions."""
+    group = dict(zip((s.name for s in structure.specs), structure.spec_layer, strict=True))
+    by_name = {s.name: s for s in specs}
+    out = []
+    for c in chunks:
+        per: dict[int, int] = {}
+        biggest = 0
+        for sl in c.slices:
+            n = sl.num_rows * by_name[sl.name].row_numel
+            g = group[sl.name]
+            per[g] = per.get(g, 0) + n
+            biggest = max(biggest, n)
+        out.append(
+            Window(c.index, sum(per.values()), min(per), max(per), biggest, tuple(sorted(per.items())))
+        )
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Everything about one planning request that the candidates share."""
+
+    structure: ModelStructure
+    cost: CostModel
+    weight_dtype: str
+    optimizer: str  # "adamw" | "sgd"
+    sgd_momentum: bool
+    seq_len: int
+    context_bytes: int  # CUDA context per GPU (0 on the host CPU)
+    fragmentation: float
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """The choices the solver makes, and the simulator checks."""
+
+    windows: tuple[Window, ...]
+    sequence: tuple[int, ...]  # rotation: window indices, one cycle
+    checkpoint_layers: tuple[int, ...]
+    micro_batch: int
+    grad_accum: int
+    states_on: str  # "host" | "gpu"
+    host_state_dtype: str  # "float32" | "bfloat16"
+    prefetch: bool  # two slots (next window fetched a step ahead) or one
+    layer_gpu: tuple[int, ...] = ()  # GPU per block; empty: all on GPU 0
+    synchronous_copies: bool = False  # baseline: copies exposed at the update, no overlap
+
+    @property
+    def num_gpus(self) -> int:
+        return max(self.layer_gpu, default=0) + 1
+
+
+@dataclass(frozen=True)
+class SimResult:
+    """The simulation the plan records plus what the solver compares."""
+
+    step: StepSimulation  # the worst window's timeline (on the GPU with the highest peak)
+    per_gpu_peak_bytes: tuple[int, ...]
+    worst_window: int
+    budget_needed_bytes: int  # per GPU: peak + reserve of the worst GPU
+    state_slot_bytes: int = 0
+    notes: tuple[str, ...] = field(default=())
+
+
+def reserve_bytes(setup: Setup, peak: int) -> int:
+    return setup.context_bytes + int(setup.fragmentation * peak)
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _state_kinds(setup: Setup) -> tuple[bool, int]:
+    """(needs fp32 master, number of fp32 optimizer states per element)."""
+    master = setup.weight_dtype != "float32"
+    states = 2 if setup.optimizer == "adamw" else (1 if setup.sgd_momentum else 0)
+    return master, states
+
+
+def _gpu_of_group(cand: Candidate, group: int, num_layers: int) -> int:
+    if not cand.layer_gpu:
+        return 0
+    if group < 0:
+        return cand.layer_gpu[0]
+    if group >= num_layers:
+        return cand.layer_gpu[-1]
+    return cand.layer_gpu[group]
+
+
+def host_bytes(setup: Setup, cand: Candidate) -> int:
+    """Host memory for the inactive windows' master copies and states (pinned on CUDA)."""
+    if cand.states_on == "gpu":
+        return 0
+    master, states = _state_kinds(setup)
+    total = sum(w.numel for w in cand.windows)
+    state_bytes = DTYPE_BYTES[cand.host_state_dtype]
+    return total * ((4 if master else 0) + states * state_bytes)
+
+
+def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], int]:
+    """Bytes held on each GPU for the whole step, by category; and one slot's bytes."""
+    st = setup.structure
+    L = st.num_layers
+    gpus = [dict.fromkeys(CATEGORIES, 0) for _ in range(cand.num_gpus)]
+    for spec, grp in zip(st.specs, st.spec_layer, strict=True):
+        gpus[_gpu_of_group(cand, grp, L)]["weights"] += spec.numel * DTYPE_BYTES[spec.dtype]
+    master, states = _state_kinds(setup)
+    slot = 0
+    if cand.states_on == "gpu":
+        for w in cand.windows:
+            g = gpus[_gpu_of_group(cand, w.low, L)]
+            g["master"] += 4 * w.numel if master else 0
+            g["optimizer_states"] += 4 * states * w.numel
+    else:
+        for gi, g in enumerate(gpus):
+            owned = [w.numel for w in cand.windows if _gpu_of_group(cand, w.low, L) == gi]
+            if not owned:
+                continue
+            n = max(owned)
+            g["master"] += 4 * n if master else 0
+            g["optimizer_states"] += 4 * states * n
+            if cand.prefetch and not cand.synchronous_copies:
+                g["prefetch"] += 4 * n * (states + (1 if master else 0))
+            slot = max(slot, 4 * n * (states + (1 if master else 0)))
+    return gpus, slot
+
+
+def _block_mode(group: int, w: Window) -> str:
+    if group < w.low:
+        return "none"
+    if group <= w.high:
+        return "full"
+    return "input"
+
+
+def _head_mode(w: Window, num_layers: int) -> str:
+    if w.low >= num_layers:
+        return "weight"
+    if w.high >= num_layers:
+        return "full"
+    return "input"
+
+
+@functools.lru_cache(maxsize=256)
+def _flops(structure: ModelStructure, micro_batch: int, seq_len: int) -> tuple[tuple[int, int, int], int]:
+    bf = block_flops(structure, 0, micro_batch, seq_len)
+    return (bf.forward, bf.backward_input, bf.backward_full), head_flops(structure, micro_batch, seq_len)
+
+
+@dataclass
+class _Walk:
+    """Mutable state of one window's replay (private)."""
+
+    mem: list[dict[str, int]]
+    record: bool
+    now: float = 0.0
+    peak: list[int] = field(default_factory=list)
+    peak_at: list[tuple[float, str, tuple[tuple[str, int], ...]]] = field(default_factory=list)
+    events: list[LaneEvent] = field(default_factory=list)
+    samples: list[list[MemorySample]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.peak = [sum(m.values()) for m in self.mem]
+        self.peak_at = [(0.0, "step start", _cats(m)) for m in self.mem]
+        self.samples = [[MemorySample(0.0, _cats(m), "step start")] if self.record else [] for m in self.mem]
+
+    def note(self, gpu: int, name: str, extra_temp: int = 0, t: float | None = None) -> None:
+        m = self.mem[gpu]
+        total = sum(m.values()) + extra_temp
+        when = self.now if t is None else t
+        if total > self.peak[gpu]:
+            self.peak[gpu] = total
+            snap = dict(m)
+            snap["temporaries"] += extra_temp
+            self.peak_at[gpu] = (when, name, _cats(snap))
+        if self.record:
+            snap = dict(m)
+            snap["temporaries"] += extra_temp
+            self.samples[gpu].append(MemorySample(when, _cats(snap), name))
+
+    def segment(self, gpu: int, seg: Segment, name: str, duration: float) -> None:
+        """Apply a traced segment: its excursion is a temporary peak, its delta changes activations
+        (and gradients, for the fp32 window buffers it creates)."""
+        m = self.mem[gpu]
+        m["gradients"] += seg.grad_bytes
+        seg = Segment(seg.delta_bytes - seg.grad_bytes, seg.excursion_bytes - seg.grad_bytes)
+        kept = max(seg.delta_bytes, 0)
+        m["activations"] += kept
+        self.note(gpu, name, extra_temp=max(seg.excursion_bytes - kept, 0), t=self.now + duration / 2)
+        if seg.delta_bytes < 0:
+            m["activations"] = max(0, m["activations"] + seg.delta_bytes)
+        self.now += duration
+        if self.record:
+            self.samples[gpu].append(MemorySample(self.now, _cats(m), name))
+
+
+def _cats(m: dict[str, int]) -> tuple[tuple[str, int], ...]:
+    return tuple((c, m[c]) for c in CATEGORIES)
+
+
+# --------------------------------------------------------------------------------------- simulation
+
+
+def _replay(
+    setup: Setup, cand: Candidate, act: ActivationProfile, w: Window, record: bool
+) -> tuple[_Walk, float, float]:
+    """One optimizer step with window w active; returns the walk, compute seconds, step seconds."""
+    st = setup.structure
+    L = st.num_layers
+    persistent, slot_bytes = _persistent(setup, cand)
+    walk = _Walk([dict(m) for m in persistent], record)
+    (f_fwd, f_bwd_in, f_bwd_full), f_head = _flops(st, cand.micro_batch, setup.seq_len)
+    c = setup.cost
+    ckpt = set(cand.checkpoint_layers)
+    grads_by_group = dict(w.numel_by_group)
+    order: tuple[StepNode, ...] = step_order(L, max(w.low, -1))
+    hidden = act.hidden_bytes
+    head_mode = _head_mode(w, L)
+    grads_done: set[int] = set()
+    compute_s = 0.0
+
+    def add_event(
+        lane: str, name: str, start: float, end: float, chunk: int | None = None, layer: int | None = None
+    ) -> None:
+        if record:
+            walk.events.append(LaneEvent(lane, name, start, end, chunk, layer))  # type: ignore[arg-type]
+
+    for _micro in range(cand.grad_accum):
+        prev_gpu = _gpu_of_group(cand, -1, L)
+        for node in order:
+            grp = node.group
+            gpu = _gpu_of_group(cand, grp, L)
+            if gpu != prev_gpu:  # activation (forward) or its gradient (backward) crosses GPUs
+                dt = c.peer_seconds(hidden)
+                add_event("compute", f"send {node.kind} to gpu{gpu}", walk.now, walk.now + dt)
+                walk.now += dt
+                compute_s += dt
+                prev_gpu = gpu
+            if node.kind == "fwd":
+                if grp < 0:
+                    seg, flops = act.embed_fwd, 0
+                elif grp >= L:
+                    seg, flops = act.head(head_mode)[0], f_head
+                else:
+                    mode = _block_mode(grp, w)
+                    seg = act.block(mode, grp in ckpt).fwd  # type: ignore[arg-type]
+                    flops = f_fwd
+            else:
+                if grp < 0:
+                    seg, flops = act.embed_bwd_trainable, 0
+                elif grp >= L:
+                    seg = act.head(head_mode)[1]
+                    flops = f_head * (2 if head_mode == "full" else 1)
+                else:
+                    mode = _block_mode(grp, w)
+                    recompute = grp in ckpt
+                    seg = act.block(mode, recompute).bwd  # type: ignore[arg-type]
+                    flops = (f_bwd_full if mode == "full" else f_bwd_in) + (f_fwd if recompute else 0)
+                # The trace made fp32 buffers for whole tensors of the group; the window has its own
+                # rows of the group (slices of straddling tensors): swap one for the other.
+                new = 0
+                if grp in grads_by_group and grp not in grads_done:
+                    new = 4 * grads_by_group[grp]
+                    grads_done.add(grp)
+                seg = Segment(
+                    seg.delta_bytes - seg.grad_bytes + new, seg.excursion_bytes - seg.grad_bytes + new, new
+                )
+            dt = c.compute_seconds(flops)
+            label = node.name + (" (recompute)" if node.kind == "bwd" and grp in ckpt else "")
+            add_event("compute", label, walk.now, walk.now + dt, layer=grp if 0 <= grp < L else None)
+            walk.segment(gpu, seg, label, dt)
+            compute_s += dt
+        for m in walk.mem:  # everything of the micro-batch is freed by the end of its backward
+            m["activations"] = 0
+            m["temporaries"] = 0
+
+    # Transfers on the copy stream and the update on the compute stream.
+    t_fb = walk.now
+    master, states = _state_kinds(setup)
+    upd_gpu = _gpu_of_group(cand, w.low, L)
+    t_upd = c.update_seconds(w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
+    t0, tail = t_fb, 0.0
+    if cand.states_on == "host":
+        per_elt = (4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype]
+        moved = w.numel * per_elt
+        wb, fill = c.d2h_seconds(moved), c.h2d_seconds(moved)
+        if cand.synchronous_copies:  # fetch, update, write back: nothing overlaps
+            add_event("h2d", f"fetch chunk {w.index}", t_fb, t_fb + fill, chunk=w.index)
+            t0, tail = t_fb + fill, wb
+            add_event("d2h", f"write-back chunk {w.index}", t0 + t_upd, t0 + t_upd + wb, chunk=w.index)
+        else:
+            # Steady state of the FIFO copy stream: each step it writes the previous window back, then
+            # fills the next one. Two slots: a fill has a whole step of slack, so the step lasts as long as
+            # the longer of compute and copies; one slot: the fill must land before this step's update.
+            if cand.prefetch:
+                wait = max(t_fb + t_upd, wb + fill) - t_fb - t_upd
+            else:
+                wait = max(0.0, wb + fill - t_fb)
+            add_event("d2h", "write-back previous chunk", 0.0, wb)
+            nxt = _next_fill(cand, w.index)
+            add_event("h2d", f"prefetch chunk {nxt}", wb, wb + fill, chunk=nxt)
+            t0 = t_fb + wait
+    walk.now = t0
+    per_slice = 4 * w.max_slice_numel
+    update_temp = 2 * per_slice if setup.optimizer == "adamw" else per_slice
+    add_event("compute", f"update chunk {w.index}", t0, t0 + t_upd, chunk=w.index)
+    walk.note(upd_gpu, f"update chunk {w.index}", extra_temp=update_temp, t=t0 + t_upd / 2)
+    walk.now = t0 + t_upd
+    for m in walk.mem:
+        m["gradients"] = 0
+    for gi in range(len(walk.mem)):
+        walk.note(gi, f"zero_grad chunk {w.index}")
+    step_s = t0 + t_upd + tail
+    del slot_bytes
+    return walk, compute_s, step_s
+
+
+def _next_fill(cand: Candidate, window: int) -> int:
+    seq = cand.sequence
+    i = seq.index(window) if window in seq else 0
+    ahead = 2 if cand.prefetch else 1
+    return seq[(i + ahead) % len(seq)]
+
+
+@dataclass(frozen=True)
+class _Profile:
+    """Memory and time of the compute part of a step for one (lowest, highest) trainable group pair,
+    without the window's gradient buffers (added per window by _window_peaks)."""
+
+    node_gpu: tuple[int, ...]  # micro-batch 0 nodes
+    node_peak: tuple[int, ...]  # highest live bytes above the persistent ones, inside each node
+    bwd_index: tuple[tuple[int, int], ...]  # (group, node index) of micro-batch 0 backward nodes
+    prefix_max: tuple[tuple[int, ...], ...]  # per GPU: max node_peak over nodes[:i] on that GPU
+    later_max: tuple[int, ...]  # per GPU: max over micro-batches 1.. (all gradients exist then)
+    fb_seconds: float  # forward + backward of all micro-batches
+
+
+_PROFILES: dict[tuple, tuple[object, object, _Profile]] = {}
+
+
+def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, low: int, high: int) -> _Profile:
+    key = (
+        id(setup),
+        id(act),
+        low,
+        high,
+        cand.checkpoint_layers,
+        cand.micro_batch,
+        cand.grad_accum,
+        cand.layer_gpu,
+    )
+    hit = _PROFILES.get(key)
+    if hit is not None and hit[0] is setup and hit[1] is act:
+        return hit[2]
+    if len(_PROFILES) > 50000:
+        _PROFILES.clear()
+    st = setup.structure
+    L = st.num_layers
+    probe = Window(-1, 0, low, high, 0, ())
+    (f_fwd, f_bwd_in, f_bwd_full), f_head = _flops(st, cand.micro_batch, setup.seq_len)
+    c = setup.cost
+    ckpt = set(cand.checkpoint_layers)
+    head_mode = _head_mode(probe, L)
+    order = step_order(L, max(low, -1))
+    n_gpu = cand.num_gpus
+    gpu_of = [_gpu_of_group(cand, g, L) for g in range(-1, L + 1)]
+    acts = [0] * n_gpu
+    node_gpu: list[int] = []
+    node_peak: list[int] = []
+    bwd_index: list[tuple[int, int]] = []
+    later = [0] * n_gpu
+    now = 0.0
+    for micro in range(cand.grad_accum):
+        prev = gpu_of[0]
+        for node in order:
+            grp = node.group
+            gpu = gpu_of[grp + 1]
+            if gpu != prev:
+                now += c.peer_seconds(act.hidden_bytes)
+                prev = gpu
+            if node.kind == "fwd":
+                if grp < 0:
+                    seg, flops = act.embed_fwd, 0
+                elif grp >= L:
+                    seg, flops = act.head(head_mode)[0], f_head  # type: ignore[arg-type]
+                else:
+                    seg, flops = act.block(_block_mode(grp, probe), grp in ckpt).fwd, f_fwd  # type: ignore[arg-type]
+            else:
+                if grp < 0:
+                    seg, flops = act.embed_bwd_trainable, 0
+                elif grp >= L:
+                    seg = act.head(head_mode)[1]  # type: ignore[arg-type]
+                    flops = f_head * (2 if head_mode == "full" else 1)
+                else:
+                    mode = _block_mode(grp, probe)
+                    seg = act.block(mode, grp in ckpt).bwd  # type: ignore[arg-type]
+                    flops = (f_bwd_full if mode == "full" else f_bwd_in) + (f_fwd if grp in ckpt else 0)
+            delta, exc = seg.delta_bytes - seg.grad_bytes, seg.excursion_bytes - seg.grad_bytes
+            kept = max(delta, 0)
+            peak = acts[gpu] + max(exc, kept)
+            acts[gpu] += kept
+            if delta < 0:
+                acts[gpu] = max(0, acts[gpu] + delta)
+            now += c.compute_seconds(flops)
+            if micro == 0:
+                if node.kind == "bwd":
+                    bwd_index.append((grp, len(node_gpu)))
+                node_gpu.append(gpu)
+                node_peak.append(peak)
+            else:
+                later[gpu] = max(later[gpu], peak)
+        acts = [0] * n_gpu
+    prefix = []
+    for g in range(n_gpu):
+        run, out = 0, [0]
+        for ng, pk in zip(node_gpu, node_peak, strict=True):
+            if ng == g:
+                run = max(run, pk)
+            out.append(run)
+        prefix.append(tuple(out))
+    prof = _Profile(tuple(node_gpu), tuple(node_peak), tuple(bwd_index), tuple(prefix), tuple(later), now)
+    _PROFILES[key] = (setup, act, prof)
+    return prof
+
+
+def _window_peaks(
+    setup: Setup, cand: Candidate, prof: _Profile, w: Window, persistent: list[int]
+) -> list[int]:
+    """Per-GPU peak of one window: the compute profile plus its gradient buffers, and the update."""
+    L = setup.structure.num_layers
+    n_gpu = len(persistent)
+    grads = dict(w.numel_by_group)
+    bwd = dict(prof.bwd_index)
+    first = bwd[w.high]
+    rel = [prof.prefix_max[g][first] for g in range(n_gpu)]
+    cum = [0] * n_gpu
+    total = [0] * n_gpu
+    for grp, n in grads.items():
+        total[_gpu_of_group(cand, grp, L)] += 4 * n
+    for grp in range(w.high, min(w.low, -1) - 1 if w.low < 0 else w.low - 1, -1):
+        if grp in grads:
+            cum[_gpu_of_group(cand, grp, L)] += 4 * grads[grp]
+        i = bwd.get(grp)
+        if i is None:
+            continue
+        g = prof.node_gpu[i]
+        rel[g] = max(rel[g], prof.node_peak[i] + cum[g])
+    if cand.grad_accum > 1:
+        for g in range(n_gpu):
+            rel[g] = max(rel[g], prof.later_max[g] + total[g])
+    ug = _gpu_of_group(cand, w.low, L)
+    rel[ug] = max(rel[ug], total[ug] + _update_temp(setup, w))
+    return [persistent[g] + rel[g] for g in range(n_gpu)]
+
+
+def _update_temp(setup: Setup, w: Window) -> int:
+    """AdamW's per-slice update makes two fp32 temporaries (sqrt, then the division); SGD one."""
+    per_slice = 4 * w.max_slice_numel
+    return 2 * per_slice if setup.optimizer == "adamw" else per_slice
+
+
+def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
+    """Forward/backward, then the update after the window's states are on the GPU (see _replay)."""
+    master, states = _state_kinds(setup)
+    c = setup.cost
+    t_upd = c.update_seconds(w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
+    if cand.states_on != "host":
+        return fb + t_upd
+    moved = w.numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
+    wb, fill = c.d2h_seconds(moved), c.h2d_seconds(moved)
+    if cand.synchronous_copies:
+        return fb + fill + t_upd + wb
+    if cand.prefetch:
+        return max(fb + t_upd, wb + fill)
+    return fb + max(0.0, wb + fill - fb) + t_upd
+
+
+def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult:
+    """Replay every window of the rotation; the timeline of the worst one, the mean step time.
+
+    Windows share compute profiles by their (lowest, highest) trainable group; each window adds its own
+    gradient buffers, update temporaries and copies. The worst window is then replayed event by event
+    and must reach exactly the same peak (checked).
+    """
+    if not cand.windows:
+        raise ValueError("a plan needs at least one window")
+    if cand.micro_batch != act.micro_batch:
+        raise ValueError(f"activation profile is for micro-batch {act.micro_batch}, not {cand.micro_batch}")
+    pers_cats, slot = _persistent(setup, cand)
+    persistent = [sum(m.values()) for m in pers_cats]
+    total_s = 0.0
+    worst, worst_peak = cand.windows[0], -1
+    per_gpu = [0] * cand.num_gpus
+    for w in cand.windows:
+        prof = _profile(setup, cand, act, w.low, w.high)
+        peaks = _window_peaks(setup, cand, prof, w, persistent)
+        total_s += _step_seconds(setup, cand, w, prof.fb_seconds)
+        for g, p in enumerate(peaks):
+            per_gpu[g] = max(per_gpu[g], p)
+        if max(peaks) > worst_peak:
+            worst, worst_peak = w, max(peaks)
+    mean_step = total_s / len(cand.windows)
+    walk, _compute, _ = _replay(setup, cand, act, worst, record=True)
+    g = max(range(len(walk.peak)), key=lambda i: walk.peak[i])
+    t_peak, cause, breakdown = walk.peak_at[g]
+    peak = walk.peak[g]
+    if peak != worst_peak:
+        raise AssertionError(f"simulator self-check: event replay peak {peak} != window peak {worst_peak}")
+    sim = StepSimulation(
+        events=tuple(walk.events),
+        memory=tuple(walk.samples[g]),
+        peak_bytes=peak,
+        peak_by_category=breakdown,
+        peak_time_s=t_peak,
+        peak_cause=f"{cause} (window {worst.index})",
+        reserve_bytes=reserve_bytes(setup, peak),
+        host_bytes=host_bytes(setup, cand),
+        step_seconds=mean_step,
+        tokens_per_step=cand.micro_batch * cand.grad_accum * setup.seq_len,
+    )
+    return SimResult(
+        step=sim,
+        per_gpu_peak_bytes=tuple(per_gpu),
+        worst_window=worst.index,
+        budget_needed_bytes=peak + reserve_bytes(setup, peak),
+        state_slot_bytes=slot,
+    )
+
+
+# ---------------------------------------------------------------------------------------- from a plan
+
+
+def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfile]:
+    """Rebuild the simulator inputs from a plan alone (model and GPU from profiles, activations traced)."""
+    import profiles
+    from planner.costs import cost_model
+    from planner.profile_model import activation_profile, model_structure
+
+    p = plan  # planner.plan.Plan; typed loosely to keep this module free of the format's imports
+    run = p.run  # type: ignore[attr-defined]
+    preset = profiles.load_model(p.model.path or p.model.name, task=p.model.task)  # type: ignore[attr-defined]
+    structure = model_structure(preset.config, preset.task, run.weight_dtype)
+    gpu = profiles.load_gpu(p.hardware.gpu)  # type: ignore[attr-defined]
+    pred = p.predictions  # type: ignore[attr-defined]
+    setup = Setup(
+        structure=structure,
+        cost=cost_model(gpu, run.compute_dtype, pred.compute_efficiency),
+        weight_dtype=run.weight_dtype,
+        optimizer=run.optimizer.name,
+        sgd_momentum=run.optimizer.momentum > 0,
+        seq_len=run.seq_len,
+        # The plan stores the reserve the solver computed (context + fragmentation of its peak).
+        context_bytes=p.hardware.reserve_bytes,  # type: ignore[attr-defined]
+        fragmentation=0.0,
+    )
+    ct = p.chunk_table  # type: ignore[attr-defined]
+    pl = p.placement  # type: ignore[attr-defined]
+    ck = p.checkpointing  # type: ignore[attr-defined]
+    L = structure.num_layers
+    layers = tuple(range(L)) if ck.mode == "all" else tuple(ck.layers)
+    cand = Candidate(
+        windows=windows_of(structure, ct.params, ct.chunks),
+        sequence=tuple(p.rotation.sequence),  # type: ignore[attr-defined]
+        checkpoint_layers=layers,
+        micro_batch=run.micro_batch_size,
+        grad_accum=run.grad_accum_steps,
+        states_on=pl.optimizer_states,
+        host_state_dtype=pl.host_state_dtype,
+        prefetch=pl.prefetch,
+        layer_gpu=tuple(pl.layer_gpu),
+    )
+    act = activation_profile(
+        preset.config,
+        preset.task,
+        run.micro_batch_size,
+        run.seq_len,
+        run.compute_dtype,
+        run.attn_implementation,
+    )
+    return setup, cand, act
+
+
+def simulate_plan(plan: object) -> StepSimulation:
+    """The simulation of a saved plan (what reports draw and what the CLI verifies before writing)."""
+    setup, cand, act = setup_and_candidate(plan)
+    return simulate(setup, cand, act).step
+
+
+def window_peaks(setup: Setup, cand: Candidate, act: ActivationProfile) -> tuple[int, ...]:
+    """Allocated peak (max over GPUs) of each window's step, in window order (for accuracy checks)."""
+    pers_cats, _ = _persistent(setup, cand)
+    persistent = [sum(m.values()) for m in pers_cats]
+    return tuple(
+        max(_window_peaks(setup, cand, _profile(setup, cand, act, w.low, w.high), w, persistent))
+        for w in cand.windows
+    )

@@ -1,0 +1,462 @@
+"""The solver: enumerate ChunkFT settings, simulate each, keep the fastest that fits; baselines alike.
+
+Objective: least predicted seconds per trained token subject to (per GPU) allocated peak + reserve <=
+budget and host bytes <= host budget. Every number comes from planner/simulator.py, so the solver and
+the simulator cannot disagree; the plan written is re-simulated from the plan file itself before saving.
+
+Search space: K in powers of two (as many as the rows allow), activation checkpointing none / all /
+the first n blocks (n found by bisection: the bottom blocks are the ones only bottom windows
+backpropagate through, so checkpointing them costs the least recompute), micro-batch x accumulation
+splits of the global batch, optimizer states on the host with two slots (prefetch) or one, or on the
+GPU. Chunked cross-entropy is not offered: the executor does not implement it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+from executor.chunks import DTYPE_BYTES, Chunk, partition
+from planner.costs import CostModel
+from planner.profile_model import ActivationProfile, ModelStructure
+from planner.simulator import Candidate, Setup, SimResult, host_bytes, simulate, windows_of
+
+K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a plan must fit in (per GPU)."""
+
+    gpu_budget_bytes: int  # per GPU, what peak + reserve may reach
+    host_budget_bytes: int
+
+
+@dataclass(frozen=True)
+class Option:
+    """One simulated configuration."""
+
+    label: str
+    candidate: Candidate
+    result: SimResult
+    num_chunks: int
+    feasible: bool
+
+    @property
+    def seconds_per_token(self) -> float:
+        s = self.result.step
+        return s.step_seconds / s.tokens_per_step
+
+    @property
+    def checkpoint_mode(self) -> str:
+        n = len(self.candidate.checkpoint_layers)
+        if n == 0:
+            return "none"
+        return "selected" if n < self.num_layers else "all"
+
+    num_layers: int = 0
+
+    def placement_text(self) -> str:
+        c = self.candidate
+        if c.states_on == "gpu":
+            return "states gpu"
+        text = f"states host {c.host_state_dtype}"
+        if c.synchronous_copies:
+            return text + ", synchronous copies"
+        return text + (", prefetch" if c.prefetch else ", one slot")
+
+
+@dataclass(frozen=True)
+class Solution:
+    best: Option | None
+    runners_up: tuple[Option, ...]
+    baselines: tuple[Option, ...]
+    smallest: Option | None  # the feasible-anywhere option with the least budget needed (for errors)
+
+
+@dataclass(frozen=True)
+class Space:
+    """What the user fixed and what the solver may choose."""
+
+    global_batch: int
+    micro_batch: int | None = None
+    grad_accum: int | None = None
+    num_chunks: int | None = None
+    checkpointing: str = "auto"  # none | all | auto
+    rotation: str = "bottom-up"
+    rotation_seed: int = 0
+    layer_gpu: tuple[int, ...] = ()
+    placements: tuple[tuple[str, str, bool], ...] = (
+        ("host", "float32", True),
+        ("host", "float32", False),
+        ("gpu", "float32", False),
+    )
+
+
+def rotation_sequence(order: str, k: int, seed: int) -> tuple[int, ...]:
+    """One cycle of window indices (random: a seeded permutation, as the executor draws it)."""
+    if order == "bottom-up":
+        return tuple(range(k))
+    if order == "top-down":
+        return tuple(reversed(range(k)))
+    import random
+
+    seq = list(range(k))
+    random.Random(seed).shuffle(seq)
+    return tuple(seq)
+
+
+def batch_splits(space: Space) -> list[tuple[int, int]]:
+    """(micro-batch, accumulation) pairs whose product is the global batch."""
+    b = space.global_batch
+    if space.micro_batch is not None and space.grad_accum is not None:
+        return [(space.micro_batch, space.grad_accum)]
+    if space.micro_batch is not None:
+        return [(space.micro_batch, max(1, b // space.micro_batch))]
+    if space.grad_accum is not None:
+        return [(max(1, b // space.grad_accum), space.grad_accum)]
+    return [(m, b // m) for m in range(1, b + 1) if b % m == 0]
+
+
+def balance_layers(
+    layer_bytes: Sequence[int], num_gpus: int, head_bytes: int = 0, embed_bytes: int = 0
+) -> tuple[int, ...]:
+    """Contiguous placement of blocks on GPUs with balanced weight bytes (embedding on the first GPU,
+    head on the last)."""
+    if num_gpus <= 1:
+        return ()
+    total = sum(layer_bytes) + head_bytes + embed_bytes
+    target = total / num_gpus
+    out, gpu, acc = [], 0, embed_bytes
+    remaining = len(layer_bytes)
+    for b in layer_bytes:
+        if acc + b / 2 > target * (gpu + 1) and gpu < num_gpus - 1 and remaining > num_gpus - 1 - gpu:
+            gpu += 1
+        out.append(gpu)
+        acc += b
+        remaining -= 1
+    return tuple(out)
+
+
+class Solver:
+    """Holds one request's fixed inputs and caches partitions and activation profiles."""
+
+    def __init__(
+        self,
+        setup: Setup,
+        limits: Limits,
+        activations: Callable[[int], ActivationProfile],
+        space: Space,
+    ) -> None:
+        self.setup = setup
+        self.limits = limits
+        self.activations = activations
+        self.space = space
+        self._chunks: dict[int, tuple[Chunk, ...] | None] = {}
+        st = setup.structure
+        self.state_bytes_per_element = 8 if setup.optimizer == "adamw" else (4 if setup.sgd_momentum else 0)
+        self.num_layers = st.num_layers
+
+    # -- pieces ---------------------------------------------------------------------------------------
+    def chunks(self, k: int) -> tuple[Chunk, ...] | None:
+        if k not in self._chunks:
+            try:
+                self._chunks[k] = partition(
+                    list(self.setup.structure.specs),
+                    num_chunks=k,
+                    state_bytes_per_element=self.state_bytes_per_element,
+                )
+            except ValueError:
+                self._chunks[k] = None
+        return self._chunks[k]
+
+    def candidate(
+        self,
+        k: int,
+        ckpt: tuple[int, ...],
+        micro: int,
+        accum: int,
+        placement: tuple[str, str, bool],
+        synchronous: bool = False,
+    ) -> Candidate | None:
+        chunks = self.chunks(k)
+        if chunks is None:
+            return None
+        st = self.setup.structure
+        states_on, host_dtype, prefetch = placement
+        return Candidate(
+            windows=windows_of(st, st.specs, chunks),
+            sequence=rotation_sequence(self.space.rotation, k, self.space.rotation_seed),
+            checkpoint_layers=ckpt,
+            micro_batch=micro,
+            grad_accum=accum,
+            states_on=states_on,
+            host_state_dtype=host_dtype,
+            prefetch=prefetch and states_on == "host" and k > 1,
+            layer_gpu=self.space.layer_gpu,
+            synchronous_copies=synchronous,
+        )
+
+    def evaluate(self, label: str, cand: Candidate) -> Option:
+        res = simulate(self.setup, cand, self.activations(cand.micro_batch))
+        ok = (
+            res.budget_needed_bytes <= self.limits.gpu_budget_bytes
+            and host_bytes(self.setup, cand) <= self.limits.host_budget_bytes
+        )
+        return Option(label, cand, res, len(cand.windows), ok, self.num_layers)
+
+    # -- search ---------------------------------------------------------------------------------------
+    def _ckpt_options(self, k: int, micro: int, accum: int, placement: tuple[str, str, bool]) -> list[Option]:
+        L = self.num_layers
+        mode = self.space.checkpointing
+        out: list[Option] = []
+
+        def opt(n: int) -> Option | None:
+            cand = self.candidate(k, tuple(range(n)), micro, accum, placement)
+            return None if cand is None else self.evaluate(f"K={k}", cand)
+
+        if mode in ("none", "auto"):
+            o = opt(0)
+            if o is None:
+                return []
+            out.append(o)
+            if o.feasible or mode == "none":
+                return out
+        full = opt(L)
+        if full is None:
+            return out
+        out.append(full)
+        if mode == "all" or not full.feasible:
+            return out
+        lo, hi = 0, L  # infeasible at lo (when known), feasible at hi
+        best = full
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            o = opt(mid)
+            assert o is not None
+            if o.feasible:
+                hi, best = mid, o
+            else:
+                lo = mid
+        if best is not full:
+            out.append(best)
+        return out
+
+    def solve(self) -> Solution:
+        ks = [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
+        options: list[Option] = []
+        for micro, accum in batch_splits(self.space):
+            for placement in self.space.placements:
+                for k in ks:
+                    options.extend(self._ckpt_options(k, micro, accum, placement))
+        feasible = sorted(
+            (o for o in options if o.feasible), key=lambda o: (o.seconds_per_token, o.result.step.peak_bytes)
+        )
+        best = None
+        if feasible:
+            # Predictions within 1% are a tie the cost model cannot resolve: prefer fewer windows (less
+            # per-step overhead the model does not see), then the lower peak.
+            fast = feasible[0].seconds_per_token * 1.01
+            best = min(
+                (o for o in feasible if o.seconds_per_token <= fast),
+                key=lambda o: (o.num_chunks, o.result.step.peak_bytes),
+            )
+        runners: list[Option] = []
+        seen = set()
+        for o in feasible:
+            if o is best:
+                continue
+            key = (o.num_chunks, o.checkpoint_mode, o.placement_text())
+            if key in seen or (
+                best and key == (best.num_chunks, best.checkpoint_mode, best.placement_text())
+            ):
+                continue
+            seen.add(key)
+            runners.append(o)
+            if len(runners) == 3:
+                break
+        smallest = min(
+            options, key=lambda o: (o.result.budget_needed_bytes, o.seconds_per_token), default=None
+        )
+        ref = best or smallest
+        baselines = self._baselines(ref) if ref is not None else ()
+        return Solution(best, tuple(runners), baselines, smallest)
+
+    def _baselines(self, ref: Option) -> tuple[Option, ...]:
+        """Dense AdamW (one window, everything on the GPU), ChunkFT with states on the GPU, and
+        offloading with synchronous copies (what the reference implementation does)."""
+        c = ref.candidate
+        ck = c.checkpoint_layers
+        out = []
+        dense = self.candidate(1, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False))
+        if dense is not None:
+            out.append(replace(self.evaluate("baseline: dense AdamW, no offload", dense)))
+        gpu = self.candidate(ref.num_chunks, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False))
+        if gpu is not None:
+            out.append(self.evaluate("baseline: ChunkFT, states on GPU", gpu))
+        sync = self.candidate(
+            ref.num_chunks, ck, c.micro_batch, c.grad_accum, ("host", "float32", False), synchronous=True
+        )
+        if sync is not None:
+            out.append(self.evaluate("baseline: offload everything, synchronous copies", sync))
+        return tuple(out)
+
+
+def make_setup(
+    structure: ModelStructure,
+    cost: CostModel,
+    *,
+    weight_dtype: str,
+    optimizer: str,
+    sgd_momentum: bool,
+    seq_len: int,
+    on_gpu: bool,
+    context_bytes: int | None = None,
+    fragmentation: float | None = None,
+) -> Setup:
+    from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
+
+    if weight_dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown weight dtype {weight_dtype}")
+    return Setup(
+        structure=structure,
+        cost=cost,
+        weight_dtype=weight_dtype,
+        optimizer=optimizer,
+        sgd_momentum=sgd_momentum,
+        seq_len=seq_len,
+        context_bytes=(CUDA_CONTEXT_BYTES if on_gpu else 0) if context_bytes is None else context_bytes,
+        fragmentation=(FRAGMENTATION if on_gpu else 0.0) if fragmentation is None else fragmentation,
+    )
+
+
+# ------------------------------------------------------------------------------------------ the plan
+
+
+def build_plan(
+    req,
+    preset,
+    gpu,
+    dtype: str,
+    structure: ModelStructure,
+    setup: Setup,
+    sol: Solution,  # type: ignore[no-untyped-def]
+    budget: int,
+    host_budget: int,
+):
+    """The v1 plan of the solver's best option (req: planner.cli.Request)."""
+    import torch
+
+    import profiles
+    from executor.chunks import param_specs
+    from planner import plan as P
+    from planner.graph import prefetch_schedule
+
+    best = sol.best
+    assert best is not None
+    cand, res = best.candidate, best.result
+    model = profiles.build_model(preset, device="meta", dtype=getattr(torch, dtype))
+    all_specs = param_specs(model)
+    num_params = sum(p.numel() for p in model.parameters())
+    chunks = solver_chunks(structure, best.num_chunks, 8 if req.optimizer == "adamw" else 4)
+    slots = 2 if cand.prefetch else 1
+    ops = ()
+    if cand.states_on == "host" and cand.prefetch:
+        per_elt = (4 if dtype != "float32" else 0) + (8 if req.optimizer == "adamw" else 4)
+        numel = {w.index: w.numel for w in cand.windows}
+        ops = tuple(
+            P.PrefetchOp(p.chunk, p.issue_after, p.needed_by, numel[p.chunk] * per_elt)
+            for p in prefetch_schedule(cand.sequence, slots)
+        )
+    ck_mode = best.checkpoint_mode
+    step = res.step
+    o = P.OptimizerSettings(
+        name=req.optimizer,
+        lr=req.lr,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=req.weight_decay,
+        momentum=0.9 if req.optimizer == "sgd" else 0.0,
+        nesterov=False,
+        max_grad_norm=1.0,
+    )
+    run = P.RunSettings(
+        seq_len=req.seq_len,
+        micro_batch_size=cand.micro_batch,
+        grad_accum_steps=cand.grad_accum,
+        total_steps=req.steps,
+        seed=0,
+        weight_dtype=dtype,
+        compute_dtype=dtype,
+        master_dtype="float32",
+        attn_implementation=req.attn,
+        chunked_cross_entropy=False,
+        optimizer=o,
+        schedule=P.ScheduleSettings(req.schedule, req.warmup_steps, req.steps, 0.0),
+        eval_every=0,
+        checkpoint_every=0,
+    )
+    alts = tuple(
+        P.Alternative(
+            label=a.label if a.label.startswith("baseline") else f"runner-up: {a.placement_text()}",
+            k=a.num_chunks,
+            checkpointing=a.checkpoint_mode,
+            placement=a.placement_text(),
+            peak_bytes=a.result.step.peak_bytes,
+            step_seconds=a.result.step.step_seconds,
+            tokens_per_second=a.result.step.tokens_per_second,
+            feasible=a.feasible,
+        )
+        for a in (*sol.runners_up, *sol.baselines)
+    )
+    return P.Plan(
+        schema_version=P.SCHEMA_VERSION,
+        created_by=P.CREATED_BY,
+        model=P.ModelIdentity(
+            name=req.model if preset.source != "hf-dir" else os.path.basename(os.path.normpath(preset.path)),
+            source=preset.source,
+            path=preset.path,
+            task=preset.task,
+            num_labels=int(preset.config.num_labels) if preset.task == "sequence-classification" else None,
+            architecture=type(model).__name__,
+            num_params=num_params,
+            fingerprint=P.fingerprint(all_specs),
+        ),
+        hardware=P.Hardware(
+            gpu=gpu.key,
+            gpu_name=gpu.name,
+            num_gpus=req.num_gpus,
+            memory_total_bytes=gpu.memory_total_bytes,
+            budget_bytes=budget,
+            reserve_bytes=step.reserve_bytes,
+            host_budget_bytes=host_budget,
+        ),
+        run=run,
+        chunk_table=P.ChunkTable("rows", 8 if req.optimizer == "adamw" else 4, structure.specs, chunks),
+        rotation=P.Rotation(req.rotation, 0, 1, cand.sequence),
+        placement=P.Placement(
+            optimizer_states=cand.states_on,
+            host_state_dtype=cand.host_state_dtype,
+            weights="resident",
+            prefetch=cand.prefetch,
+            layer_gpu=cand.layer_gpu,
+        ),
+        checkpointing=P.Checkpointing(ck_mode, cand.checkpoint_layers if ck_mode == "selected" else ()),
+        prefetch=ops,
+        predictions=P.Predictions(
+            peak_bytes=step.peak_bytes,
+            peak_by_category=step.peak_by_category,
+            peak_cause=step.peak_cause,
+            reserve_bytes=step.reserve_bytes,
+            host_bytes=step.host_bytes,
+            step_seconds=step.step_seconds,
+            tokens_per_second=step.tokens_per_second,
+            compute_efficiency=setup.cost.efficiency,
+        ),
+        alternatives=alts,
+    )
+
+
+def solver_chunks(structure: ModelStructure, k: int, state_bytes: int) -> tuple[Chunk, ...]:
+    return partition(list(structure.specs), num_chunks=k, state_bytes_per_element=state_bytes)

@@ -1,0 +1,96 @@
+"""Solver golden cases on a hand-built cost model: slack, binding and infeasible budgets; monotonicity."""
+
+import pytest
+
+import profiles
+from planner.costs import CostModel
+from planner.profile_model import activation_profile, model_structure
+from planner.solver import Limits, Solver, Space, balance_layers, batch_splits, make_setup
+
+GIB = 2**30
+# A made-up GPU: 100 TFLOP/s, 1 TB/s memory, 10 GB/s each way to the host.
+COST = CostModel(100 * 10**12, 0.5, 10**12, 10**10, 10**10, 10**10)
+
+
+@pytest.fixture(scope="module")
+def tiny():  # type: ignore[no-untyped-def]
+    preset = profiles.load_model("tiny-llama")
+    st = model_structure(preset.config, preset.task, "float32")
+    setup = make_setup(
+        st,
+        COST,
+        weight_dtype="float32",
+        optimizer="adamw",
+        sgd_momentum=False,
+        seq_len=256,
+        on_gpu=True,
+        context_bytes=1 << 20,
+        fragmentation=0.0,
+    )
+    return preset, setup
+
+
+def _solve(tiny, budget: int, **space):  # type: ignore[no-untyped-def]
+    preset, setup = tiny
+    sp = Space(global_batch=space.pop("global_batch", 2), **space)
+    solver = Solver(
+        setup,
+        Limits(budget, 64 * GIB),
+        lambda mb: activation_profile(preset.config, preset.task, mb, 256, "float32"),
+        sp,
+    )
+    return solver.solve()
+
+
+def test_slack_budget_takes_fastest(tiny) -> None:  # type: ignore[no-untyped-def]
+    sol = _solve(tiny, 64 * GIB)
+    assert sol.best is not None and sol.best.feasible
+    # with room to spare: no checkpointing (recompute only costs time), states kept where it is fastest
+    assert sol.best.checkpoint_mode == "none"
+    assert sol.best.seconds_per_token <= min(o.seconds_per_token for o in sol.runners_up) * 1.01
+    labels = [b.label for b in sol.baselines]
+    assert any("dense" in x for x in labels) and any("synchronous" in x for x in labels)
+
+
+def test_binding_budget_uses_memory_savers_and_fits(tiny) -> None:  # type: ignore[no-untyped-def]
+    slack = _solve(tiny, 64 * GIB).best
+    assert slack is not None
+    budget = slack.result.budget_needed_bytes - 1  # the fastest plan no longer fits
+    sol = _solve(tiny, budget)
+    assert sol.best is not None
+    assert sol.best.result.budget_needed_bytes <= budget
+    assert sol.best.seconds_per_token * 1.01 >= slack.seconds_per_token  # 1%: the solver's tie margin
+
+
+def test_infeasible_budget_reports_smallest_that_fits(tiny) -> None:  # type: ignore[no-untyped-def]
+    sol = _solve(tiny, 4 << 20)
+    assert sol.best is None and sol.smallest is not None
+    need = sol.smallest.result.budget_needed_bytes
+    assert need > 4 << 20
+    again = _solve(tiny, need)
+    assert again.best is not None and again.best.result.budget_needed_bytes <= need
+
+
+def test_smaller_budget_never_predicts_larger_peak(tiny) -> None:  # type: ignore[no-untyped-def]
+    top = _solve(tiny, 64 * GIB).best
+    low = _solve(tiny, 1 << 30).smallest
+    assert top is not None and low is not None
+    hi_need, lo_need = top.result.budget_needed_bytes, low.result.budget_needed_bytes
+    last_peak = None
+    for i in range(6):
+        budget = hi_need - (hi_need - lo_need) * i // 5
+        sol = _solve(tiny, budget)
+        assert sol.best is not None
+        assert sol.best.result.budget_needed_bytes <= budget
+        peak = sol.best.result.step.peak_bytes
+        if last_peak is not None:
+            assert peak <= last_peak
+        last_peak = peak
+
+
+def test_batch_splits_and_layer_balance() -> None:
+    assert batch_splits(Space(global_batch=4)) == [(1, 4), (2, 2), (4, 1)]
+    assert batch_splits(Space(global_batch=4, grad_accum=2)) == [(2, 2)]
+    placement = balance_layers([10] * 8, 2)
+    assert placement == (0, 0, 0, 0, 1, 1, 1, 1)
+    assert balance_layers([10] * 8, 1) == ()
