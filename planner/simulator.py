@@ -346,7 +346,8 @@ def _replay(
                 wait = max(t_fb + t_upd, wb + fill) - t_fb - t_upd
             else:
                 wait = max(0.0, wb + fill - t_fb)
-            add_event("d2h", "write-back previous chunk", 0.0, wb)
+            prv = _previous_window(cand, w.index)
+            add_event("d2h", f"write-back chunk {prv}", 0.0, wb, chunk=prv)
             nxt = _next_fill(cand, w.index)
             add_event("h2d", f"prefetch chunk {nxt}", wb, wb + fill, chunk=nxt)
             t0 = t_fb + wait
@@ -363,6 +364,13 @@ def _replay(
     step_s = t0 + t_upd + tail
     del slot_bytes
     return walk, compute_s, step_s
+
+
+def _previous_window(cand: Candidate, window: int) -> int:
+    """The window updated in the step before `window`'s: the one whose states are written back now."""
+    seq = cand.sequence
+    i = seq.index(window) if window in seq else 0
+    return seq[i - 1]
 
 
 def _next_fill(cand: Candidate, window: int) -> int:
@@ -550,7 +558,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         if max(peaks) > worst_peak:
             worst, worst_peak = w, max(peaks)
     mean_step = total_s / len(cand.windows)
-    walk, _compute, _ = _replay(setup, cand, act, worst, record=True)
+    walk, _compute, timeline_s = _replay(setup, cand, act, worst, record=True)
     g = max(range(len(walk.peak)), key=lambda i: walk.peak[i])
     t_peak, cause, breakdown = walk.peak_at[g]
     peak = walk.peak[g]
@@ -567,6 +575,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         host_bytes=host_bytes(setup, cand),
         step_seconds=mean_step,
         tokens_per_step=cand.micro_batch * cand.grad_accum * setup.seq_len,
+        timeline_seconds=timeline_s,
     )
     return SimResult(
         step=sim,

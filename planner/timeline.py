@@ -61,8 +61,9 @@ class StepSimulation:
     peak_cause: str  # the event at the peak, e.g. "bwd layers.31 (recompute)"
     reserve_bytes: int  # CUDA context + allocator fragmentation, counted against the budget
     host_bytes: int  # host memory the plan needs (states of inactive chunks, pinned buffers)
-    step_seconds: float  # one optimizer step: all micro-batches and the update
+    step_seconds: float  # one optimizer step, averaged over the rotation: all micro-batches and the update
     tokens_per_step: int
+    timeline_seconds: float = 0.0  # length of the drawn step (the worst window's), which events cover
 
     @property
     def tokens_per_second(self) -> float:
