@@ -255,12 +255,16 @@ class Solver:
         )
         best = None
         if feasible:
-            # Predictions within 1% are a tie the cost model cannot resolve: prefer fewer windows (less
-            # per-step overhead the model does not see), then the lower peak.
-            fast = feasible[0].seconds_per_token * 1.01
+            # K is a memory knob, not a speed knob: a parameter is updated once every K steps, so more
+            # windows always look faster per token (backward stops higher) while each step trains less
+            # of the model. Use the fewest windows that fit, then the least time per token at that K;
+            # predictions within 1% are a tie the cost model cannot resolve: take the lower peak.
+            fewest = min(o.num_chunks for o in feasible)
+            at_k = [o for o in feasible if o.num_chunks == fewest]
+            fast = at_k[0].seconds_per_token * 1.01
             best = min(
-                (o for o in feasible if o.seconds_per_token <= fast),
-                key=lambda o: (o.num_chunks, o.result.step.peak_bytes),
+                (o for o in at_k if o.seconds_per_token <= fast),
+                key=lambda o: (o.result.step.peak_bytes, o.seconds_per_token),
             )
         runners: list[Option] = []
         seen = set()
@@ -460,3 +464,58 @@ def build_plan(
 
 def solver_chunks(structure: ModelStructure, k: int, state_bytes: int) -> tuple[Chunk, ...]:
     return partition(list(structure.specs), num_chunks=k, state_bytes_per_element=state_bytes)
+
+
+# ------------------------------------------------------------------------------------- budget sweep
+
+
+@dataclass(frozen=True)
+class BudgetPoint:
+    """The solver's answer for one (GPU profile, per-GPU budget): its best option, or None if nothing fits."""
+
+    gpu: str
+    budget_bytes: int
+    best: Option | None
+
+
+def sweep(
+    setups: Sequence[tuple[str, Setup]],
+    space: Space,
+    activations: Callable[[int], ActivationProfile],
+    budgets: Callable[[str], Sequence[int]] | Sequence[int],
+    host_budget_bytes: int,
+) -> tuple[BudgetPoint, ...]:
+    """Re-solve the same request for every budget on every GPU profile: what the plan would be elsewhere.
+
+    setups: (GPU label, Setup) pairs, e.g. one make_setup per GPU profile (the cost model and the
+    reserve are what differ). budgets: the per-GPU budgets to try, or a function of the GPU label.
+    Each point is a full Solver.solve(), so the curve is exactly what chunkft-plan would choose.
+
+    Fast because nothing is profiled twice: one activation profile per micro-batch is shared by every
+    GPU and budget (it does not depend on either), and the simulator's compute profiles are cached per
+    (setup, profile). Budgets are solved from the largest down; once nothing fits, nothing fits below
+    either (every candidate's need is independent of the budget, and the checkpointing search stops at
+    "all layers" when that does not fit), so the rest are recorded as infeasible without solving.
+    """
+    profiles: dict[int, ActivationProfile] = {}
+
+    def shared(micro_batch: int) -> ActivationProfile:
+        if micro_batch not in profiles:
+            profiles[micro_batch] = activations(micro_batch)
+        return profiles[micro_batch]
+
+    out: list[BudgetPoint] = []
+    for label, setup in setups:
+        wanted = budgets(label) if callable(budgets) else budgets
+        points: dict[int, Option | None] = {}
+        nothing_fits = False
+        for budget in sorted(set(wanted), reverse=True):
+            if budget <= 0:
+                raise ValueError(f"sweep budgets must be positive, got {budget}")
+            best = None
+            if not nothing_fits:
+                best = Solver(setup, Limits(budget, host_budget_bytes), shared, space).solve().best
+                nothing_fits = best is None
+            points[budget] = best
+        out.extend(BudgetPoint(label, b, points[b]) for b in sorted(points))
+    return tuple(out)
