@@ -49,6 +49,15 @@ class Option:
         return s.step_seconds / s.tokens_per_step
 
     @property
+    def rotation_seconds_per_token(self) -> float:
+        """Seconds per token to update every parameter once: K steps of ChunkFT are one full update.
+
+        The solver minimises this: per step, more windows always look faster (backward stops higher,
+        fewer bytes move) while each step trains a smaller part of the model.
+        """
+        return self.seconds_per_token * self.num_chunks
+
+    @property
     def checkpoint_mode(self) -> str:
         n = len(self.candidate.checkpoint_layers)
         if n == 0:
@@ -251,20 +260,17 @@ class Solver:
                 for k in ks:
                     options.extend(self._ckpt_options(k, micro, accum, placement))
         feasible = sorted(
-            (o for o in options if o.feasible), key=lambda o: (o.seconds_per_token, o.result.step.peak_bytes)
+            (o for o in options if o.feasible),
+            key=lambda o: (o.rotation_seconds_per_token, o.result.step.peak_bytes),
         )
         best = None
         if feasible:
-            # K is a memory knob, not a speed knob: a parameter is updated once every K steps, so more
-            # windows always look faster per token (backward stops higher) while each step trains less
-            # of the model. Use the fewest windows that fit, then the least time per token at that K;
-            # predictions within 1% are a tie the cost model cannot resolve: take the lower peak.
-            fewest = min(o.num_chunks for o in feasible)
-            at_k = [o for o in feasible if o.num_chunks == fewest]
-            fast = at_k[0].seconds_per_token * 1.01
+            # Least time per token to update every parameter once (K x seconds per token); predictions
+            # within 1% are a tie the cost model cannot resolve: take fewer windows, then the lower peak.
+            fastest = min(o.rotation_seconds_per_token for o in feasible)
             best = min(
-                (o for o in at_k if o.seconds_per_token <= fast),
-                key=lambda o: (o.result.step.peak_bytes, o.seconds_per_token),
+                (o for o in feasible if o.rotation_seconds_per_token <= fastest * 1.01),
+                key=lambda o: (o.num_chunks, o.result.step.peak_bytes, o.rotation_seconds_per_token),
             )
         runners: list[Option] = []
         seen = set()
@@ -491,7 +497,8 @@ def sweep(
     reserve are what differ). budgets: the per-GPU budgets to try, or a function of the GPU label.
     Each point is a full Solver.solve(), so the curve is exactly what chunkft-plan would choose.
 
-    Fast because nothing is profiled twice: one activation profile per micro-batch is shared by every
+    Fast because nothing is profiled or partitioned twice: one Solver per GPU (its partition cache)
+    re-solves with each budget's limits; one activation profile per micro-batch is shared by every
     GPU and budget (it does not depend on either), and the simulator's compute profiles are cached per
     (setup, profile). Budgets are solved from the largest down; once nothing fits, nothing fits below
     either (every candidate's need is independent of the budget, and the checkpointing search stops at
@@ -509,12 +516,14 @@ def sweep(
         wanted = budgets(label) if callable(budgets) else budgets
         points: dict[int, Option | None] = {}
         nothing_fits = False
+        solver = Solver(setup, Limits(1, host_budget_bytes), shared, space)  # one per GPU: its partitions
         for budget in sorted(set(wanted), reverse=True):
             if budget <= 0:
                 raise ValueError(f"sweep budgets must be positive, got {budget}")
             best = None
             if not nothing_fits:
-                best = Solver(setup, Limits(budget, host_budget_bytes), shared, space).solve().best
+                solver.limits = Limits(budget, host_budget_bytes)
+                best = solver.solve().best
                 nothing_fits = best is None
             points[budget] = best
         out.extend(BudgetPoint(label, b, points[b]) for b in sorted(points))

@@ -33,7 +33,7 @@ def main(plan_path: Path, run_path: Path | None, out_dir: Path) -> None:
 
     try:
         plan = load_plan(plan_path)
-        run = load_run(run_path) if run_path is not None else None
+        run = load_run(run_path, plan.model.fingerprint) if run_path is not None else None
         path = write_report(plan, out_dir, run=run)
     except (PlanError, RunFileError, ReportError) as exc:
         click.echo(f"chunkft-report: error: {exc}", err=True)

@@ -34,18 +34,23 @@ class SweepPoint:
     peak_bytes: int  # allocated peak plus reserve: what is compared with the budget
     step_seconds: float
     feasible: bool
+    checkpointing: str = ""  # the solver's choice there: "none" | "selected" | "all" ("" when unknown)
+    choice: str = ""  # the whole choice in words, e.g. "K=256, checkpointing none, states host ..."
 
 
 @dataclass(frozen=True)
 class RunRecord:
     """What chunkft-run measured (run.json): the numbers the plan predicted, and the loss curves."""
 
-    peak_bytes: int
-    peak_by_category: tuple[tuple[str, int], ...]
+    peak_bytes: int | None  # allocated peak over the measured steps; None when no step was measured
+    peak_by_category: tuple[tuple[str, int], ...]  # empty when the method gives no breakdown (CUDA)
     step_seconds: float
     tokens_per_second: float
     train_losses: tuple[tuple[int, float], ...]  # (optimizer step, loss)
     eval_losses: tuple[tuple[int, float], ...]
+    memory_method: str = ""  # "cuda-allocator" | "dispatch-tracker" (CPU)
+    device: str = ""
+    reserved_bytes: int | None = None  # the CUDA caching allocator's reserve at the peak
 
 
 @dataclass(frozen=True)
@@ -70,3 +75,13 @@ class ReportData:
     sweep: tuple[SweepPoint, ...] = ()
     run: RunRecord | None = None
     notes: tuple[str, ...] = ()  # what the report could not show and why
+
+
+def drawn_step_seconds(sim: StepSimulation) -> float:
+    """Length of the step the events describe (the worst-memory window's), not the rotation mean.
+
+    Older simulations without timeline_seconds: the last event's end.
+    """
+    if sim.timeline_seconds > 0:
+        return sim.timeline_seconds
+    return max([e.end_s for e in sim.events] + [s.time_s for s in sim.memory] + [0.0])

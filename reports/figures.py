@@ -7,6 +7,7 @@ bytes and seconds until the axis: GiB (MiB/KiB for tiny models) and ms.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -15,7 +16,7 @@ from matplotlib.patches import Patch
 
 from planner.timeline import CATEGORIES, LANES
 
-from .data import Alternative, ReportData, RunRecord
+from .data import Alternative, ReportData, RunRecord, drawn_step_seconds
 from .layers import chunk_spans, group_boundaries, per_layer_bytes
 from .units import byte_scale, ms
 
@@ -57,7 +58,7 @@ def memory_figure(data: ReportData) -> Figure:
     fig = Figure(figsize=(12, 5.5), layout="constrained")
     ax = fig.add_subplot()
     samples = sorted(sim.memory, key=lambda s: s.time_s)
-    end_s = max([sim.step_seconds] + [s.time_s for s in samples])
+    end_s = drawn_step_seconds(sim)
     times = [ms(s.time_s) for s in samples] + [ms(end_s)]
     base = [sim.reserve_bytes / div] * len(times)
     ax.fill_between(times, 0, base, step="post", color=CATEGORY_COLORS["reserve"], lw=0)
@@ -150,7 +151,7 @@ def _compute_kind(name: str) -> tuple[str, str]:
 def lanes_figure(data: ReportData) -> Figure:
     """2. Compute, host-to-device and device-to-host lanes over one step, transfers labelled by chunk."""
     sim = data.simulation
-    end_s = max([sim.step_seconds] + [e.end_s for e in sim.events])
+    end_s = drawn_step_seconds(sim)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax = fig.add_subplot()
     rows = {"compute": 2, "h2d": 1, "d2h": 0}
@@ -216,11 +217,14 @@ def lanes_figure(data: ReportData) -> Figure:
     ax.set_ylim(-0.6, 3.0)
     ax.set_xlim(0, ms(end_s))
     ax.set_xlabel("time in the step (ms)")
+    window = next((e.chunk for e in sim.events if e.name.startswith("update")), None)
+    drawn = f"window {window}'s step" if window is not None else "the drawn step"
     ax.set_title(
-        f"What runs when in the step drawn ({ms(end_s):.1f} ms; mean over the rotation "
-        f"{ms(sim.step_seconds):.1f} ms)\n"
-        "transfers of the previous and next windows should hide under compute",
-        fontsize=11,
+        f"What runs when: {drawn} (the one with the highest memory) lasts {ms(end_s):.1f} ms; "
+        f"the mean step over the rotation is {ms(sim.step_seconds):.1f} ms\n"
+        "copies of the previous window's states (write-back) and the next one's (prefetch) should hide "
+        "under compute",
+        fontsize=10,
     )
     handles = [
         Patch(facecolor="none", edgecolor="#c44e52", hatch="///", label=lb)
@@ -297,7 +301,10 @@ def per_layer_figure(data: ReportData) -> Figure:
         ax.set_ylabel(unit)
     ax.set_xlabel("parameter group in stream order (embed, block L0 … Ln, head)")
     missing = all(r.activation_bytes is None for r in rows if r.label.startswith("L"))
-    title = "Per layer: what each block costs"
+    title = (
+        "Per layer: what each part of the model costs; gradients and optimizer states are on the GPU "
+        "only while the part is in the active window"
+    )
     if missing:
         title += " (activations: not broken down by layer in the simulation)"
     ax.set_title(title)
@@ -322,7 +329,7 @@ def chunk_map_figure(data: ReportData) -> Figure:
     total = groups[-1][2] if groups else 1
     div, unit = byte_scale(total)
     n = len(order)
-    fig = Figure(figsize=(12, min(14, 2.2 + 0.28 * n)), layout="constrained")
+    fig = Figure(figsize=(12, min(14, max(4.0, 2.2 + 0.28 * n))), layout="constrained")
     ax = fig.add_subplot()
     cmap = ["#4c72b0", "#55a868", "#dd8452", "#8172b3"]
     for pos, idx in enumerate(order):
@@ -370,72 +377,95 @@ def _group_range(start: int, end: int, groups: Sequence[tuple[str, int, int]]) -
 
 
 def sweep_figure(data: ReportData) -> Figure:
-    """5. Budget sweep: step time and peak of the best plan per budget and GPU; chosen plan; infeasible."""
-    fig = Figure(figsize=(14, 6), layout="constrained")
-    ax_t, ax_p, ax_a = fig.subplots(1, 3)
+    """5. Budget sweep: step time and peak of the solver's best plan per budget and GPU profile, the
+    chosen plan marked, the budgets where nothing fits shaded; alternatives on the plan's GPU beside."""
+    fig = Figure(figsize=(15, 6.2), layout="constrained")
+    ax_t, ax_p, ax_a = fig.subplots(1, 3, width_ratios=[1.15, 1.0, 1.0])
     points = list(data.sweep)
     div, unit = byte_scale(max([data.budget_bytes] + [p.budget_bytes for p in points] + [1]))
     gpus = list(dict.fromkeys(p.gpu for p in points))
+    budgets = [p.budget_bytes for p in points] + [data.budget_bytes]
+    log_x = bool(points) and max(budgets) > 12 * min(budgets)
+    span = _pos(max(budgets) / div, log_x) - _pos(min(budgets) / div, log_x) if points else 1.0
+    gap = 0.07 * span  # annotations closer than this overprint
     for g in gpus:
         pts = sorted((p for p in points if p.gpu == g), key=lambda p: p.budget_bytes)
         ok = [p for p in pts if p.feasible]
-        style = {"lw": 2.2} if g == data.gpu_name else {"lw": 1.2, "alpha": 0.8}
+        mine = g == data.gpu_name
+        style = {"lw": 2.4, "zorder": 4} if mine else {"lw": 1.3, "alpha": 0.85}
         line = ax_t.plot(
             [p.budget_bytes / div for p in ok],
             [ms(p.step_seconds) for p in ok],
             marker="o",
-            ms=3,
-            label=g,
+            ms=4,
+            label=g + (" (this plan's GPU)" if mine else ""),
             **style,
         )[0]
+        color = line.get_color()
         ax_p.plot(
-            [p.budget_bytes / div for p in ok],
-            [p.peak_bytes / div for p in ok],
-            marker="o",
-            ms=3,
-            color=line.get_color(),
-            label=g,
-            **style,
+            [p.budget_bytes / div for p in ok], [p.peak_bytes / div for p in ok], marker="o", ms=4,
+            color=color, **style,
         )
+        last = None
+        placed: list[float] = []
+        for p in ok:  # name the solver's choice where it changes, so the steps in the curve are explained
+            now = (p.k, p.checkpointing)
+            x = p.budget_bytes / div
+            if now != last and (not placed or abs(_pos(x, log_x) - _pos(placed[-1], log_x)) > gap):
+                ckpt = p.checkpointing not in ("", "none")
+                text = f"K={p.k}" + (f", ckpt {p.checkpointing}" if ckpt else "")
+                ax_t.annotate(
+                    text, (x, ms(p.step_seconds)), fontsize=6.5, color=color,
+                    xytext=(3, 4), textcoords="offset points", rotation=25,
+                )
+                last = now
+                placed.append(x)
         bad = [p for p in pts if not p.feasible]
-        if g == data.gpu_name and bad:
+        if bad:
             lo = min(p.budget_bytes for p in pts) / div
-            hi = max(p.budget_bytes for p in bad) / div
-            if ok:
-                hi = min(hi, min(p.budget_bytes for p in ok) / div)
+            hi = min(p.budget_bytes for p in ok) / div if ok else max(p.budget_bytes for p in bad) / div
             for ax in (ax_t, ax_p):
-                ax.axvspan(lo, hi, color="0.85", zorder=0, label="nothing fits (infeasible)")
+                if mine:
+                    ax.axvspan(lo, hi, color="0.85", zorder=0, label="nothing fits on this GPU")
+                else:
+                    ax.axvline(hi, color=color, ls=":", lw=1)
     sim = data.simulation
     chosen_peak = (sim.peak_bytes + sim.reserve_bytes) / div
     for ax, y in ((ax_t, ms(sim.step_seconds)), (ax_p, chosen_peak)):
         ax.plot(
-            [data.budget_bytes / div],
-            [y],
-            marker="*",
-            ms=16,
-            color=BUDGET_COLOR,
-            ls="none",
-            label=f"chosen plan (K={data.num_chunks})",
-            zorder=5,
+            [data.budget_bytes / div], [y], marker="*", ms=17, color=BUDGET_COLOR, ls="none",
+            label=f"this plan (K={data.num_chunks}, budget {data.budget_bytes / div:.2f} {unit})", zorder=6,
         )
         ax.axvline(data.budget_bytes / div, color=BUDGET_COLOR, ls=":", lw=1)
-        ax.set_xlabel(f"memory budget ({unit})")
-        ax.grid(alpha=0.3)
+        ax.set_xlabel(f"memory budget per GPU ({unit}{', log scale' if log_x else ''})")
+        if log_x:
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3, which="both")
     if points:
-        lim = max(p.budget_bytes for p in points) / div
-        ax_p.plot([0, lim], [0, lim], color="0.5", ls="--", lw=0.8, label="peak = budget")
+        lo_b, hi_b = min(budgets) / div, max(budgets) / div
+        ax_p.plot([lo_b, hi_b], [lo_b, hi_b], color="0.5", ls="--", lw=0.8, label="peak = budget (the limit)")
     else:
         for ax in (ax_t, ax_p):
             ax.text(0.5, 0.5, "no sweep data", transform=ax.transAxes, ha="center", color="0.4")
     ax_t.set_ylabel("predicted step time (ms)")
-    ax_t.set_title("Step time of the best plan per budget")
+    ax_t.set_title("Step time of the solver's best plan at each budget", fontsize=10)
     ax_p.set_ylabel(f"predicted peak incl. reserve ({unit})")
-    ax_p.set_title("Peak of the best plan per budget")
-    ax_t.legend(fontsize=7)
-    ax_p.legend(fontsize=7)
+    ax_p.set_title("Its peak memory (must stay under the dashed line)", fontsize=10)
+    ax_t.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
+    ax_p.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     _alternatives_panel(ax_a, data.alternatives, data, div, unit)
-    fig.suptitle(f"Budget sweep: {data.model_name}")
+    fig.suptitle(
+        f"Budget sweep: {data.model_name}, the same training re-planned by the solver for every budget "
+        "and GPU (dotted lines: below them nothing fits on that GPU).\nWith more memory the solver uses "
+        "fewer windows K: each step then updates a larger part of the model (a full pass takes K steps), "
+        "so a step may take longer.",
+        fontsize=11,
+    )
     return fig
+
+
+def _pos(x: float, log: bool) -> float:
+    return math.log(x) if log and x > 0 else x
 
 
 def _alternatives_panel(ax, alts: Sequence[Alternative], data: ReportData, div: int, unit: str) -> None:
@@ -484,9 +514,10 @@ def _alternatives_panel(ax, alts: Sequence[Alternative], data: ReportData, div: 
 def measured_figure(data: ReportData, run: RunRecord) -> Figure:
     """6. Predicted against measured: peak memory by category, step time, and the loss curves."""
     sim = data.simulation
-    fig = Figure(figsize=(13, 4.6), layout="constrained")
-    ax_m, ax_t, ax_l = fig.subplots(1, 3, width_ratios=[1, 0.7, 1.6])
-    div, unit = byte_scale(max(sim.peak_bytes, run.peak_bytes))
+    fig = Figure(figsize=(13.5, 4.8), layout="constrained")
+    ax_m, ax_t, ax_l = fig.subplots(1, 3, width_ratios=[1.1, 0.7, 1.5])
+    measured_peak = run.peak_bytes or 0
+    div, unit = byte_scale(max(sim.peak_bytes, measured_peak))
     pred, meas = dict(sim.peak_by_category), dict(run.peak_by_category)
     bottoms = [0.0, 0.0]
     for cat in CATEGORIES:
@@ -496,37 +527,57 @@ def measured_figure(data: ReportData, run: RunRecord) -> Figure:
                 [0, 1], vals, 0.6, bottom=bottoms, color=CATEGORY_COLORS[cat], label=CATEGORY_LABELS[cat]
             )
             bottoms = [b + v for b, v in zip(bottoms, vals, strict=True)]
-    for x, total in ((0, sim.peak_bytes), (1, run.peak_bytes)):
-        ax_m.text(x, total / div, f"{total / div:.2f}", ha="center", va="bottom", fontsize=9)
-    err = _rel_err(sim.peak_bytes, run.peak_bytes)
-    ax_m.set_xticks([0, 1], ["predicted", "measured"])
-    ax_m.set_ylabel(f"allocated peak, no reserve ({unit})")
-    ax_m.set_title(f"Peak memory (prediction off by {err:+.1%})", fontsize=10)
-    ax_m.set_ylim(0, max(bottoms + [sim.peak_bytes / div, run.peak_bytes / div]) * 1.25)
+    if run.peak_bytes is not None and not meas:  # the CUDA allocator gives a total, no breakdown
+        ax_m.bar([1], [measured_peak / div], 0.6, color="0.6", label="measured total (no breakdown)")
+    ax_m.text(0, sim.peak_bytes / div, f"{sim.peak_bytes / div:.2f}", ha="center", va="bottom", fontsize=9)
+    if run.peak_bytes is None:
+        ax_m.text(1, 0, "no step\nmeasured", ha="center", va="bottom", fontsize=9, color="0.4")
+        ax_m.set_title("Peak memory (not measured in this run)", fontsize=10)
+    else:
+        ax_m.text(1, measured_peak / div, f"{measured_peak / div:.2f}", ha="center", va="bottom", fontsize=9)
+        ax_m.set_title(f"Peak memory: prediction {_off_text(sim.peak_bytes, measured_peak)}", fontsize=10)
+    how = ", ".join(x for x in (run.device, run.memory_method) if x)
+    ax_m.set_xticks([0, 1], ["predicted", "measured" + (f"\n({how})" if how else "")])
+    ax_m.set_ylabel(f"allocated peak, without reserve ({unit})")
+    ax_m.set_ylim(0, max(bottoms + [sim.peak_bytes / div, measured_peak / div]) * 1.3)
     ax_m.legend(fontsize=6, loc="upper center", ncol=2)
     vals = [ms(sim.step_seconds), ms(run.step_seconds)]
     ax_t.bar([0, 1], vals, 0.6, color=["#4c72b0", "#dd8452"])
     for x, v, tps in ((0, vals[0], sim.tokens_per_second), (1, vals[1], run.tokens_per_second)):
         ax_t.text(x, v, f"{v:.1f} ms\n{tps:,.0f} tok/s", ha="center", va="bottom", fontsize=8)
-    ax_t.set_xticks([0, 1], ["predicted", "measured"])
+    ax_t.set_xticks([0, 1], ["predicted\n(mean over rotation)", "measured\n(median step)"], fontsize=8)
     ax_t.set_ylabel("step time (ms)")
     ax_t.set_ylim(0, max(vals) * 1.3 if max(vals) > 0 else 1)
-    ax_t.set_title(f"Step time (off by {_rel_err(sim.step_seconds, run.step_seconds):+.1%})", fontsize=10)
+    timed = _off_text(sim.step_seconds, run.step_seconds) if run.step_seconds else "(no step timed)"
+    ax_t.set_title(f"Step time: prediction {timed}", fontsize=10)
     if run.train_losses:
-        ax_l.plot([s for s, _ in run.train_losses], [v for _, v in run.train_losses], lw=1, label="train")
+        ax_l.plot(
+            [s for s, _ in run.train_losses], [v for _, v in run.train_losses], lw=1, label="train (per step)"
+        )
     if run.eval_losses:
         ax_l.plot(
-            [s for s, _ in run.eval_losses], [v for _, v in run.eval_losses], marker="o", lw=1.5, label="eval"
+            [s for s, _ in run.eval_losses], [v for _, v in run.eval_losses], marker="o", lw=1.5,
+            label="eval (held-out)",
         )
     if not (run.train_losses or run.eval_losses):
         ax_l.text(0.5, 0.5, "no losses in run.json", transform=ax_l.transAxes, ha="center", color="0.4")
+    ax_l.xaxis.get_major_locator().set_params(integer=True)
     ax_l.set_xlabel("optimizer step")
     ax_l.set_ylabel("loss")
-    ax_l.set_title("Loss", fontsize=10)
+    ax_l.set_title(f"Loss (one window of K={data.num_chunks} updated per step)", fontsize=10)
     ax_l.grid(alpha=0.3)
-    ax_l.legend(fontsize=8)
-    fig.suptitle("Predicted against measured")
+    if run.train_losses or run.eval_losses:
+        ax_l.legend(fontsize=8)
+    fig.suptitle(f"Predicted against measured: {data.model_name}")
     return fig
+
+
+def _off_text(predicted: float, measured: float) -> str:
+    """'10.1% below the measurement' or 'within 0.5%'."""
+    err = _rel_err(predicted, measured)
+    if abs(err) < 0.005:
+        return "within 0.5% of the measurement"
+    return f"{abs(err):.1%} {'below' if err < 0 else 'above'} the measurement"
 
 
 def _rel_err(predicted: float, measured: float) -> float:

@@ -7,7 +7,7 @@ import html
 
 from executor.chunks import chunk_numel
 
-from .data import ReportData
+from .data import ReportData, drawn_step_seconds
 from .layers import chunk_spans
 from .units import fmt_bytes, fmt_seconds
 
@@ -53,7 +53,11 @@ def render_html(data: ReportData, figures: list[tuple[str, str, bytes]]) -> str:
         ),
         ("Chunks K", str(data.num_chunks)),
         ("Activation checkpointing", e(data.checkpointing)),
-        ("Step time", fmt_seconds(sim.step_seconds)),
+        (
+            "Step time",
+            f"{fmt_seconds(sim.step_seconds)} (mean over the rotation); the step drawn in the figures and "
+            f"trace.json (the highest-memory window's) lasts {fmt_seconds(drawn_step_seconds(sim))}",
+        ),
         ("Tokens per second", f"{sim.tokens_per_second:,.0f} ({sim.tokens_per_step:,} tokens per step)"),
         ("Host memory", fmt_bytes(sim.host_bytes)),
     ]
@@ -62,7 +66,10 @@ def render_html(data: ReportData, figures: list[tuple[str, str, bytes]]) -> str:
         rows.append(
             (
                 "Measured peak",
-                f"{fmt_bytes(r.peak_bytes)} allocated (predicted {_err(sim.peak_bytes, r.peak_bytes)})",
+                "not measured (no step in the measured span)"
+                if r.peak_bytes is None
+                else f"{fmt_bytes(r.peak_bytes)} allocated (predicted {_err(sim.peak_bytes, r.peak_bytes)})"
+                + (f"; {e(r.device)}, {e(r.memory_method)}" if r.memory_method else ""),
             )
         )
         rows.append(

@@ -1,9 +1,11 @@
-"""Read the measurements chunkft-run writes (run.json) into a RunRecord.
+"""Read the run.json that chunkft-run writes (executor/train.py) into a RunRecord.
 
-Expected shape (executor's run.json): {"measured": {"peak_bytes", "peak_by_category": {category: bytes},
-"step_seconds", "tokens_per_second"}, "losses": [...], "eval_losses": [...]}; losses are either
-[{"step": s, "loss": x}, ...] or a plain list (one per optimizer step, counted from 1). The measured keys
-are also accepted at the top level.
+The shape it writes: {"plan": {"model_fingerprint", "num_chunks", ...}, "measured": {"device",
+"memory_method", "peak_bytes" (null when no step was measured), "reserved_bytes", "peak_by_category"
+(empty on CUDA: the allocator gives no breakdown), "step_seconds", "tokens_per_second", ...},
+"predicted": {...}, "losses": {"train": [loss per optimizer step, step 1 first], "eval": [{"step",
+"eval_loss", "eval_accuracy"}, ...]}}. A run of a different model than the plan is refused by
+check_run_matches_plan.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class RunFileError(ValueError):
     """run.json is missing, not JSON, or lacks a field; the message names the field."""
 
 
-def load_run(path: str | Path) -> RunRecord:
+def load_run(path: str | Path, fingerprint: str | None = None) -> RunRecord:
+    """fingerprint: the plan's model fingerprint; a run.json of another model is refused."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
@@ -32,16 +35,27 @@ def load_run(path: str | Path) -> RunRecord:
         raise RunFileError(f"cannot read run file {p}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise RunFileError(f"run file {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return run_from_dict(doc, str(p))
+    return run_from_dict(doc, str(p), fingerprint)
 
 
-def run_from_dict(doc: Any, where: str = "run.json") -> RunRecord:
+def run_from_dict(doc: Any, where: str = "run.json", fingerprint: str | None = None) -> RunRecord:
     if not isinstance(doc, dict):
         raise RunFileError(f"{where}: expected a JSON object at the top level")
+    plan_info = doc.get("plan")
+    got = plan_info.get("model_fingerprint") if isinstance(plan_info, dict) else None
+    if fingerprint is not None and got is not None and got != fingerprint:
+        raise RunFileError(
+            f"{where} was measured on a different model than the plan (fingerprint {str(got)[:12]}... "
+            f"!= {fingerprint[:12]}...); pass the run.json that chunkft-run wrote for this plan"
+        )
     measured = doc.get("measured", doc)
     if not isinstance(measured, dict):
         raise RunFileError(f"{where}: 'measured' must be an object")
-    peak = _number(measured, "peak_bytes", where, integer=True)
+    if "peak_bytes" in measured and measured["peak_bytes"] is None:
+        peak = None  # the run measured no step (e.g. it stopped after the warm-up step)
+    else:
+        peak = _number(measured, "peak_bytes", where, integer=True)
+    train, evals = _loss_curves(doc.get("losses", {}), where)
     by_cat_raw = measured.get("peak_by_category", {})
     if isinstance(by_cat_raw, dict):
         items = list(by_cat_raw.items())
@@ -68,8 +82,11 @@ def run_from_dict(doc: Any, where: str = "run.json") -> RunRecord:
         peak_by_category=tuple((c, by_cat[c]) for c in CATEGORIES if c in by_cat),
         step_seconds=_number(measured, "step_seconds", where),
         tokens_per_second=_number(measured, "tokens_per_second", where),
-        train_losses=_losses(doc.get("losses", []), "losses", where),
-        eval_losses=_losses(doc.get("eval_losses", []), "eval_losses", where),
+        train_losses=train,
+        eval_losses=evals,
+        memory_method=str(measured.get("memory_method") or ""),
+        device=str(measured.get("device") or ""),
+        reserved_bytes=_optional_int(measured, "reserved_bytes", where),
     )
 
 
@@ -84,18 +101,31 @@ def _number(d: dict, key: str, where: str, integer: bool = False) -> Any:
     return v
 
 
-def _losses(raw: Any, key: str, where: str) -> tuple[tuple[int, float], ...]:
-    if not isinstance(raw, list):
-        raise RunFileError(f"{where}: {key} must be a list")
-    out = []
-    for i, item in enumerate(raw):
-        if isinstance(item, dict) and "step" in item and "loss" in item:
-            step, loss = item["step"], item["loss"]
-        elif isinstance(item, int | float) and not isinstance(item, bool):
-            step, loss = i + 1, item
-        else:
-            raise RunFileError(f'{where}: {key}[{i}] must be a number or {{"step": ..., "loss": ...}}')
-        if not isinstance(step, int) or not isinstance(loss, int | float) or isinstance(loss, bool):
-            raise RunFileError(f"{where}: {key}[{i}] has a non-numeric step or loss")
-        out.append((step, float(loss)))
-    return tuple(out)
+def _optional_int(d: dict, key: str, where: str) -> int | None:
+    return None if d.get(key) is None else _number(d, key, where, integer=True)
+
+
+def _loss_curves(raw: Any, where: str) -> tuple[tuple[tuple[int, float], ...], tuple[tuple[int, float], ...]]:
+    """(train, eval) as (optimizer step, loss); train losses are one per step, step 1 first."""
+    if not isinstance(raw, dict):
+        raise RunFileError(f'{where}: losses must be an object {{"train": [...], "eval": [...]}}')
+    train_raw, eval_raw = raw.get("train", []), raw.get("eval", [])
+    if not isinstance(train_raw, list) or not isinstance(eval_raw, list):
+        raise RunFileError(f"{where}: losses.train and losses.eval must be lists")
+    train = []
+    for i, loss in enumerate(train_raw):
+        if not _finite_number(loss) and loss is not None:
+            raise RunFileError(f"{where}: losses.train[{i}] must be a number, got {loss!r}")
+        if loss is not None and math.isfinite(loss):  # a skipped (non-finite) step is not drawn
+            train.append((i + 1, float(loss)))
+    evals = []
+    for i, rec in enumerate(eval_raw):
+        ok = isinstance(rec, dict) and isinstance(rec.get("step"), int)
+        if not (ok and _finite_number(rec.get("eval_loss"))):
+            raise RunFileError(f'{where}: losses.eval[{i}] must be {{"step": int, "eval_loss": number, ...}}')
+        evals.append((rec["step"], float(rec["eval_loss"])))
+    return tuple(train), tuple(evals)
+
+
+def _finite_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)

@@ -1,75 +1,125 @@
-"""Budget sweep with the real simulator: the plan's model and batch, every K, on several GPU profiles.
+"""Budget sweep through the real solver: the plan's request re-solved per budget and per GPU profile.
 
-For each GPU and K the simulator gives (peak + reserve, step time); the best plan for a budget is the
-fastest K whose peak plus reserve fits it. Checkpointing, micro-batch and placement stay the plan's, so
-this is the plan's family across budgets, not a fresh solver search per budget.
+planner.solver.sweep runs a full Solver.solve() for every point, so each point is what chunkft-plan
+would choose there (K, checkpointing, micro-batch, placement all free; the model, dtype, global batch,
+sequence length, optimizer, rotation and host memory are the plan's). This module only builds the
+solver's inputs from the plan and turns its answers into SweepPoints.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from collections.abc import Sequence
 
-from executor.chunks import partition
 from planner.plan import Plan
+from planner.profile_model import ActivationProfile, ModelStructure
 
 from .data import SweepPoint
 
 DEFAULT_GPUS = ("rtx-4090", "a100-80gb", "h100-80gb")
-K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+POINTS_PER_GPU = 10
 
 
-def simulated_sweep(
-    plan: Plan, gpus: Sequence[str] = DEFAULT_GPUS, ks: Sequence[int] = K_CHOICES, points_per_gpu: int = 40
+def budget_grid(low_bytes: int, high_bytes: int, points: int = POINTS_PER_GPU) -> list[int]:
+    """Geometric budgets from low to high: dense where plans start to fit, sparse where all fit."""
+    if low_bytes <= 0 or high_bytes <= low_bytes or points < 2:
+        return [high_bytes]
+    ratio = math.log(high_bytes / low_bytes)
+    return sorted({int(low_bytes * math.exp(ratio * i / (points - 1))) for i in range(points)} | {high_bytes})
+
+
+def solver_sweep(
+    plan: Plan,
+    *,
+    structure: ModelStructure | None = None,
+    activation: ActivationProfile | None = None,
+    gpus: Sequence[str] = DEFAULT_GPUS,
+    points_per_gpu: int = POINTS_PER_GPU,
 ) -> tuple[SweepPoint, ...]:
-    """SweepPoints per GPU profile (the plan's own GPU first) over budgets up to each GPU's memory."""
+    """SweepPoints for the plan's GPU (its budget included) and each of `gpus`, up to each one's memory.
+
+    structure / activation: the plan's, when the caller already has them (the report simulated the plan
+    with them), so nothing is traced twice.
+    """
     import profiles
     from planner.costs import cost_model
-    from planner.simulator import simulate, windows_of
-    from planner.solver import rotation_sequence
+    from planner.profile_model import activation_profile, model_structure
+    from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
+    from planner.solver import Space, make_setup, sweep
 
-    setup, cand, act = _setup_and_candidate(plan)
-    st = setup.structure
-    keys = list(dict.fromkeys([plan.hardware.gpu, *gpus]))
-    out: list[SweepPoint] = []
-    for key in keys:
-        gpu = profiles.load_gpu(key)
-        if gpu.pcie_gen is None:  # the host CPU profile has no budget to sweep
-            continue
-        s = dataclasses.replace(
-            setup, cost=cost_model(gpu, plan.run.compute_dtype, plan.predictions.compute_efficiency)
+    run, hw = plan.run, plan.hardware
+    preset = profiles.load_model(plan.model.path or plan.model.name, task=plan.model.task)
+    if structure is None:
+        structure = model_structure(preset.config, preset.task, run.weight_dtype)
+
+    def activations(micro_batch: int) -> ActivationProfile:
+        if activation is not None and activation.micro_batch == micro_batch:
+            return activation
+        return activation_profile(
+            preset.config, preset.task, micro_batch, run.seq_len, run.compute_dtype, run.attn_implementation
         )
-        options = []
-        for k in ks:
-            try:
-                chunks = partition(
-                    st.specs, num_chunks=k, state_bytes_per_element=plan.chunk_table.state_bytes_per_element
-                )
-            except ValueError:
-                continue
-            c = dataclasses.replace(
-                cand,
-                windows=windows_of(st, st.specs, chunks),
-                sequence=rotation_sequence(plan.rotation.order, k, plan.rotation.seed),
-                prefetch=cand.prefetch and k > 1,
+
+    plan_gpu = profiles.load_gpu(hw.gpu)
+    plan_on_gpu = plan_gpu.pcie_gen is not None
+    pred = plan.predictions
+    default_reserve = (
+        CUDA_CONTEXT_BYTES + int(FRAGMENTATION * pred.peak_bytes) if plan_on_gpu else 0
+    ) == hw.reserve_bytes
+    weights = sum(s.numel * _dtype_bytes(s.dtype) for s in structure.specs)
+    setups, budgets = [], {}
+    for key in dict.fromkeys([hw.gpu, *gpus]):
+        gpu = profiles.load_gpu(key)
+        on_gpu = gpu.pcie_gen is not None
+        label = hw.gpu_name if key == hw.gpu else gpu.name
+        setup = make_setup(
+            structure,
+            cost_model(gpu, run.compute_dtype, pred.compute_efficiency),
+            weight_dtype=run.weight_dtype,
+            optimizer=run.optimizer.name,
+            sgd_momentum=run.optimizer.momentum > 0,
+            seq_len=run.seq_len,
+            on_gpu=on_gpu,
+            # A reserve the user fixed stays fixed on every GPU; the default one is each GPU's default.
+            context_bytes=None if default_reserve else hw.reserve_bytes,
+            fragmentation=None if default_reserve else 0.0,
+        )
+        setups.append((label, setup))
+        grid = budget_grid(weights // hw.num_gpus, gpu.memory_total_bytes, points_per_gpu)
+        budgets[label] = sorted(set(grid) | ({hw.budget_bytes} if key == hw.gpu else set()))
+    space = Space(
+        global_batch=run.micro_batch_size * run.grad_accum_steps,
+        rotation=plan.rotation.order,
+        rotation_seed=plan.rotation.seed,
+        layer_gpu=tuple(plan.placement.layer_gpu),
+    )
+    points = sweep(setups, space, activations, lambda label: budgets[label], hw.host_budget_bytes)
+    out = []
+    for p in points:
+        b = p.best
+        if b is None:
+            out.append(SweepPoint(p.gpu, p.budget_bytes, None, 0, 0.0, False))
+            continue
+        c = b.candidate
+        choice = (
+            f"K={b.num_chunks}, checkpointing {b.checkpoint_mode}, {b.placement_text()}, "
+            f"micro-batch {c.micro_batch}x{c.grad_accum}"
+        )
+        out.append(
+            SweepPoint(
+                p.gpu,
+                p.budget_bytes,
+                b.num_chunks,
+                b.result.budget_needed_bytes,
+                b.result.step.step_seconds,
+                True,
+                checkpointing=b.checkpoint_mode,
+                choice=choice,
             )
-            r = simulate(s, c, act)
-            options.append((k, r.budget_needed_bytes, r.step.step_seconds))
-        label = gpu.name if key != plan.hardware.gpu else plan.hardware.gpu_name
-        total = gpu.memory_total_bytes
-        lo = min(b for _, b, _ in options) * 3 // 4 if options else total // 4
-        budgets = sorted({lo + (total - lo) * i // (points_per_gpu - 1) for i in range(points_per_gpu)})
-        for budget in budgets:
-            fits = [o for o in options if o[1] <= budget]
-            if fits:
-                k, need, secs = min(fits, key=lambda o: (o[2], o[0]))
-                out.append(SweepPoint(label, budget, k, need, secs, True))
-            else:
-                out.append(SweepPoint(label, budget, None, 0, 0.0, False))
+        )
     return tuple(out)
 
 
-def _setup_and_candidate(plan: Plan):  # type: ignore[no-untyped-def]
-    from planner.simulator import setup_and_candidate
+def _dtype_bytes(dtype: str) -> int:
+    from executor.chunks import DTYPE_BYTES
 
-    return setup_and_candidate(plan)
+    return DTYPE_BYTES[dtype]

@@ -1,8 +1,10 @@
 """The simulated step as a Chrome trace-event file (opens in Perfetto and chrome://tracing).
 
 Lanes become threads of one process ("X" complete events, microseconds); memory by category becomes a
-counter track ("C" events). Gaps on the compute lane are written as explicit "idle" slices so the compute
-track adds up to the step time and waiting for a transfer is visible as such.
+counter track ("C" events). The trace is the step the simulator drew (its worst-memory window), which
+lasts StepSimulation.timeline_seconds; gaps on the compute lane are written as explicit "idle (waiting
+on copy)" slices, so busy compute plus waiting adds up to exactly that length and waiting for a transfer
+is visible as such. The rotation's mean step time is in otherData.
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from typing import Any
 
 from planner.timeline import CATEGORIES, LANES, StepSimulation
 
+from .data import drawn_step_seconds
+
 _PID = 1
 _TIDS = {"compute": 1, "h2d": 2, "d2h": 3}
 _THREAD_NAMES = {"compute": "compute", "h2d": "host → device (prefetch)", "d2h": "device → host (write-back)"}
-IDLE_NAME = "idle (waiting)"
+IDLE_NAME = "idle (waiting on copy)"
 
 
 def _us(seconds: float) -> float:
@@ -46,7 +50,10 @@ def trace_events(sim: StepSimulation, title: str = "chunkft simulated step") -> 
                 "args": {"sort_index": _TIDS[lane]},
             }
         )
-    end_s = max([sim.step_seconds] + [e.end_s for e in sim.events])
+    end_s = drawn_step_seconds(sim)
+    late = [e.name for e in sim.events if e.end_s > end_s * (1 + 1e-9) + 1e-12]
+    if late:
+        raise ValueError(f"events end after the drawn step ({end_s} s): {', '.join(late[:3])}")
     for lane in LANES:
         cursor = 0.0
         for e in sorted((e for e in sim.events if e.lane == lane), key=lambda e: (e.start_s, e.end_s)):
@@ -92,7 +99,8 @@ def trace_json(sim: StepSimulation, title: str = "chunkft simulated step") -> st
         "traceEvents": trace_events(sim, title),
         "displayTimeUnit": "ms",
         "otherData": {
-            "step_seconds": sim.step_seconds,
+            "drawn_step_seconds": drawn_step_seconds(sim),
+            "mean_step_seconds_over_rotation": sim.step_seconds,
             "peak_bytes": sim.peak_bytes,
             "peak_cause": sim.peak_cause,
             "reserve_bytes": sim.reserve_bytes,

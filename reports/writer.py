@@ -96,24 +96,32 @@ def write_report(
     simulation: StepSimulation | None = None,
     sweep: Sequence[SweepPoint] | None = None,
 ) -> Path:
-    """The report of a Plan: simulate it (unless given the simulation), then write out_dir.
+    """The report of a Plan: simulate it (unless given the simulation), sweep budgets and GPUs through
+    the solver (unless given the sweep), then write out_dir. Returns the report.html path.
 
-    run: a RunRecord (reports.runfile.load_run) or None. sweep: SweepPoints from the solver, or None
-    to derive the sweep from the plan's alternatives. Returns the report.html path.
+    run: a RunRecord (reports.runfile.load_run) or None. The model is traced once: the simulation and
+    the sweep share its structure and activation profile.
     """
-    from .inputs import default_simulator, report_data
+    from .inputs import report_data
 
     check_destination(Path(out_dir))
-    sim = simulation if simulation is not None else default_simulator()(plan)
+    structure = activation = None
+    if simulation is None:
+        from planner.simulator import setup_and_candidate, simulate
+
+        setup, cand, activation = setup_and_candidate(plan)
+        structure = setup.structure
+        simulation = simulate(setup, cand, activation).step
     notes: tuple[str, ...] = ()
     if sweep is None:
-        from .sweep import simulated_sweep
+        from .sweep import solver_sweep
 
         try:
-            sweep = simulated_sweep(plan)
+            sweep = solver_sweep(plan, structure=structure, activation=activation)
         except Exception as exc:  # noqa: BLE001 - the sweep is an extra; the report stands without it
-            notes = (f"No simulated budget sweep ({type(exc).__name__}: {exc}).",)
-    data = report_data(plan, sim, run=run, sweep=sweep)
+            notes = (f"No budget sweep: the solver failed ({type(exc).__name__}: {exc}).",)
+            sweep = ()
+    data = report_data(plan, simulation, run=run, sweep=sweep)
     if notes:
         data = dataclasses.replace(data, notes=notes + data.notes)
     return write_report_data(data, out_dir)

@@ -42,15 +42,15 @@ def _solve(tiny, budget: int, **space):  # type: ignore[no-untyped-def]
     return solver.solve()
 
 
-def test_slack_budget_takes_fewest_windows_then_fastest(tiny) -> None:  # type: ignore[no-untyped-def]
+def test_slack_budget_takes_fastest_full_update(tiny) -> None:  # type: ignore[no-untyped-def]
     sol = _solve(tiny, 64 * GIB)
     assert sol.best is not None and sol.best.feasible
     # with room to spare: one window (plain full fine-tuning), no checkpointing (recompute only costs time)
     assert sol.best.num_chunks == 1
     assert sol.best.checkpoint_mode == "none"
-    same_k = [o for o in sol.runners_up if o.num_chunks == sol.best.num_chunks]
-    assert all(sol.best.seconds_per_token <= o.seconds_per_token * 1.01 for o in same_k)
-    # more windows look faster per token (backward stops higher) but each step trains less of the model
+    fastest = min(o.rotation_seconds_per_token for o in sol.runners_up)
+    assert sol.best.rotation_seconds_per_token <= fastest * 1.01
+    # more windows look faster per step (backward stops higher) but each step trains less of the model
     assert min(o.seconds_per_token for o in sol.runners_up) < sol.best.seconds_per_token
     labels = [b.label for b in sol.baselines]
     assert any("dense" in x for x in labels) and any("synchronous" in x for x in labels)

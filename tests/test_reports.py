@@ -22,7 +22,7 @@ from executor.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, pa
 from planner.plan import load_plan
 from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 from profiles import build_model, load_model
-from reports import ReportData, ReportError, RunRecord, render, trace_events, write_report_data
+from reports import ReportData, ReportError, RunRecord, load_run, render, trace_events, write_report_data
 from reports.cli import main as report_cli
 from reports.data import Alternative
 from reports.inputs import report_data, sweep_from_alternatives
@@ -82,7 +82,7 @@ def synthetic_step(
         events=tuple(events), memory=tuple(mem), peak_bytes=peak.total_bytes,
         peak_by_category=peak.bytes_by_category, peak_time_s=peak.time_s, peak_cause=peak.event,
         reserve_bytes=reserve, host_bytes=sum(p.numel for p in params) * 12, step_seconds=t,
-        tokens_per_step=tokens,
+        tokens_per_step=tokens, timeline_seconds=t,
     )
 
 
@@ -159,7 +159,9 @@ def test_llama3_8b_report(tmp_path: Path) -> None:
 
 
 def test_trace_compute_adds_up_to_step(tiny: ReportData) -> None:
-    sim = tiny.simulation  # the prefetch (20 ms) outlasts forward+backward (12 ms): compute waits
+    # the prefetch (20 ms) outlasts forward+backward (12 ms): compute waits. The rotation's mean step
+    # differs from the drawn one's length: the trace must follow the drawn step, not the mean.
+    sim = dataclasses.replace(tiny.simulation, step_seconds=tiny.simulation.timeline_seconds * 0.6)
     events = trace_events(sim)
     json.loads(json.dumps(events))
     slices = [e for e in events if e["ph"] == "X"]
@@ -170,10 +172,11 @@ def test_trace_compute_adds_up_to_step(tiny: ReportData) -> None:
     assert len(by_tid) == 3
     names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     compute = by_tid[next(t for t, n in names.items() if n == "compute")]
-    assert sum(e["dur"] for e in compute) == pytest.approx(sim.step_seconds * 1e6, rel=1e-9)
+    assert sum(e["dur"] for e in compute) == pytest.approx(sim.timeline_seconds * 1e6, rel=1e-9)
     idle = [e for e in compute if e["name"].startswith("idle")]
     wb = next(e for e in sim.events if e.lane == "d2h")  # nothing computes during the final write-back
     assert [e["dur"] for e in idle] == pytest.approx([(0.02 - 0.012) * 1e6, (wb.end_s - wb.start_s) * 1e6])
+    assert {e["name"] for e in idle} == {"idle (waiting on copy)"}
     real = [e for e in compute if not e["name"].startswith("idle")]
     assert sum(e["dur"] for e in real) == pytest.approx(
         sum(e.end_s - e.start_s for e in sim.events if e.lane == "compute") * 1e6)
@@ -181,6 +184,9 @@ def test_trace_compute_adds_up_to_step(tiny: ReportData) -> None:
     assert len(counters) == len(sim.memory)
     top = max(counters, key=lambda e: sum(v for k, v in e["args"].items() if k != "reserve"))
     assert sum(v for k, v in top["args"].items() if k != "reserve") == sim.peak_bytes
+    late = dataclasses.replace(sim, timeline_seconds=sim.timeline_seconds / 2)
+    with pytest.raises(ValueError, match="end after the drawn step"):
+        trace_events(late)
 
 
 def test_trace_file_is_the_json_object_format(tmp_path: Path, tiny: ReportData) -> None:
@@ -237,19 +243,37 @@ def test_report_from_the_golden_plan(tmp_path: Path) -> None:
     assert "full fine-tuning (AdamW, states on GPU)" in (tmp_path / "rep" / "report.html").read_text()
 
 
+def executor_run_doc() -> dict:
+    """run.json as executor/train.py writes it (the keys this module reads, with their real nesting)."""
+    return {
+        "plan": {"model_fingerprint": "abc123", "num_chunks": 4},
+        "measured": {"device": "cpu", "memory_method": "dispatch-tracker", "peak_bytes": 100,
+                     "reserved_bytes": None, "peak_by_category": {"weights": 60, "activations": 40},
+                     "step_seconds": 0.5, "tokens_per_second": 2048.0},
+        "losses": {"train": [3.0, 2.5, None], "final_train": 2.5,
+                   "eval": [{"step": 0, "eval_loss": 3.1, "eval_accuracy": None},
+                            {"step": 2, "eval_loss": 2.7, "eval_accuracy": None}]},
+    }
+
+
 def test_run_json_parsing() -> None:
-    doc = {"measured": {"peak_bytes": 100, "peak_by_category": {"weights": 60, "activations": 40},
-                        "step_seconds": 0.5, "tokens_per_second": 2048.0},
-           "losses": [3.0, 2.5], "eval_losses": [{"step": 2, "loss": 2.7}]}
-    r = run_from_dict(doc)
+    doc = executor_run_doc()
+    r = run_from_dict(doc, fingerprint="abc123")
     assert r.peak_by_category == (("weights", 60), ("activations", 40))
-    assert r.train_losses == ((1, 3.0), (2, 2.5)) and r.eval_losses == ((2, 2.7),)
+    assert r.train_losses == ((1, 3.0), (2, 2.5)) and r.eval_losses == ((0, 3.1), (2, 2.7))
+    assert (r.device, r.memory_method, r.reserved_bytes) == ("cpu", "dispatch-tracker", None)
+    unmeasured = run_from_dict({**doc, "measured": {**doc["measured"], "peak_bytes": None}})
+    assert unmeasured.peak_bytes is None
     for bad, msg in (({"measured": {}}, "missing measured.peak_bytes"),
                      ({**doc, "measured": {**doc["measured"], "peak_bytes": -1}}, "non-negative integer"),
                      ({**doc, "measured": {**doc["measured"], "peak_by_category": {"vram": 1}}}, "unknown"),
-                     ({**doc, "losses": ["x"]}, "losses[0]")):
+                     ({**doc, "losses": {"train": ["x"]}}, "losses.train[0]"),
+                     ({**doc, "losses": {"eval": [{"loss": 1.0}]}}, "losses.eval[0]"),
+                     ({**doc, "losses": [1.0]}, "losses must be an object")):
         with pytest.raises(RunFileError, match=re.escape(msg)):
             run_from_dict(bad)
+    with pytest.raises(RunFileError, match="different model"):
+        run_from_dict(doc, fingerprint="ffff")
 
 
 def test_unwritable_destination_leaves_nothing(tmp_path: Path, tiny: ReportData) -> None:
@@ -299,9 +323,90 @@ def test_cli_bad_input(tmp_path: Path, setup: str, expected: str) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
+SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def check_trace_matches_simulator(trace_path: Path, plan_path: Path) -> None:
+    """Busy compute + waiting == the drawn step's length, which is the simulator's own timeline_seconds;
+    the busy part is exactly the simulator's compute events; the mean step is the plan's prediction."""
+    from planner.simulator import simulate_plan
+
+    plan = load_plan(plan_path)
+    sim = simulate_plan(plan)
+    doc = json.loads(trace_path.read_text())
+    threads = {e["tid"]: e["args"]["name"] for e in doc["traceEvents"] if e.get("name") == "thread_name"}
+    compute = [e for e in doc["traceEvents"] if e["ph"] == "X" and threads[e["tid"]] == "compute"]
+    busy = [e for e in compute if not e["name"].startswith("idle")]
+    assert sum(e["dur"] for e in compute) == pytest.approx(sim.timeline_seconds * 1e6, rel=1e-9)
+    assert [e["name"] for e in busy] == [e.name for e in sim.events if e.lane == "compute"]
+    assert sum(e["dur"] for e in busy) == pytest.approx(
+        sum(e.end_s - e.start_s for e in sim.events if e.lane == "compute") * 1e6, rel=1e-9)
+    assert doc["otherData"]["drawn_step_seconds"] == sim.timeline_seconds
+    assert doc["otherData"]["mean_step_seconds_over_rotation"] == plan.predictions.step_seconds
+    counters = [e for e in doc["traceEvents"] if e["ph"] == "C"]
+    assert max(sum(v for k, v in e["args"].items() if k != "reserve") for e in counters) == sim.peak_bytes
+
+
+def test_real_plan_run_report_tiny(tmp_path: Path) -> None:
+    """The real path, small: chunkft-plan, chunkft-run for 3 steps, chunkft-report with that run.json."""
+    from executor.cli import main as run_cli
+    from planner.cli import main as plan_cli
+
+    plan = tmp_path / "plan.json"
+    r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2",
+                                      "--steps", "3", "-o", str(plan)])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(run_cli, [str(plan), "--data", str(SHAKESPEARE), "--output", str(tmp_path / "run"),
+                                     "--quiet"])
+    assert r.exit_code == 0, r.output
+    run_json = tmp_path / "run" / "run.json"
+    r = CliRunner().invoke(report_cli, [str(plan), str(run_json), "-o", str(tmp_path / "rep")])
+    assert r.exit_code == 0, r.output
+    check_report_dir(tmp_path / "rep", (*FIGURES, "measured"))
+    check_trace_matches_simulator(tmp_path / "rep" / "trace.json", plan)
+    run_doc = json.loads((tmp_path / "run" / "run.json").read_text())
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert "Measured peak" in html and "(mean over the rotation)" in html
+    assert "baseline: dense AdamW" in html and "offload everything" in html
+    run = load_run(tmp_path / "run" / "run.json")
+    assert [v for _, v in run.train_losses] == run_doc["losses"]["train"]
+    assert run.peak_bytes == run_doc["measured"]["peak_bytes"]
+
+
+def test_solver_sweep_reproduces_the_plan(tmp_path: Path) -> None:
+    """Every sweep point is a real solve: at the plan's own budget it is the plan; below the smallest
+    feasible budget nothing fits (the early stop agrees with solving there)."""
+    from planner.cli import main as plan_cli
+    from planner.simulator import setup_and_candidate
+    from planner.solver import Limits, Solver, Space, make_setup
+    from reports.sweep import solver_sweep
+
+    plan_path = tmp_path / "plan.json"
+    r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "4090", "--seq-len", "64", "-o", str(plan_path)])
+    assert r.exit_code == 0, r.output
+    plan = load_plan(plan_path)
+    pts = solver_sweep(plan, gpus=("a100-80gb",), points_per_gpu=6)
+    assert {p.gpu for p in pts} == {plan.hardware.gpu_name, "NVIDIA A100-SXM4-80GB"}
+    hw = plan.hardware
+    mine = next(p for p in pts if p.gpu == hw.gpu_name and p.budget_bytes == hw.budget_bytes)
+    assert (mine.k, mine.step_seconds) == (plan.chunk_table.num_chunks, plan.predictions.step_seconds)
+    assert mine.peak_bytes == plan.predictions.peak_bytes + plan.predictions.reserve_bytes
+    for gpu in {p.gpu for p in pts}:
+        row = sorted((p for p in pts if p.gpu == gpu), key=lambda p: p.budget_bytes)
+        flags = [p.feasible for p in row]
+        assert flags == sorted(flags) and flags[-1] and not flags[0]  # infeasible, then feasible
+        assert all(p.peak_bytes <= p.budget_bytes for p in row if p.feasible)
+    no = max(p.budget_bytes for p in pts if p.gpu == hw.gpu_name and not p.feasible)
+    fixed, _, act = setup_and_candidate(plan)
+    setup = make_setup(fixed.structure, fixed.cost, weight_dtype=fixed.weight_dtype,
+                       optimizer=fixed.optimizer, sgd_momentum=fixed.sgd_momentum, seq_len=fixed.seq_len,
+                       on_gpu=True)
+    solver = Solver(setup, Limits(no, hw.host_budget_bytes), lambda mb: act, Space(global_batch=1))
+    assert solver.solve().best is None
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("model", "extra"), [("tiny-llama", ["--seq-len", "128"]),
-                                               ("llama-3-8b", ["--seq-len", "1024", "--host-mem", "128GiB"])])
+@pytest.mark.parametrize(("model", "extra"), [("llama-3-8b", ["--seq-len", "1024", "--host-mem", "128GiB"])])
 def test_real_plan_end_to_end(tmp_path: Path, model: str, extra: list[str]) -> None:
     """chunkft-plan on --gpu 4090, then chunkft-report on its plan: the real solver and simulator."""
     from planner.cli import main as plan_cli
@@ -312,9 +417,6 @@ def test_real_plan_end_to_end(tmp_path: Path, model: str, extra: list[str]) -> N
     result = CliRunner().invoke(report_cli, [str(plan), "-o", str(tmp_path / "rep")])
     assert result.exit_code == 0, result.output
     check_report_dir(tmp_path / "rep", FIGURES)
-    doc = json.loads((tmp_path / "rep" / "trace.json").read_text())
-    compute = [e for e in doc["traceEvents"] if e["ph"] == "X" and e["tid"] == 1]
-    # The compute track covers the drawn (worst-memory) window's step; step_seconds is the rotation mean.
-    end = max(e["ts"] + e["dur"] for e in doc["traceEvents"] if e["ph"] == "X")
-    assert sum(e["dur"] for e in compute) == pytest.approx(end, rel=1e-9)
-    assert end >= doc["otherData"]["step_seconds"] * 1e6 * (1 - 1e-9)
+    check_trace_matches_simulator(tmp_path / "rep" / "trace.json", plan)
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert html.count("<tr><td class='num'>") == load_plan(plan).chunk_table.num_chunks
