@@ -65,24 +65,12 @@ def chunk_step(model, driver, ids) -> None:
     driver.step()
 
 
-class _NoHook:
-    def remove(self) -> None:
-        pass
-
-
 def tracker_for_frozen_params(model: torch.nn.Module) -> MemTracker:
-    """A MemTracker that tolerates parameters with requires_grad=False.
+    """The project's one tracker (executor.measure.MemoryTracker: MemTracker that tolerates frozen
+    parameters; see its docstring)."""
+    from executor.measure import MemoryTracker
 
-    MemTracker registers a gradient hook on every parameter of every module it sees run forward, and
-    register_hook raises on a frozen tensor; ChunkFT freezes everything outside the window. Marking every
-    parameter as already hooked (with no-op handles, on this tracker instance only) skips those hooks;
-    gradients are then tracked where they are created (category Temp) instead of under Gradient. The total
-    and the peak are unaffected: every tensor created inside the context is still tracked by dispatch.
-    """
-    mt = MemTracker()
-    for p in model.parameters():
-        mt._param_to_grad_hook_handles[p] = (_NoHook(), _NoHook())
-    return mt
+    return MemoryTracker(model)
 
 
 def peak(mt: MemTracker) -> dict[str, int]:

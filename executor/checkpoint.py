@@ -11,12 +11,16 @@ Layout under the run's output directory:
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then os.replace'd into
 place; `latest` is replaced atomically afterwards. Killing the writer at any instant leaves the previous
-checkpoint and pointer intact; stale temporary directories are removed by the next save. Loading verifies
-every file's size and digest and the identity of the model and the plan.
+checkpoint and pointer intact; stale temporary directories are removed by the next save. A full disk
+(ENOSPC, EDQUOT, or the file-size limit EFBIG) during a save removes the partial directory and raises
+CheckpointDiskFull naming the previous checkpoint, which is untouched: old checkpoints are pruned only
+after the new one and its pointer are in place. Loading verifies every file's size and digest and the
+identity of the model and the plan.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -40,6 +44,24 @@ TMP_MARK = ".tmp-"
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, or belongs to another model or plan; one line."""
+
+
+class CheckpointDiskFull(CheckpointError):
+    """The disk filled while a checkpoint was written; the partial one is gone, the previous one intact."""
+
+    def __init__(self, step: int, previous: str | None, reason: str) -> None:
+        self.step = step
+        self.previous = previous  # the name `latest` still points at, or None when there is none
+        kept = (
+            f"the previous checkpoint {previous} is intact"
+            if previous
+            else "there is no earlier checkpoint"
+        )
+        super().__init__(f"disk full while writing checkpoint {checkpoint_name(step)} ({reason}); {kept}")
+
+
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+FULL_BELOW_BYTES = 1 << 20  # a failed write with less than this free is taken as a full disk
 
 
 @dataclass(frozen=True)
@@ -95,8 +117,11 @@ def save_checkpoint(
     _remove_stale_temporaries(root)
     final = root / checkpoint_name(meta.step)
     tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
-    tmp.mkdir()
+    need, free = _tensor_bytes(model.state_dict()) + _tensor_bytes(trainer), shutil.disk_usage(root).free
+    if need > free:  # a lower bound of the files' size: this write cannot succeed, do not start it
+        raise CheckpointDiskFull(meta.step, _pointer(root), f"needs over {need:,} bytes, {free:,} free")
     try:
+        tmp.mkdir()
         save_model(model, str(tmp / MODEL_FILE))
         torch.save(trainer, tmp / TRAINER_FILE)
         files = {}
@@ -107,14 +132,25 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _fsync_file(tmp / STATE_FILE)
         _fsync_dir(tmp)
-        if final.exists():  # a re-save of the same step (e.g. a resumed run that ends where it started)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
+        if final.exists():  # a re-save of the same step: move the old copy aside, never delete it first
+            aside = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _write_atomically(root / LATEST, final.name + "\n")
+        _fsync_dir(root)
+    except BaseException as e:
+        # torch.save reports a full disk as an opaque RuntimeError: look at the free space too
+        full = _no_space(e) or (
+            isinstance(e, (OSError, RuntimeError, SafetensorError))
+            and shutil.disk_usage(root).free < FULL_BELOW_BYTES
+        )
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:
+            raise CheckpointDiskFull(meta.step, _pointer(root), _reason(e)) from e
         raise
-    _write_atomically(root / LATEST, final.name + "\n")
-    _fsync_dir(root)
     for old in sorted(
         p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name
     )[:-keep]:
@@ -199,6 +235,52 @@ def load_checkpoint(
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None
     return Checkpoint(path=path, meta=meta, trainer=trainer)
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of the distinct tensors in a nested state (a tied tensor counts once, as saved)."""
+    seen: dict[tuple[int, int], int] = {}
+    stack = [obj]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "meta":
+                seen[(x.data_ptr(), x.numel())] = x.numel() * x.element_size()
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (list, tuple)):
+            stack.extend(x)
+    return sum(seen.values())
+
+
+def _no_space(e: BaseException) -> bool:
+    """OSError from our own writes, or the RuntimeError torch.save / safetensors wrap it in."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in NO_SPACE:
+            return True
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)) and any(
+            s in str(e) for s in ("No space left on device", "Disk quota exceeded", "File too large")
+        ):
+            return True
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return False
+
+
+def _reason(e: BaseException) -> str:
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return "No space left on device"
+
+
+def _pointer(root: Path) -> str | None:
+    """The checkpoint `latest` names, if it names one that exists."""
+    try:
+        name = (root / LATEST).read_text().strip()
+    except OSError:
+        return None
+    return name if name.startswith("step-") and (root / name).is_dir() else None
 
 
 def _remove_stale_temporaries(root: Path) -> None:

@@ -1,13 +1,15 @@
 """Measured memory and time of training steps, in the categories the plan predicts, for run.json.
 
+The accounting (the same on both sides: planner/simulator.py predicts it, this module measures it):
+**tracked tensor bytes on the training device at the highest point of one optimizer step, worst window of
+one rotation**: the model's parameters and buffers, the driver's persistent fp32 state slots, gradient
+buffers, activations and temporaries; *not* the host-side state stores of inactive windows (host memory
+on a GPU; on CPU they share the same RAM, so they are excluded by storage identity), and not the CUDA
+context or allocator fragmentation (the plan's separate reserve).
+
 GPU: the caching allocator's peak (`torch.cuda.max_memory_allocated`, plus `max_memory_reserved`) over
-the measured steps, reset after the first (warm-up) step. CPU has no allocator statistics, so a span of
-sampled steps runs under a dispatch-mode tracker (CpuPeakTracker), which sees every tensor storage
-allocated or freed inside the span plus the model's parameters and buffers; tensors made before the span
-and not owned by the model (host copies of inactive chunks' optimizer states, which on a GPU would live
-in host memory) are not counted; host copies the driver allocates anew inside the span are (CPU cannot
-tell host from device). The span starts after step 0 and covers one full rotation, so every window is
-active once with its buffers created inside the span, as the plan predicts the worst window.
+the measured steps. CPU has no allocator statistics, so the span runs under MemoryTracker, the one
+tracker of the project (planner profiling, the executor's CPU measurement and the benchmarks use it).
 """
 
 from __future__ import annotations
@@ -15,25 +17,37 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils.weak import WeakIdKeyDictionary
 
 from planner.timeline import CATEGORIES
 
-_PHASE_CATEGORY = {"forward": "activations", "backward": "temporaries", "optimizer": "optimizer_states"}
+# MemTracker's reference types -> the plan's categories. Refinements made by MemoryTracker itself:
+# storages a backward pass creates and that outlive it are the window's fp32 gradient buffers
+# (gradients, not Temp); optimizer-phase storages that outlive the update are optimizer states (a dense
+# baseline's), the others the update's temporaries; tensors passed as `persistent` keep the category
+# they were registered under.
+CATEGORY_OF_REFTYPE: dict[str, str] = {
+    "Parameter": "weights",
+    "Buffer": "weights",
+    "Gradient": "gradients",
+    "Activation": "activations",
+    "Temp": "temporaries",
+    "Optstate": "temporaries",
+    "Other": "temporaries",
+}
 
 
 @dataclass(frozen=True)
 class MemoryMeasurement:
     """A measured peak with its breakdown (empty where the method gives none)."""
 
-    method: str  # "cuda-allocator" or "dispatch-tracker"
+    method: str  # "cuda-allocator" or "dispatch-tracker" (MemoryTracker, a TorchDispatchMode)
     device: str
     peak_bytes: int
     reserved_bytes: int | None  # CUDA caching allocator reserve; None on CPU
@@ -42,49 +56,123 @@ class MemoryMeasurement:
 
 
 def measured_steps(total_steps: int, rotation_length: int) -> range:
-    """Step 0 warms up (and on CPU creates the first window's buffers outside the span); then one rotation."""
+    """Step 0 warms up (state slots and lazily made buffers exist afterwards); then one full rotation."""
     return range(1, min(total_steps, 1 + rotation_length))
 
 
-class CpuPeakTracker(TorchDispatchMode):
-    """Counts every tensor storage alive during a span of steps and keeps the breakdown at the highest total.
+class _NoHandle:
+    """A hook handle with nothing to remove (stands in for hooks a frozen parameter cannot take)."""
 
-    torch's MemTracker cannot be used here: it registers gradient hooks on every parameter a module
-    runs with, which fails on the frozen parameters outside the active window. This is the same idea,
-    reduced to what the plan's categories need: a storage is labelled by the phase that allocated it
-    (forward: activations, backward: temporaries, optimizer step: optimizer_states), and storages that a
-    backward pass allocated and that are still alive when it ends are the window's gradient buffers.
+    def remove(self) -> None:
+        return None
+
+
+class MemoryTracker(MemTracker):
+    """torch's MemTracker, usable on ChunkFT models, with the breakdown in the plan's categories.
+
+    Upstream limitation worked around (torch 2.x `MemTracker._track_module_params_and_buffers`): it
+    registers a gradient hook on every parameter of every module that runs forward, and torch refuses
+    hooks on tensors with requires_grad=False, which is every parameter outside ChunkFT's window. Every
+    parameter gets no-op handles on this instance instead, so MemTracker installs none: which parameters
+    are frozen changes with every window, and ChunkFT never leaves a `.grad` for the hook to label. The
+    gradients are labelled by what they do instead: storages a backward pass creates and that outlive it
+    are gradient buffers (ChunkFT's fp32 window buffers, or `.grad` of a dense baseline). Everything else
+    is MemTracker's own dispatch-level accounting.
+
+    Additions: `persistent` tensors made before tracking (the driver's fp32 state slots) are counted from
+    the start under a stated category; `exclude` tensors (host state stores) are never counted, even
+    when an in-place copy returns them; phases label the optimizer update and reset MemTracker's
+    per-module stats before each forward (it refuses a second forward of the root otherwise); the set of
+    storages alive at the peak is kept, so the breakdown can be refined into the plan's categories.
+    Works under FakeTensorMode (nothing allocated), which is how the planner's reference trace uses it.
     """
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module | None = None,
+        *,
+        persistent: Mapping[str, Sequence[torch.Tensor]] | None = None,
+        exclude: Iterable[torch.Tensor] = (),
+    ) -> None:
         super().__init__()
         self.model = model
-        self.peak_bytes = 0
-        self._phase = "activations"
-        self._live: dict[int, tuple[int, weakref.ref[Any]]] = {}  # storage id -> (bytes, weakref)
-        self._category: dict[int, str] = {}  # storage id -> category (kept after free, for the snapshot)
-        self._current = 0
-        self._pending = False  # a new peak whose live set is not yet snapshotted
-        self._peak_live: dict[int, int] = {}
+        self._persistent = {c: list(ts) for c, ts in (persistent or {}).items()}
+        for c in self._persistent:
+            if c not in CATEGORIES:
+                raise ValueError(f"persistent category {c!r} is not one of {', '.join(CATEGORIES)}")
+        self._excluded: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        for t in exclude:
+            self._excluded[t.untyped_storage()] = True
+        self._forced: dict[int, tuple[Any, str]] = {}  # id(winfo) -> (winfo, category)
+        self._grad_winfos: dict[int, Any] = {}  # winfos kept past a backward: gradient buffers
+        self._state_winfos: dict[int, Any] = {}  # winfos kept past an update: optimizer states
+        self._peak_live: list[tuple[Any, int, str]] = []  # (winfo, bytes, reftype) alive at the peak
+        self._seen_peak = -1
+        self._pending = False
         self._steps: list[int] = []
         self.active = False
         self._stopped = False
 
+    # ----- the upstream limitation --------------------------------------------------------------------
+    def _track_module_params_and_buffers(
+        self, module: torch.nn.Module, install_grad_hooks: bool = True
+    ) -> tuple[int, int]:
+        if install_grad_hooks:
+            for p in module.parameters():
+                if self._param_to_grad_hook_handles.get(p, None) is None:
+                    self._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
+        return super()._track_module_params_and_buffers(module, install_grad_hooks)
+
+    def _track(self, reftype: Any, t: torch.Tensor) -> None:
+        if t.untyped_storage() in self._excluded:
+            return
+        super()._track(reftype, t)
+
+    # ----- the set of storages at the peak -------------------------------------------------------------
+    def _update_peak_stats(self, peak_state: Any) -> None:
+        super()._update_peak_stats(peak_state)
+        top = max(self._peak_mem.values(), default=0)
+        if top > self._seen_peak:
+            self._seen_peak = top
+            self._pending = True  # snapshot lazily: the live set only changes again at the next free
+
+    def _delete_callback(self, winfo: Any, w_st: Any) -> None:
+        self._snapshot_if_pending(dying=winfo)
+        super()._delete_callback(winfo, w_st)
+
+    def _snapshot_if_pending(self, dying: Any = None) -> None:
+        if self._pending:
+            live = [w for w, _ in self._WINFO.values()]
+            # the dying storage may already be gone from the weak dictionary, but is still in the total
+            if dying is not None and all(w is not dying for w in live):
+                live.append(dying)
+            self._peak_live = [(w, w.mem_consumed, str(w.reftype.value)) for w in live if w.mem_consumed]
+            self._pending = False
+
+    # ----- the span ------------------------------------------------------------------------------------
     def start(self) -> None:
+        """Register the model and the persistent tensors, then track until stop()."""
         if self.active or self._stopped:
             return
-        for t in [*self.model.parameters(), *self.model.buffers()]:
-            self._add(t, "weights")
+        if self.model is not None:
+            self.track_external(self.model)
+        for category, tensors in self._persistent.items():
+            for t in tensors:
+                for w in self._update_and_maybe_create_winfos(t, _MemRefType.OPT):
+                    self._forced[id(w)] = (w, category)
         self.__enter__()
+        self._seen_peak = -1
+        self._update_peak_stats(None)  # the starting point counts as a peak candidate
+        self._snapshot_if_pending()
         self.active = True
 
     def stop(self) -> None:
         if not self.active:
             return
+        self._snapshot_if_pending()
         self.__exit__(None, None, None)
         self.active = False
         self._stopped = True
-        self._snapshot_if_pending()
 
     def note_step(self, step: int) -> None:
         self._steps.append(step)
@@ -95,60 +183,102 @@ class CpuPeakTracker(TorchDispatchMode):
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Label what is allocated inside: "forward", "backward" or "optimizer"."""
-        previous, self._phase = self._phase, _PHASE_CATEGORY[name]
+        """Label the work inside: "forward", "backward", "optimizer", or "excluded" (e.g. evaluation:
+        tracked, but its peak is discarded afterwards)."""
+        if not self.active:
+            yield
+            return
+        if name == "forward":
+            self.reset_mod_stats()
+        if name == "excluded":
+            self.reset_mod_stats()
+            self._snapshot_if_pending()
+            saved = (dict(self._peak_mem), dict(self._peak_mem_snap), self._seen_peak, self._peak_live)
+            try:
+                yield
+            finally:
+                self._peak_mem, self._peak_mem_snap = saved[0], saved[1]
+                self._seen_peak, self._peak_live, self._pending = saved[2], saved[3], False
+                self.reset_mod_stats()
+            return
+        previous = self._in_opt
+        self._in_opt = name == "optimizer"
         try:
             yield
         finally:
-            self._phase = previous
-            if name == "backward":  # what backward allocated and kept: the window's gradients
-                for key in self._live:
-                    if self._category.get(key) == "temporaries":
-                        self._category[key] = "gradients"
+            self._in_opt = previous
+            if name == "backward":  # what backward made and kept: the window's gradient buffers
+                for w, _ in self._WINFO.values():
+                    if w.reftype == _MemRefType.TEMP and w.mem_consumed:
+                        self._grad_winfos[id(w)] = w
+            if name == "optimizer":  # what an update made and kept: optimizer states (dense baselines)
+                for w, _ in self._WINFO.values():
+                    if w.reftype == _MemRefType.OPT and w.mem_consumed and id(w) not in self._forced:
+                        self._state_winfos[id(w)] = w
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type == "cpu":
-                self._add(t, self._phase)
+    def peak_bytes(self) -> int:
+        return max(self._peak_mem.values(), default=0)
+
+    def live_bytes(self) -> int:
+        """Tracked bytes alive now (all devices)."""
+        return sum(int(snap.get("Total", 0)) for snap in self.get_tracker_snapshot("current").values())
+
+    def reset_peak(self) -> None:
+        """Start a new peak window at the current bytes (the planner's per-segment excursions)."""
+        self._peak_mem = {dev: int(snap.get("Total", 0)) for dev, snap in self._curr_mem_snap.items()}
+        self._seen_peak = max(self._peak_mem.values(), default=0)
+
+    def breakdown(self) -> dict[str, int]:
+        """The plan's categories at the peak (sums to peak_bytes())."""
+        self._snapshot_if_pending()
+        out = dict.fromkeys(CATEGORIES, 0)
+        for w, nbytes, reftype in self._peak_live:
+            forced = self._forced.get(id(w))
+            if forced is not None and forced[0] is w:
+                out[forced[1]] += nbytes
+            elif reftype == "Temp" and self._grad_winfos.get(id(w)) is w:
+                out["gradients"] += nbytes
+            elif reftype == "Optstate" and self._state_winfos.get(id(w)) is w:
+                out["optimizer_states"] += nbytes
+            else:
+                out[CATEGORY_OF_REFTYPE.get(reftype, "temporaries")] += nbytes
         return out
 
-    def _add(self, t: torch.Tensor, category: str) -> None:
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self._live:
-            return
-        nbytes = int(st.nbytes())
-        self._live[key] = (nbytes, weakref.ref(st, lambda _ref, key=key: self._free(key)))
-        self._category[key] = category
-        self._current += nbytes
-        if self._current > self.peak_bytes:
-            self.peak_bytes = self._current
-            self._pending = True
-
-    def _free(self, key: int) -> None:
-        self._snapshot_if_pending()
-        entry = self._live.pop(key, None)
-        if entry is not None:
-            self._current -= entry[0]
-
-    def _snapshot_if_pending(self) -> None:
-        if self._pending:
-            self._peak_live = {k: b for k, (b, _) in self._live.items()}
-            self._pending = False
-
     def result(self) -> MemoryMeasurement:
-        by_cat = dict.fromkeys(CATEGORIES, 0)
-        for key, nbytes in self._peak_live.items():
-            by_cat[self._category[key]] += nbytes
+        by_cat = self.breakdown()
         return MemoryMeasurement(
             method="dispatch-tracker",
             device="cpu",
-            peak_bytes=self.peak_bytes,
+            peak_bytes=self.peak_bytes(),
             reserved_bytes=None,
             peak_by_category=tuple((c, by_cat[c]) for c in CATEGORIES),
             steps=tuple(self._steps),
         )
+
+
+def driver_tensors(driver: Any) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
+    """(persistent, exclude) for a ChunkFT driver: its fp32 state slots by category (the first slot's
+    master rows under master, its states under optimizer_states, further slots under prefetch; states
+    kept on the device likewise), and its host stores, which are host memory, not device memory."""
+    engine = driver.engine
+    staged = [k for k in engine.kinds if not (k.store == "device" and k.store_dtype == torch.float32)]
+    persistent: dict[str, list[torch.Tensor]] = {"master": [], "optimizer_states": [], "prefetch": []}
+    slots = engine.slot_tensors()
+    for i, t in enumerate(slots):
+        kind = staged[i % len(staged)]
+        if i >= len(staged):
+            persistent["prefetch"].append(t)
+        else:
+            persistent["master" if kind.name == "master" else "optimizer_states"].append(t)
+    direct = [k.name for k in engine.kinds if k.store == "device" and k.store_dtype == torch.float32]
+    for c in range(len(engine.chunk_numels)):
+        for name in direct:
+            persistent["master" if name == "master" else "optimizer_states"].append(engine.store(c, name))
+    return persistent, list(engine.store_tensors("host"))
+
+
+# The former name (bench/peers.py); one tracker.
+CpuPeakTracker = MemoryTracker
 
 
 class CudaPeak:

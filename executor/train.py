@@ -54,7 +54,14 @@ from executor.data import (
     eval_batches,
     load_dataset,
 )
-from executor.measure import CpuPeakTracker, CudaPeak, MemoryMeasurement, StepClock, measured_steps
+from executor.measure import (
+    CudaPeak,
+    MemoryMeasurement,
+    MemoryTracker,
+    StepClock,
+    driver_tensors,
+    measured_steps,
+)
 
 MAX_EVAL_EXAMPLES = 256  # the first examples of the held-out split; bounds eval time on large files
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
@@ -156,6 +163,10 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     )
 
     def save(step: int) -> Path:
+        with tracker.phase("excluded"):  # not part of a training step's memory
+            return _save(step)
+
+    def _save(step: int) -> Path:
         meta = CheckpointMeta(
             step=step,
             model_fingerprint=plan.model.fingerprint,
@@ -168,14 +179,15 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
 
     def evaluate_and_log(step: int) -> None:
-        loss, acc = evaluate(model, held_out, mbs * accum, device, autocast, plan.model.task)
+        with tracker.phase("excluded"):  # evaluation is not part of a training step's memory
+            loss, acc = evaluate(model, held_out, mbs * accum, device, autocast, plan.model.task)
         metrics.write({"step": step, "eval_loss": loss, "eval_accuracy": acc})
         model.train()
 
     rotation = len(plan.chunk_table.chunks) * plan.rotation.update_interval
     span = measured_steps(total_steps - start_step, rotation)
     span = range(start_step + span.start, start_step + span.stop)
-    tracker: CpuPeakTracker | CudaPeak = CpuPeakTracker(model) if device.type == "cpu" else CudaPeak(device)
+    tracker: MemoryTracker | CudaPeak = MemoryTracker(model) if device.type == "cpu" else CudaPeak(device)
     clock = StepClock(device)
     progress = _Progress(log if opts.progress else None, total_steps)
     stop = _StopSignals()
@@ -186,6 +198,10 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                 evaluate_and_log(0)
             for step in range(start_step, total_steps):
                 if step == span.start:
+                    if isinstance(tracker, MemoryTracker):
+                        # the slots exist now; the host stores are host memory (see executor/measure.py)
+                        persistent, host = driver_tensors(driver)
+                        tracker = MemoryTracker(model, persistent=persistent, exclude=host)
                     tracker.start()
                 measuring = step in span
                 clock.start()
@@ -328,6 +344,9 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any
         max_grad_norm=o.max_grad_norm,
         device=device,
         prefetch_order=tuple(plan.rotation.sequence) if plan.placement.prefetch else (),
+        # The plan's "prefetch" is two fp32 state slots (the planner counts the second one); one slot
+        # otherwise, filled at the update.
+        state_slots=2 if plan.placement.prefetch else 1,
     )
 
 

@@ -1,16 +1,21 @@
 """chunkft-plan: will this fine-tuning fit, and how fast will it run? Writes a plan the executor replays.
 
-Exit codes: 0 plan written; 1 bad input (one line on stderr); 2 nothing fits the budget (the line says
-the smallest budget that would, and with which settings). Nothing is written unless a plan fits and the
-simulator, re-run from the plan itself, agrees with the solver.
+Exit codes: 0 plan written; 1 bad input (one line on stderr, `chunkft-plan: error: ...`; a traceback only
+with --debug); 2 nothing fits the budget (the line says the smallest budget that would, and with which
+settings); 3 the plan was written but --report failed (the plan stays; the line says how to redo the
+report). Nothing is written unless every input is valid, a plan fits and the simulator, re-run from the
+plan itself, agrees with the solver.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
 
 import click
 
@@ -69,6 +74,106 @@ def gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+class OneLineErrors(click.Command):
+    """A click command whose every error is one line `PROG: error: ...` on stderr and a chosen exit code.
+
+    click wraps a usage error in the usage text and a 'Try --help' line, and turns Ctrl-C into 'Aborted!'
+    with exit 1; a user scanning a log needs the one line. Only the standalone (console-script) path is
+    changed: callers that pass standalone_mode=False (bench/) still get click's exceptions.
+    """
+
+    def __init__(self, *args: Any, usage_exit_code: int = 1, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.usage_exit_code = usage_exit_code
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        prog = prog_name or self.name or "chunkft"
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:  # Ctrl-C outside a training loop: nothing was being written
+            click.echo(f"{prog}: interrupted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            message = " ".join(e.format_message().split())
+            click.echo(f"{prog}: error: {message}", err=True)
+            sys.exit(self.usage_exit_code if isinstance(e, click.UsageError) else e.exit_code)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+# Beyond these a value is a typo (an extra zero, bytes for GiB), or so large the solver would search for
+# minutes; each error says the limit.
+MAX_SEQ_LEN = 1 << 21
+MAX_BATCH_SIZE = 1024  # the solver's time grows with the global batch: 1024 sequences take ~1 min on 2 cores
+MAX_STEPS = 10**8
+MAX_BYTES = 1 << 50  # 1 PiB
+
+
+def check_bounds(req: Request) -> None:
+    """Zero, negative and absurd sizes: one UsageError, before anything is loaded or written."""
+    for flag, value, limit in (
+        ("--seq-len", req.seq_len, MAX_SEQ_LEN),
+        ("--batch-size", req.batch_size, MAX_BATCH_SIZE),
+        ("--steps", req.steps, MAX_STEPS),
+    ):
+        if value > limit:
+            raise click.UsageError(f"{flag} {value} is absurdly large (at most {limit:,}); check the number")
+    for flag, size in (("--budget", req.budget), ("--host-mem", req.host_mem), ("--reserve", req.reserve)):
+        if size is None:
+            continue
+        if size <= 0 and flag != "--reserve":
+            raise click.UsageError(f"{flag} must be more than 0 bytes; write e.g. 20GiB")
+        if size > MAX_BYTES:
+            raise click.UsageError(f"{flag} {gib(size)} is absurdly large (over 1 PiB); write e.g. 20GiB")
+    if req.budget is not None and req.reserve is not None and req.reserve >= req.budget:
+        raise click.UsageError(
+            f"--reserve {gib(req.reserve)} leaves nothing of --budget {gib(req.budget)}; lower --reserve"
+        )
+    if req.micro_batch is not None and req.micro_batch > req.batch_size:
+        raise click.UsageError(
+            f"--micro-batch {req.micro_batch} is more than --batch-size {req.batch_size}; lower it"
+        )
+    if not math.isfinite(req.lr) or req.lr > 1.0:
+        raise click.UsageError(f"--lr {req.lr} is not a usable learning rate; give e.g. 1e-5 (at most 1)")
+    if req.warmup_steps > req.steps:
+        raise click.UsageError(f"--warmup-steps {req.warmup_steps} is more than --steps {req.steps}")
+    for flag, every in (("--eval-every", req.eval_every), ("--checkpoint-every", req.checkpoint_every)):
+        if every > req.steps:
+            raise click.UsageError(
+                f"{flag} {every} is more than --steps {req.steps}; it would never happen (0 turns it off)"
+            )
+
+
+def max_positions(config: Any) -> int | None:
+    """The longest sequence the model's position embeddings (or rotary table) are defined for."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_output_path(path: Path, flag: str = "-o") -> None:
+    """Refuse a destination that cannot be written, before minutes of solving."""
+    if path.is_dir():
+        raise click.UsageError(f"{flag} {path} is a directory; give a file name such as {path / 'plan.json'}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise click.UsageError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise click.UsageError(f"{flag} {path}: {ancestor} is not writable; choose another path")
+
+
 @dataclass(frozen=True)
 class Request:
     """Every command-line choice, validated."""
@@ -96,21 +201,39 @@ class Request:
     task: str | None
     attn: str
     efficiency: float
+    eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
 
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def run_request(req: Request, out_path: str) -> int:
-    """Plan, print the summary, write the plan; returns the exit code."""
+def run_request(req: Request, out_path: str, report_dir: str | None = None) -> int:
+    """Plan, print the summary, write the plan (and the report); returns the exit code."""
     import profiles
     from planner.costs import cost_model
     from planner.plan import save_plan
     from planner.profile_model import activation_profile, model_structure
     from planner.solver import Limits, Solver, Space, balance_layers, make_setup
 
+    check_bounds(req)
+    check_output_path(Path(out_path))
+    if report_dir is not None:
+        from reports import ReportError
+        from reports.writer import check_destination
+
+        try:
+            check_destination(Path(report_dir))
+        except ReportError as e:
+            raise click.UsageError(f"--report: {e}") from None
     preset = profiles.load_model(req.model, task=req.task)
     gpu = profiles.load_gpu(req.gpu)
+    longest = max_positions(preset.config)
+    if longest is not None and req.seq_len > longest:
+        raise click.UsageError(
+            f"--seq-len {req.seq_len} is beyond {preset.key}'s {longest} positions "
+            f"(max_position_embeddings); use --seq-len {longest} or less"
+        )
     on_gpu = gpu.pcie_gen is not None
     dtype = DTYPES[req.dtype] if req.dtype else ("bfloat16" if on_gpu else "float32")
     if not on_gpu and req.num_gpus > 1:
@@ -188,6 +311,8 @@ def run_request(req: Request, out_path: str) -> int:
     from planner.solver import build_plan
 
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host)
+    cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
+    plan = replace(plan, run=cadence)
     from planner.simulator import simulate_plan
 
     check = simulate_plan(plan)
@@ -199,9 +324,24 @@ def run_request(req: Request, out_path: str) -> int:
             f"internal error: re-simulating the plan gives peak {check.peak_bytes}, the solver "
             f"{plan.predictions.peak_bytes}; nothing written"
         )
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # checked writable above
     save_plan(plan, out_path)
     click.echo(summary(plan, sol, budget))
     click.echo(f"plan written to {out_path}")
+    if report_dir is None:
+        return 0
+    from reports import ReportError, write_report
+
+    try:
+        html = write_report(plan, report_dir)
+    except (ReportError, OSError) as e:
+        click.echo(
+            f"chunkft-plan: error: the plan is written ({out_path}) but the report failed: {e}; "
+            f"redo it with: chunkft-report {out_path} -o {report_dir}",
+            err=True,
+        )
+        return 3
+    click.echo(f"report written to {html}")
     return 0
 
 
@@ -253,7 +393,12 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     return "\n".join(lines)
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(
+    name="chunkft-plan",
+    cls=OneLineErrors,
+    usage_exit_code=1,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.argument("model", required=False)
 @click.option("--gpu", default=None, help="GPU profile (e.g. 4090, h800, cpu) or 'auto' (NVML).")
 @click.option("--num-gpus", default=1, type=click.IntRange(1, 64), show_default=True)
@@ -303,6 +448,27 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
 @click.option(
     "-o", "--output", default=None, type=click.Path(dir_okay=False), help="Where to write plan.json."
 )
+@click.option(
+    "--eval-every",
+    default=0,
+    type=click.IntRange(0),
+    show_default=True,
+    help="Evaluate every N optimizer steps (0: only at the end).",
+)
+@click.option(
+    "--checkpoint-every",
+    default=0,
+    type=click.IntRange(0),
+    show_default=True,
+    help="Checkpoint every N optimizer steps (0: only at the end and on SIGINT/SIGTERM).",
+)
+@click.option(
+    "--report",
+    "report_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Also write the plan's report (report.html, figures, trace.json) into this directory.",
+)
 @click.option("--list-gpus", is_flag=True, help="List GPU profiles and exit.")
 @click.option("--list-models", is_flag=True, help="List model presets and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -331,6 +497,9 @@ def main(
     attn,
     efficiency,
     output,
+    eval_every,
+    checkpoint_every,
+    report_dir,
     list_gpus,
     list_models,
     debug,
@@ -377,11 +546,11 @@ def main(
         task,
         attn,
         efficiency or DEFAULT_EFFICIENCY,
+        eval_every,
+        checkpoint_every,
     )
-    if warmup_steps > steps:
-        raise click.UsageError(f"--warmup-steps {warmup_steps} is more than --steps {steps}")
     try:
-        code = run_request(req, output)
+        code = run_request(req, output, report_dir)
     except (click.ClickException, click.exceptions.Exit):
         raise
     except Exception as e:  # one line unless --debug
@@ -390,9 +559,17 @@ def main(
         from planner.plan import PlanError
         from profiles import ProfileError
 
-        if isinstance(e, (ProfileError, PlanError, ValueError, OSError)):
+        if isinstance(e, OSError):
+            raise click.ClickException(
+                f"{e.filename or output}: {e.strerror or e}; check the path and free space (nothing written)"
+            ) from None
+        if isinstance(e, (ProfileError, PlanError, ValueError)):
             raise click.ClickException(str(e)) from None
         raise click.ClickException(
             f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
         ) from None
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,6 @@ import copy
 import functools
 import json
 import re
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -204,53 +203,6 @@ def model_structure(config: object, task: str, dtype: str) -> ModelStructure:
 # ------------------------------------------------------------------------------------- live bytes
 
 
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the bytes of every storage created while active, until the storage dies.
-
-    Storages that exist before (parameters, buffers, preallocated window buffers) are not counted; a
-    view shares its base's storage and adds nothing. Works under FakeTensorMode (fake storages are real
-    Python objects with weak references), like torch's own MemTracker.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = 0
-        self.peak = 0
-        self._seen: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._refs: list[weakref.ref] = []
-
-    def _free(self, nbytes: int) -> None:
-        self.live -= nbytes
-
-    def track(self, t: torch.Tensor) -> None:
-        st = t.untyped_storage()
-        if st in self._seen:
-            return
-        nbytes = st.nbytes()
-        self._seen[st] = nbytes
-        self.live += nbytes
-        self.peak = max(self.peak, self.live)
-        self._refs.append(weakref.ref(st, functools.partial(_on_free, self, nbytes)))
-
-    def ignore(self, tensors: Iterator[torch.Tensor] | Sequence[torch.Tensor]) -> None:
-        """Storages that already exist (parameters, buffers, inputs): views of them add nothing."""
-        for t in tensors:
-            self._seen[t.untyped_storage()] = 0
-
-    def reset_peak(self) -> None:
-        self.peak = self.live
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        out = func(*args, **(kwargs or {}))
-        for t in _tensors(out):
-            self.track(t)
-        return out
-
-
-def _on_free(counter: LiveBytes, nbytes: int, _ref: object) -> None:
-    counter._free(nbytes)
-
-
 def _tensors(obj: object) -> Iterator[torch.Tensor]:
     if isinstance(obj, torch.Tensor):
         yield obj
@@ -259,10 +211,29 @@ def _tensors(obj: object) -> Iterator[torch.Tensor]:
             yield from _tensors(o)
 
 
+class _Counter:
+    """Live and peak bytes above the model's own (executor.measure.MemoryTracker, the one tracker)."""
+
+    def __init__(self, tracker: object) -> None:
+        self.tracker = tracker
+        self.base = 0
+
+    @property
+    def live(self) -> int:
+        return self.tracker.live_bytes() - self.base  # type: ignore[attr-defined]
+
+    @property
+    def peak(self) -> int:
+        return self.tracker.peak_bytes() - self.base  # type: ignore[attr-defined]
+
+    def reset_peak(self) -> None:
+        self.tracker.reset_peak()  # type: ignore[attr-defined]
+
+
 class _Timeline:
     """Markers (name, live bytes) and the peak between consecutive markers."""
 
-    def __init__(self, counter: LiveBytes) -> None:
+    def __init__(self, counter: _Counter) -> None:
         self.counter = counter
         self.grad_bytes = 0  # fp32 gradient buffers adopted so far
         # (name, live at mark, peak since previous mark, gradient buffer bytes so far)
@@ -339,7 +310,11 @@ def example_batch(task: str, vocab_size: int, micro_batch: int, seq_len: int) ->
     ids = torch.randint(0, vocab_size, (micro_batch, seq_len))
     mask = torch.ones((micro_batch, seq_len), dtype=torch.long)
     if task == "causal-lm":
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids}
+        # No attention mask: causal-LM batches are packed, unpadded token windows, and for an all-ones mask
+        # Hugging Face takes the mask-free causal attention path. Under FakeTensorMode it cannot look at the
+        # mask's values, so passing one would trace the masked path instead (+2 hidden states per block
+        # on tiny-llama: the fake trace then over-predicts a real step by ~5%).
+        return {"input_ids": ids, "labels": ids}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (micro_batch,))}
 
 
@@ -365,11 +340,12 @@ def _trace(
     """One forward+backward of the shallow model under the live-bytes counter, with block markers."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
+    from executor.measure import MemoryTracker
+
     params = dict(model.named_parameters())
     buffers: dict[torch.Tensor, torch.Tensor] = {}
     batch = example_batch(task, vocab_size, micro_batch, seq_len)
-    counter = LiveBytes()
-    counter.ignore(list(model.parameters()) + list(model.buffers()) + list(batch.values()))
+    counter = _Counter(MemoryTracker(model, exclude=list(batch.values())))
     timeline = _Timeline(counter)
 
     def on_new(nbytes: int) -> None:
@@ -396,15 +372,20 @@ def _trace(
 
     tracker.register_user_hooks(hook("pre_fw"), hook("post_fw"), hook("pre_bw"), hook("post_bw"))
     try:
-        with tracker, counter:
+        counter.tracker.start()
+        with tracker:
+            counter.base = counter.tracker.live_bytes()  # parameters and buffers: not part of a segment
             timeline.mark("start")
-            loss = model(**batch).loss
+            with counter.tracker.phase("forward"):
+                loss = model(**batch).loss
             timeline.mark("fwd_end")
-            loss.backward()
+            with counter.tracker.phase("backward"):
+                loss.backward()
             del loss
             timeline.mark("bwd_end")
             buffers.clear()
     finally:
+        counter.tracker.stop()
         for h in handles:
             h.remove()
         enable_layer_checkpointing(model, [])
@@ -575,20 +556,12 @@ __all__ = [
 # ------------------------------------------------------------------------------- reference traces
 
 
-class _NoHandle:
-    """A hook handle with nothing to remove."""
-
-    def remove(self) -> None:
-        return None
-
-
 def reference_step_peak(
     config: object,
     task: str,
-    chunk_names: Sequence[str],
+    chunks: Sequence[object],
+    window: int,
     *,
-    max_chunk_numel: int,
-    slots: int,
     micro_batch: int,
     grad_accum: int,
     seq_len: int,
@@ -596,65 +569,83 @@ def reference_step_peak(
     attn_implementation: str = "sdpa",
     checkpoint_layers: Sequence[int] = (),
     optimizer: str = "adamw",
+    states_on: str = "host",
+    host_state_dtype: str = "float32",
+    state_slots: int = 2,
+    fake: bool = True,
 ) -> tuple[int, dict[str, int]]:
-    """Peak bytes of one full ChunkFT training step of the full-depth model, traced by torch's own
-    MemTracker under FakeTensorMode (nothing allocated): what the planner's composed prediction is
-    checked against. The window is given as whole parameter names (cuts between tensors); the executor's
-    behaviour is reproduced: fp32 state slots, gradients adopted into fp32 buffers by hooks, the
-    per-tensor AdamW update with its two fp32 temporaries. Returns (peak, MemTracker breakdown)."""
+    """Peak bytes of one full ChunkFT optimizer step of the full-depth model with chunks[window] active,
+    traced under FakeTensorMode (nothing allocated) by executor.measure.MemoryTracker: what the planner's
+    composed prediction is checked against.
+
+    It runs the executor's own code, not a re-implementation: SliceGradients (row-sliced windows
+    included), the ChunkedOptimizer with its TransferEngine slots, the gradient norm and the update, in
+    the accounting of executor/measure.py (device tensors incl. state slots, host stores excluded).
+    fake=False runs it for real (small models only), to check the fake trace itself.
+    Returns (peak, bytes by plan category at the peak)."""
+    import contextlib
+
     from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.distributed._tools.mem_tracker import MemTracker
+
+    from executor.measure import MemoryTracker, driver_tensors
+    from executor.optimizer import AdamWHparams, ChunkedOptimizer, SGDHparams, grad_norm
+    from executor.slicegrad import SliceGradients
 
     cfg = copy.deepcopy(config)
     cfg._attn_implementation = attn_implementation  # type: ignore[attr-defined]
     cfg.use_cache = False  # type: ignore[attr-defined]
     torch_dtype = TORCH_DTYPES[dtype]
-    master = dtype != "float32"
-    states = 2 if optimizer == "adamw" else 1
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    hp = AdamWHparams(lr=1e-4) if optimizer == "adamw" else SGDHparams(lr=1e-4)
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    with mode:
         model = build_from_config(cfg, task, "cpu", torch_dtype)
         model.train()
-        vocab = int(cfg.vocab_size)
-        window = set(chunk_names)
-        params = dict(model.named_parameters())
-        buffers: dict[torch.Tensor, torch.Tensor] = {}
-        handles = []
-        for name, p in params.items():
-            p.requires_grad_(name in window)
-            if name in window:
-                handles.append(p.register_post_accumulate_grad_hook(move_grads_hook(buffers)))
         enable_layer_checkpointing(model, checkpoint_layers)
-        tracker = MemTracker()
-        tracker.track_external(model)
-        # MemTracker installs gradient hooks on every parameter a module uses, which torch refuses for
-        # frozen ones; mark those as already hooked on this tracker instance.
-        for p in params.values():
-            if not p.requires_grad:
-                tracker._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
-        with tracker:
-            kinds = states + (1 if master else 0)
-            slot_tensors = [torch.empty(max_chunk_numel, dtype=torch.float32) for _ in range(slots * kinds)]
-            for micro in range(grad_accum):
-                if micro:
-                    tracker.reset_mod_stats()  # per-module stats only; the global peak is kept
-                batch = example_batch(task, vocab, micro_batch, seq_len)
-                loss = model(**batch).loss / grad_accum
-                loss.backward()
-                del loss, batch
-            for p, g in list(buffers.items()):  # the update, per tensor
-                flat = g.reshape(-1)
-                if optimizer == "adamw":
-                    denom = (flat.sqrt() / 1.0001).add_(1e-8)
-                    del denom
-                else:
-                    tmp = flat.add(flat)
-                    del tmp
-                del p
-            buffers.clear()
-            del slot_tensors
-        peak = tracker.get_tracker_snapshot("peak")
-        for h in handles:
-            h.remove()
-    dev = next(iter(peak))
-    by_kind = {str(getattr(k, "value", k)): int(v) for k, v in peak[dev].items()}
-    return by_kind.get("Total", 0), by_kind
+        params = dict(model.named_parameters())
+        sg = SliceGradients(model)
+        opt = ChunkedOptimizer(
+            params,
+            chunks,  # type: ignore[arg-type]
+            hp,
+            host_state_dtype=host_state_dtype,  # type: ignore[arg-type]
+            states_on=states_on,  # type: ignore[arg-type]
+            device=torch.device("cpu"),
+            state_slots=state_slots,
+        )
+        sg.activate(chunks[window])  # type: ignore[arg-type]
+        following = [(window + j) % len(chunks) for j in range(1, len(chunks))]
+        opt.engine.prefetch(window, *following[: state_slots - 1])
+        handle = _StepView(opt)
+        persistent, host = driver_tensors(handle)
+        batches = [
+            example_batch(task, int(cfg.vocab_size), micro_batch, seq_len)  # type: ignore[attr-defined]
+            for _ in range(grad_accum)
+        ]
+        inputs = [t for b in batches for t in b.values()]
+        tracker = MemoryTracker(model, persistent=persistent, exclude=[*host, *inputs])
+        tracker.start()
+        try:
+            for batch in batches:
+                with tracker.phase("forward"):
+                    loss = model(**batch).loss / grad_accum
+                with tracker.phase("backward"):
+                    loss.backward()
+                del loss
+            with tracker.phase("optimizer"):
+                grads = sg.window_grads()
+                norm = grad_norm(list(grads.values()))
+                opt.update(window, grads, 1e-4)
+                del grads, norm
+                sg.zero_grad()
+                opt.engine.write_back(window)
+        finally:
+            tracker.stop()
+            sg.deactivate()
+    return tracker.peak_bytes(), tracker.breakdown()
+
+
+class _StepView:
+    """What executor.measure.driver_tensors reads from a driver: its transfer engine."""
+
+    def __init__(self, optimizer: object) -> None:
+        self.engine = optimizer.engine  # type: ignore[attr-defined]

@@ -1,12 +1,19 @@
 """chunkft-plan end to end through click's runner."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from planner.cli import main, parse_size
 from planner.plan import load_plan
 from planner.simulator import simulate_plan
+
+REPO = Path(__file__).parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def test_sizes() -> None:
@@ -67,13 +74,103 @@ def test_infeasible_budget_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert "smallest budget that fits" in r.output
 
 
-def test_bad_input_is_one_line(tmp_path: Path) -> None:
+BASE = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--host-mem", "4GiB"]
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["tiny-lama", "--gpu", "cpu"], "unknown model 'tiny-lama'; closest: tiny-llama"),
+        (["tiny-llama", "--gpu", "rtx409"], "unknown GPU 'rtx409'; closest: rtx-4090"),
+        ([*BASE, "--budget", "lots"], "cannot read size 'lots'"),
+        ([*BASE, "--budget", "-2GiB"], "cannot read size '-2GiB'"),
+        ([*BASE, "--budget", "0"], "--budget must be more than 0 bytes"),
+        ([*BASE, "--budget", "2PiB"], "cannot read size"),
+        ([*BASE, "--budget", "4096TiB"], "--budget 4194304.00 GiB is absurdly large"),
+        ([*BASE, "--host-mem", "0"], "--host-mem must be more than 0 bytes"),
+        (["tiny-llama", "--gpu", "4090", "--budget", "30GiB"], "is more than the NVIDIA GeForce RTX 4090's"),
+        ([*BASE, "--budget", "1GiB", "--reserve", "1GiB"], "--reserve 1.00 GiB leaves nothing"),
+        (["tiny-llama", "--gpu", "cpu", "--seq-len", "0"], "'--seq-len': 0 is not in the range x>=1"),
+        (["tiny-llama", "--gpu", "cpu", "--seq-len", "-5"], "'--seq-len': -5 is not in the range x>=1"),
+        (["tiny-llama", "--gpu", "cpu", "--seq-len", "4096"], "beyond tiny-llama's 1024 positions"),
+        (["tiny-llama", "--gpu", "cpu", "--seq-len", "99999999"], "--seq-len 99999999 is absurdly large"),
+        ([*BASE, "--batch-size", "0"], "'--batch-size': 0 is not in the range x>=1"),
+        ([*BASE, "--batch-size", "100000000"], "--batch-size 100000000 is absurdly large"),
+        ([*BASE, "--batch-size", "2", "--micro-batch", "4"], "--micro-batch 4 is more than --batch-size 2"),
+        ([*BASE, "--steps", "10", "--warmup-steps", "20"], "--warmup-steps 20 is more than --steps 10"),
+        ([*BASE, "--steps", "10", "--checkpoint-every", "50"], "--checkpoint-every 50 is more than --steps"),
+        ([*BASE, "--lr", "inf"], "--lr inf is not a usable learning rate"),
+        ([*BASE, "--lr", "-1"], "'--lr': -1.0 is not in the range x>0"),
+        (["--gpu", "cpu"], "give a MODEL"),
+        (["tiny-llama"], "give --gpu"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1_and_writes_nothing(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
+    out = tmp_path / "sub" / "plan.json"
+    r = CliRunner().invoke(main, [*args, "-o", str(out)] if "give -o" not in expected else args)
+    assert r.exit_code == 1, r.output
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chunkft-plan: error: "), r.output
+    assert expected in lines[0], lines[0]
+    assert list(tmp_path.iterdir()) == []  # not even the parent directory
+
+
+def test_unwritable_output_is_refused_before_planning(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for out, expected in [
+        (tmp_path / "afile" / "plan.json", "is a file, not a directory"),
+        (tmp_path, "is a directory"),
+    ]:
+        r = CliRunner().invoke(main, [*BASE, "-o", str(out)])
+        assert r.exit_code == 1 and expected in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_debug_shows_the_traceback_only_when_asked(tmp_path: Path) -> None:
+    args = ["tiny-llama", "--gpu", "nosuchgpu", "-o", str(tmp_path / "p.json")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1 and r.exception is not None and isinstance(r.exception, SystemExit)
+    r = CliRunner().invoke(main, [*args, "--debug"])
+    from profiles import ProfileError
+
+    assert isinstance(r.exception, ProfileError)  # raised through: Python prints the traceback
+
+
+def test_debug_in_a_real_process_prints_a_traceback(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "planner.cli", "tiny-llama", "--gpu", "nosuch", "-o", str(tmp_path / "p")]
+    quiet = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    loud = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
+    assert quiet.returncode == 1 and quiet.stderr.count("\n") == 1 and "Traceback" not in quiet.stderr
+    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+
+
+def test_eval_and_checkpoint_cadence_and_report(tmp_path: Path) -> None:
+    out = tmp_path / "new" / "plan.json"  # the parent is created once the plan fits
+    args = [*BASE, "--steps", "20", "--eval-every", "5", "--checkpoint-every", "10", "--chunks", "2"]
+    args += ["--checkpointing", "none", "--report", str(tmp_path / "rep"), "-o", str(out)]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    plan = load_plan(out)
+    assert (plan.run.eval_every, plan.run.checkpoint_every) == (5, 10)
+    assert (tmp_path / "rep" / "report.html").is_file() and "report written to" in r.output
+
+
+def test_a_bad_report_dir_writes_nothing_and_a_failed_report_keeps_the_plan(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
     out = tmp_path / "plan.json"
-    r = CliRunner().invoke(main, ["tiny-llama", "--gpu", "cpu", "--budget", "lots", "-o", str(out)])
-    assert r.exit_code == 2 and "cannot read size" in r.output and "Traceback" not in r.output
-    r = CliRunner().invoke(main, ["tiny-llama", "--gpu", "nosuchgpu", "-o", str(out)])
-    assert r.exit_code == 1 and "Traceback" not in r.output
+    r = CliRunner().invoke(main, [*BASE, "--report", str(tmp_path / "afile" / "rep"), "-o", str(out)])
+    assert r.exit_code == 1 and "--report: cannot write the report" in r.output, r.output
     assert not out.exists()
+    # passes the early check (a writable directory), then fails for real: report.html is a directory
+    (tmp_path / "rep" / "report.html").mkdir(parents=True)
+    r = CliRunner().invoke(main, [*BASE, "--report", str(tmp_path / "rep"), "-o", str(out)])
+    assert r.exit_code == 3, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert "the plan is written" in last and "the report failed" in last
+    assert f"chunkft-report {out} -o {tmp_path / 'rep'}" in last
+    assert load_plan(out).run.total_steps == 1000
 
 
 def test_llama3_8b_fits_a_4090(tmp_path: Path) -> None:

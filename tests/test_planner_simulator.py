@@ -32,7 +32,7 @@ def _case(
         seq_len=seq,
         on_gpu=False,
     )
-    chunks = partition(list(st.specs), num_chunks=k, policy="whole")
+    chunks = partition(list(st.specs), num_chunks=k, policy="rows", state_bytes_per_element=8)
     cand = Candidate(
         windows_of(st, st.specs, chunks), tuple(range(k)), ckpt, micro, accum, states_on, "float32", True
     )
@@ -77,25 +77,40 @@ def test_checkpointing_and_host_states_lower_the_peak() -> None:
 def test_predicted_peak_close_to_traced_full_step(
     k: int, ckpt: tuple[int, ...], micro: int, accum: int
 ) -> None:
+    """Against the executor's own step (SliceGradients + ChunkedOptimizer, row-sliced windows) traced
+    under FakeTensorMode by executor.measure.MemoryTracker."""
     preset, _, setup, chunks, cand, act = _case(k, ckpt=ckpt, micro=micro, accum=accum)
     predicted = window_peaks(setup, cand, act)
-    biggest = max(w.numel for w in cand.windows)
     traced = [
         reference_step_peak(
             preset.config,
             preset.task,
-            [s.name for s in c.slices],
-            max_chunk_numel=biggest,
-            slots=2,
+            chunks,
+            w,
             micro_batch=micro,
             grad_accum=accum,
             seq_len=128,
             dtype="float32",
             checkpoint_layers=ckpt,
+            state_slots=2,
         )[0]
-        for c in chunks
+        for w in range(len(chunks))
     ]
-    # the issue's target is 3%; measured error on tiny models is up to ~5% (see bench/results/planner.md)
-    assert abs(max(predicted) - max(traced)) <= 0.05 * max(traced)
+    # Measured today: worst window +1.7% / +3.0%, single windows up to +4.5%, always over. Known cause: a
+    # window that starts or ends inside a block is composed as if the whole block were trainable (see
+    # bench/results/accuracy.md). The issue's 3% is tracked by the strict xfail below.
+    assert 0 <= max(predicted) - max(traced) <= 0.04 * max(traced)
     for p, t in zip(predicted, traced, strict=True):
-        assert abs(p - t) <= 0.07 * t
+        assert abs(p - t) <= 0.05 * t
+
+
+@pytest.mark.xfail(strict=True, reason="edge blocks composed as fully trainable: up to +4.5% per window")
+def test_every_window_within_three_percent_of_trace() -> None:
+    preset, _, setup, chunks, cand, act = _case(4, ckpt=(0, 1), micro=2, accum=2)
+    predicted = window_peaks(setup, cand, act)
+    for w, p in enumerate(predicted):
+        t = reference_step_peak(
+            preset.config, preset.task, chunks, w, micro_batch=2, grad_accum=2, seq_len=128,
+            dtype="float32", checkpoint_layers=(0, 1), state_slots=2,
+        )[0]
+        assert abs(p - t) <= 0.03 * t
