@@ -343,9 +343,10 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any
         states_on=plan.placement.optimizer_states,
         max_grad_norm=o.max_grad_norm,
         device=device,
-        prefetch_order=tuple(plan.rotation.sequence) if plan.placement.prefetch else (),
-        # The plan's "prefetch" is two fp32 state slots (the planner counts the second one); one slot
-        # otherwise, filled at the update.
+        # Copies always overlap compute: with one fp32 state slot the next window's states are copied in
+        # right after the update, during the next forward/backward (what the simulator's one-slot model
+        # assumes); the plan's "prefetch" adds a second slot, filled one step ahead.
+        prefetch_order=tuple(plan.rotation.sequence),
         state_slots=2 if plan.placement.prefetch else 1,
     )
 

@@ -58,6 +58,10 @@ class Size(click.ParamType):
             self.fail(str(e), param, ctx)
 
 
+# Host budget when only this machine's free memory stood in the way and no --host-mem was given.
+UNBOUNDED_HOST_BYTES = 1 << 60
+
+
 def available_host_bytes() -> int:
     """MemAvailable of this machine (Linux), else total physical memory."""
     try:
@@ -288,6 +292,21 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         space,
     )
     sol = solver.solve()
+    host_warning = ""
+    if sol.best is None and req.host_mem is None and sol.smallest is not None:
+        # Only this machine's free memory is in the way, and the user named no host: the plan is
+        # usually made for another machine (a 4090 box), so plan it and say what host it needs.
+        solver.limits = Limits(budget, UNBOUNDED_HOST_BYTES)
+        unbounded = solver.solve()
+        if unbounded.best is not None:
+            sol = unbounded
+            need = sol.best.result.step.host_bytes
+            host_warning = (
+                f"warning: this plan keeps {gib(need)} of optimizer states in host memory; this machine "
+                f"has {gib(host)} available: train on a machine with more, or pass --host-mem SIZE to "
+                "plan for a specific host"
+            )
+            host = max(host, need)
     if sol.best is None:
         s = sol.smallest
         if s is None:
@@ -327,6 +346,8 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # checked writable above
     save_plan(plan, out_path)
     click.echo(summary(plan, sol, budget))
+    if host_warning:
+        click.echo(host_warning, err=True)
     click.echo(f"plan written to {out_path}")
     if report_dir is None:
         return 0
@@ -362,7 +383,8 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
         ),
         f"states     {plan.placement.optimizer_states}"
         + (
-            f" ({plan.placement.host_state_dtype}, prefetch {'on' if plan.placement.prefetch else 'off'})"
+            f" ({plan.placement.host_state_dtype}, "
+            f"{'2 state slots: prefetch a step ahead' if plan.placement.prefetch else '1 state slot'})"
             if plan.placement.optimizer_states == "host"
             else ""
         ),

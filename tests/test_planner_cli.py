@@ -181,3 +181,25 @@ def test_llama3_8b_fits_a_4090(tmp_path: Path) -> None:
     pr = plan.predictions
     assert pr.peak_bytes + pr.reserve_bytes <= plan.hardware.budget_bytes <= 24 * 2**30
     assert "predicted GPU peak" in r.output
+
+
+def test_the_readme_main_job_plans_without_host_mem(tmp_path: Path) -> None:
+    """`chunkft-plan llama-3-8b --gpu 4090` (no --host-mem) writes a plan on any machine; when this
+    machine's free memory is smaller than the states the plan keeps on the host, it says so."""
+    from planner.cli import available_host_bytes
+
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    plan = load_plan(out)
+    assert plan.model.fingerprint and plan.chunk_table.num_chunks > 1
+    need = plan.predictions.host_bytes
+    assert plan.hardware.host_budget_bytes >= need
+    assert ("optimizer states in host memory" in r.output) == (need > available_host_bytes())
+
+
+def test_an_explicit_host_mem_is_a_hard_limit(tmp_path: Path) -> None:
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "--host-mem", "8GiB", "-o", str(out)])
+    assert r.exit_code == 2
+    assert "host memory: needs" in r.output and not out.exists()
