@@ -376,7 +376,9 @@ def _previous_window(cand: Candidate, window: int) -> int:
 def _next_fill(cand: Candidate, window: int) -> int:
     seq = cand.sequence
     i = seq.index(window) if window in seq else 0
-    ahead = 2 if cand.prefetch else 1
+    # One slot: the window's own states are copied in during its forward/backward (right after the
+    # previous update); two slots: the copy runs a step ahead, for the window after this one.
+    ahead = 1 if cand.prefetch else 0
     return seq[(i + ahead) % len(seq)]
 
 

@@ -54,7 +54,7 @@ def png_bytes(fig: Figure, dpi: int = 110) -> bytes:
 def memory_figure(data: ReportData) -> Figure:
     """1. GPU memory over one step, stacked by category, with the budget line and the peak's cause."""
     sim = data.simulation
-    div, unit = byte_scale(max(data.budget_bytes, sim.peak_bytes + sim.reserve_bytes))
+    div, unit = byte_scale(sim.peak_bytes + sim.reserve_bytes)
     fig = Figure(figsize=(12, 5.5), layout="constrained")
     ax = fig.add_subplot()
     samples = sorted(sim.memory, key=lambda s: s.time_s)
@@ -76,26 +76,26 @@ def memory_figure(data: ReportData) -> Figure:
                 Patch(color=CATEGORY_COLORS[cat], label=_cat_label(cat, peak_by_cat.get(cat, 0), div, unit))
             )
         base = top
-    ax.axhline(data.budget_bytes / div, color=BUDGET_COLOR, ls="--", lw=1.5)
-    ax.text(
-        0,
-        data.budget_bytes / div,
-        f" budget {data.budget_bytes / div:.2f} {unit}",
-        color=BUDGET_COLOR,
-        va="bottom",
-        ha="left",
-        fontsize=9,
-    )
-    if data.memory_total_bytes and data.memory_total_bytes != data.budget_bytes:
-        ax.axhline(data.memory_total_bytes / div, color="black", ls=":", lw=1)
-        ax.text(
-            0,
-            data.memory_total_bytes / div,
-            f" GPU total {data.memory_total_bytes / div:.2f} {unit}",
-            va="bottom",
-            ha="left",
-            fontsize=9,
-        )
+    peak = (sim.peak_bytes + sim.reserve_bytes) / div
+    # A budget far above the peak (a tiny model on a big card) would flatten the plot: draw lines only
+    # for limits within a few times the peak and name the others in the corner.
+    off_scale = []
+    for limit, label, style in (
+        (data.budget_bytes, "budget", {"color": BUDGET_COLOR, "ls": "--", "lw": 1.5}),
+        (data.memory_total_bytes, "GPU total", {"color": "black", "ls": ":", "lw": 1.0}),
+    ):
+        if not limit or (label == "GPU total" and limit == data.budget_bytes):
+            continue
+        if limit / div > 4 * peak:
+            times_peak = limit / div / peak
+            off_scale.append(f"{label} {limit / div:.2f} {unit} ({times_peak:.0f}x the peak, off scale)")
+            continue
+        ax.axhline(limit / div, **style)
+        ax.text(0, limit / div, f" {label} {limit / div:.2f} {unit}", color=style["color"], va="bottom",
+                ha="left", fontsize=9)
+    if off_scale:
+        ax.text(0.01, 0.99, "\n".join(off_scale), transform=ax.transAxes, va="top", ha="left", fontsize=9,
+                color=BUDGET_COLOR)
     peak = (sim.peak_bytes + sim.reserve_bytes) / div
     ax.plot([ms(sim.peak_time_s)], [peak], marker="v", color="black", ms=9)
     ax.annotate(
@@ -109,8 +109,8 @@ def memory_figure(data: ReportData) -> Figure:
         bbox={"boxstyle": "round", "fc": "white", "ec": "0.5"},
         arrowprops={"arrowstyle": "->", "color": "0.3"},
     )
-    top_y = max(peak, data.budget_bytes / div, data.memory_total_bytes / div)
-    ax.set_ylim(0, top_y * 1.3)
+    limits = [b / div for b in (data.budget_bytes, data.memory_total_bytes) if b and b / div <= 4 * peak]
+    ax.set_ylim(0, max([peak, *limits]) * 1.3)
     ax.set_xlim(0, ms(end_s))
     ax.set_xlabel("time in the step (ms)")
     ax.set_ylabel(f"GPU memory ({unit})")
