@@ -581,6 +581,8 @@ def main(
         from planner.plan import PlanError
         from profiles import ProfileError
 
+        if isinstance(e, BrokenPipeError):  # stdout closed by the reader (e.g. `| head`): say nothing
+            sys.exit(141)
         if isinstance(e, OSError):
             raise click.ClickException(
                 f"{e.filename or output}: {e.strerror or e}; check the path and free space (nothing written)"

@@ -13,6 +13,18 @@ temporaries). Parameters and buffers exist before the trace and are not counted 
 Attention: the trace runs on the CPU fake device, so "sdpa" goes through PyTorch's CPU flash kernel
 (memory linear in the sequence, like CUDA flash/mem-efficient kernels; it saves output + logsumexp), and
 "eager" materialises the B*heads*S*S scores as it would on a GPU.
+
+Value-dependent branches: Hugging Face decides from the *values* of the batch whether sdpa needs a mask
+(an unpadded, unpacked causal batch needs none: `is_causal=True`, and grouped-query K/V stay un-repeated
+via `enable_gqa`). A fake tensor has no values, so Hugging Face takes the conservative branch: it
+materialises a B*S*S mask and repeats K and V to all heads, which a real step never does (+2 hidden
+states saved per block on a GQA model, +5.5% on tiny-llama). The trace therefore states the resolution
+up front: for the batches the executor feeds (causal-LM text windows: unpadded) it runs sdpa through a
+registered attention function (`UNPADDED_SDPA`, transformers' documented AttentionInterface) that
+Hugging Face creates no mask for, i.e. exactly the real path. The decision depends only on padding,
+sequence length and the attention pattern (sliding windows), never on the model's width, so it holds for
+a 70B model as for a tiny one. Padded batches (classification rows) keep the standard masked path, which
+is also what a real padded step runs.
 """
 
 from __future__ import annotations
@@ -305,17 +317,57 @@ def move_grads_hook(
     return hook
 
 
-def example_batch(task: str, vocab_size: int, micro_batch: int, seq_len: int) -> dict[str, torch.Tensor]:
-    """Inputs and labels of one micro-batch (token ids; class labels for classification)."""
+def default_padded(task: str) -> bool:
+    """Whether the executor's batches for a task carry padding: causal-LM text windows are full rows;
+    classification rows (SST-2) are padded to the sequence length."""
+    return task != "causal-lm"
+
+
+def example_batch(
+    task: str, vocab_size: int, micro_batch: int, seq_len: int, padded: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """Inputs and labels of one micro-batch, shaped like the executor's (executor/data.py): token ids, an
+    attention mask (all ones, or the last position padded), labels (class labels for classification)."""
+    padded = default_padded(task) if padded is None else padded
     ids = torch.randint(0, vocab_size, (micro_batch, seq_len))
     mask = torch.ones((micro_batch, seq_len), dtype=torch.long)
+    if padded and seq_len > 1:
+        mask[:, -1] = 0
     if task == "causal-lm":
-        # No attention mask: causal-LM batches are packed, unpadded token windows, and for an all-ones mask
-        # Hugging Face takes the mask-free causal attention path. Under FakeTensorMode it cannot look at the
-        # mask's values, so passing one would trace the masked path instead (+2 hidden states per block
-        # on tiny-llama: the fake trace then over-predicts a real step by ~5%).
-        return {"input_ids": ids, "labels": ids}
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids}
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (micro_batch,))}
+
+
+UNPADDED_SDPA = "chunkft_unpadded_sdpa"
+
+
+def _unpadded_sdpa(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """Hugging Face's own sdpa attention, called without a mask: what it runs for an unpadded batch."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, None, **kwargs)  # type: ignore[arg-type]
+
+
+def traced_attention(config: object, task: str, attn: str, seq_len: int, padded: bool) -> str:
+    """The attention implementation a fake trace must use to run what a real step runs (see the module
+    docstring): `UNPADDED_SDPA` where Hugging Face would drop the mask on real values, else `attn`."""
+    if attn != "sdpa" or padded or task != "causal-lm" or not getattr(config, "is_causal", True):
+        return attn
+    window = getattr(config, "sliding_window", None)
+    if getattr(config, "use_sliding_window", True) and window is not None and seq_len >= int(window):
+        return attn  # a sliding-window mask is needed at this length, real or fake
+    from transformers import AttentionInterface
+
+    if UNPADDED_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(UNPADDED_SDPA, _unpadded_sdpa)
+    return UNPADDED_SDPA
 
 
 def _shallow_config(config: object, layers: int) -> object:
@@ -336,6 +388,7 @@ def _trace(
     trainable: Callable[[int], bool],
     structure: ModelStructure,
     checkpoint_layers: Sequence[int],
+    padded: bool,
 ) -> _Timeline:
     """One forward+backward of the shallow model under the live-bytes counter, with block markers."""
     from torch.distributed._tools.mod_tracker import ModTracker
@@ -344,7 +397,7 @@ def _trace(
 
     params = dict(model.named_parameters())
     buffers: dict[torch.Tensor, torch.Tensor] = {}
-    batch = example_batch(task, vocab_size, micro_batch, seq_len)
+    batch = example_batch(task, vocab_size, micro_batch, seq_len, padded)
     counter = _Counter(MemoryTracker(model, exclude=list(batch.values())))
     timeline = _Timeline(counter)
 
@@ -392,29 +445,37 @@ def _trace(
     return timeline
 
 
-_CACHE: dict[tuple[str, str, int, int, str, str], ActivationProfile] = {}
+_CACHE: dict[tuple[str, str, int, int, str, str, bool], ActivationProfile] = {}
 
 
 def activation_profile(
-    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn_implementation: str = "sdpa"
+    config: object,
+    task: str,
+    micro_batch: int,
+    seq_len: int,
+    dtype: str,
+    attn_implementation: str = "sdpa",
+    padded: bool | None = None,
 ) -> ActivationProfile:
-    """Traced activation memory of one micro-batch (cached per configuration)."""
+    """Traced activation memory of one micro-batch (cached per configuration). `padded`: whether the
+    batches carry padding (None: the executor's data for the task, `default_padded`)."""
+    pad = default_padded(task) if padded is None else padded
     text = json.dumps(config.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
-    key = (text, task, micro_batch, seq_len, dtype, attn_implementation)
+    key = (text, task, micro_batch, seq_len, dtype, attn_implementation, pad)
     if key not in _CACHE:
-        _CACHE[key] = _activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation)
+        _CACHE[key] = _activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation, pad)
     return _CACHE[key]
 
 
 def _activation_profile(
-    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str
+    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
 ) -> ActivationProfile:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     if micro_batch < 1 or seq_len < 1:
         raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
     cfg = _shallow_config(config, TRACE_LAYERS)
-    cfg._attn_implementation = attn  # type: ignore[attr-defined]
+    cfg._attn_implementation = traced_attention(cfg, task, attn, seq_len, padded)  # type: ignore[attr-defined]
     torch_dtype = TORCH_DTYPES[dtype]
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = build_from_config(cfg, task, "cpu", torch_dtype)
@@ -425,7 +486,8 @@ def _activation_profile(
         vocab = st.vocab_size
 
         def run(trainable: Callable[[int], bool], ckpt: bool) -> _Timeline:
-            return _trace(model, task, vocab, micro_batch, seq_len, trainable, st, range(L) if ckpt else [])
+            layers = range(L) if ckpt else []
+            return _trace(model, task, vocab, micro_batch, seq_len, trainable, st, layers, padded)
 
         blocks: dict[str, BlockMemory] = {}
         head_fwd: dict[str, Segment] = {}
@@ -544,12 +606,16 @@ __all__ = [
     "Segment",
     "activation_profile",
     "block_flops",
+    "default_padded",
     "enable_layer_checkpointing",
+    "example_batch",
     "head_flops",
     "model_structure",
     "reference_step_peak",
     "TORCH_DTYPES",
     "structure_of",
+    "traced_attention",
+    "UNPADDED_SDPA",
 ]
 
 
@@ -573,6 +639,7 @@ def reference_step_peak(
     host_state_dtype: str = "float32",
     state_slots: int = 2,
     fake: bool = True,
+    padded: bool | None = None,
 ) -> tuple[int, dict[str, int]]:
     """Peak bytes of one full ChunkFT optimizer step of the full-depth model with chunks[window] active,
     traced under FakeTensorMode (nothing allocated) by executor.measure.MemoryTracker: what the planner's
@@ -581,7 +648,8 @@ def reference_step_peak(
     It runs the executor's own code, not a re-implementation: SliceGradients (row-sliced windows
     included), the ChunkedOptimizer with its TransferEngine slots, the gradient norm and the update, in
     the accounting of executor/measure.py (device tensors incl. state slots, host stores excluded).
-    fake=False runs it for real (small models only), to check the fake trace itself.
+    fake=False runs it for real (small models only, plain Hugging Face attention resolving the mask from
+    the batch's values), to check the fake trace itself.
     Returns (peak, bytes by plan category at the peak)."""
     import contextlib
 
@@ -592,7 +660,9 @@ def reference_step_peak(
     from executor.slicegrad import SliceGradients
 
     cfg = copy.deepcopy(config)
-    cfg._attn_implementation = attn_implementation  # type: ignore[attr-defined]
+    pad = default_padded(task) if padded is None else padded
+    attn = traced_attention(cfg, task, attn_implementation, seq_len, pad) if fake else attn_implementation
+    cfg._attn_implementation = attn  # type: ignore[attr-defined]
     cfg.use_cache = False  # type: ignore[attr-defined]
     torch_dtype = TORCH_DTYPES[dtype]
     hp = AdamWHparams(lr=1e-4) if optimizer == "adamw" else SGDHparams(lr=1e-4)
@@ -618,7 +688,7 @@ def reference_step_peak(
         handle = _StepView(opt)
         persistent, host = driver_tensors(handle)
         batches = [
-            example_batch(task, int(cfg.vocab_size), micro_batch, seq_len)  # type: ignore[attr-defined]
+            example_batch(task, int(cfg.vocab_size), micro_batch, seq_len, pad)  # type: ignore[attr-defined]
             for _ in range(grad_accum)
         ]
         inputs = [t for b in batches for t in b.values()]
