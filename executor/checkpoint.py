@@ -152,7 +152,8 @@ def save_checkpoint(
             raise CheckpointDiskFull(meta.step, _pointer(root), _reason(e)) from e
         raise
     for old in sorted(
-        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name
+        (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name),
+        key=lambda p: int(p.name.removeprefix("step-")),  # numeric: step-1000000 comes after step-999999
     )[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -228,7 +229,8 @@ def load_checkpoint(
             f", unexpected {sorted(unexpected)[:3]})"
         )
     try:
-        trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
+        # mmap: the host states are read page by page into the driver's stores, not held twice in RAM.
+        trainer = torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # a pickle that weights_only refuses or a truncated archive
         raise CheckpointError(
             f"{path / TRAINER_FILE}: cannot load the trainer state ({type(e).__name__}: "

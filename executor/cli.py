@@ -192,9 +192,10 @@ def smaller_budget(budget_bytes: int, peak_reserved_bytes: int | None, tried_byt
 
 
 def replan_command(plan: Any, budget_bytes: int) -> str:
-    """chunkft-plan with the plan's own choices and a new --budget."""
+    """chunkft-plan with the plan's own choices and a new --budget (K, checkpointing and the batch split
+    are left to the solver: choosing them for the smaller budget is the point)."""
     run, hw = plan.run, plan.hardware
-    dtype = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}[run.weight_dtype]
+    dtype = {"bfloat16": "bf16", "float32": "fp32"}[run.weight_dtype]
     args = [
         "chunkft-plan",
         plan.model.path or plan.model.name,
@@ -218,6 +219,14 @@ def replan_command(plan: Any, budget_bytes: int) -> str:
         dtype,
         "--task",
         plan.model.task,
+        "--weight-decay",
+        f"{run.optimizer.weight_decay:g}",
+        "--rotation",
+        plan.rotation.order,
+        "--attn",
+        run.attn_implementation,
+        "--host-mem",
+        f"{hw.host_budget_bytes // 2**20}MiB",
     ]
     if hw.num_gpus > 1:
         args += ["--num-gpus", str(hw.num_gpus)]

@@ -594,17 +594,14 @@ class SliceGradients:
         return hook
 
     def window_grads(self) -> dict[str, Tensor]:
-        """name -> fp32 gradient of the window's rows, summed since the last zero_grad()."""
+        """name -> fp32 gradient of the window's rows, summed since the last zero_grad().
+
+        A tensor the backward passes never reached has no entry, like a torch parameter whose .grad is
+        None: the optimizer leaves it alone (no weight decay, no momentum step).
+        """
         if self._active is None:
             raise RuntimeError("no window is active; call activate(chunk) first")
-        out = {}
-        for name, shape in self._shapes.items():
-            buf = self._buffers.get(name)
-            if buf is None:
-                device = self._params[name].device
-                buf = self._buffers[name] = torch.zeros(shape, dtype=torch.float32, device=device)
-            out[name] = buf
-        return out
+        return {name: buf for name, buf in self._buffers.items() if name in self._shapes}
 
     def zero_grad(self) -> None:
         """Forget the accumulated window gradients (buffers are re-created on the next backward)."""

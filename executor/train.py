@@ -106,6 +106,24 @@ class RunResult:
     model_dir: Path
 
 
+def _check_replayable(plan: Any) -> None:
+    """Refuse what this executor cannot replay yet, instead of silently training something else."""
+    problems = []
+    if plan.hardware.num_gpus > 1 or any(g != 0 for g in plan.placement.layer_gpu):
+        problems.append(f"{plan.hardware.num_gpus} GPUs with layers placed across them")
+    if plan.placement.weights != "resident":
+        problems.append(f"weights {plan.placement.weights!r}")
+    if plan.run.chunked_cross_entropy:
+        problems.append("chunked cross-entropy")
+    if plan.run.weight_dtype == "float16" or plan.run.compute_dtype == "float16":
+        problems.append("float16 training (no loss scaling; use bfloat16)")
+    if problems:
+        raise RunError(
+            f"this plan needs {', '.join(problems)}, which chunkft-run does not do yet; re-plan for one "
+            "GPU with chunkft-plan (the planner's multi-GPU figures are predictions only)"
+        )
+
+
 def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     """Run the plan. Raises RunError/DataError/CheckpointError/PlanError/ProfileError on bad input (nothing
     written), TrainingInterrupted after a signal (checkpoint written)."""
@@ -118,6 +136,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     total_steps = plan.run.total_steps if opts.max_steps is None else opts.max_steps
     if total_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {total_steps}")
+    _check_replayable(plan)
     out = Path(opts.output_dir)
     _check_output_dir(out, opts.resume)
 
@@ -147,6 +166,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         set_rng_state(ckpt.trainer["rng"])
         batches.seek(DataPosition(ckpt.meta.data_epoch, ckpt.meta.data_index))
         start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
+        del ckpt  # the driver holds its own copies now
         if start_step >= total_steps:
             raise RunError(
                 f"the checkpoint is at step {start_step}, --max-steps is {total_steps}; raise "
@@ -236,7 +256,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                         "tokens_per_s": tokens / seconds,
                         "seconds": seconds,
                         "transfer_wait_s": stats.transfer_wait_s,
-                        "skipped": bad,
+                        "skipped": stats.skipped,
                     }
                 )
                 progress.show(done, loss_sum, tokens / seconds, _memory_now(device, tracker))
@@ -247,7 +267,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                     )
                 if plan.run.eval_every > 0 and done % plan.run.eval_every == 0 and done < total_steps:
                     evaluate_and_log(done)
-                if stop.signum is not None:
+                if stop.signum is not None and done < total_steps:  # the last step finishes normally
                     save(done)
                     raise TrainingInterrupted(stop.signum, done, resume_cmd)
                 if (
@@ -346,7 +366,7 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any
         # Copies always overlap compute: with one fp32 state slot the next window's states are copied in
         # right after the update, during the next forward/backward (what the simulator's one-slot model
         # assumes); the plan's "prefetch" adds a second slot, filled one step ahead.
-        prefetch_order=tuple(plan.rotation.sequence),
+        prefetch_order=None,  # follow the driver's own rotation (exact for random orders too)
         state_slots=2 if plan.placement.prefetch else 1,
     )
 

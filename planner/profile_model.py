@@ -51,10 +51,13 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 Task = Literal["causal-lm", "sequence-classification"]
 
 # How a block takes part in the backward pass of a ChunkFT step:
-# "full": its weights are in the active window (weight and input gradients, everything saved);
+# "full": its weights are in the active window and so is something below it (weight and input gradients);
+# "first": the lowest block of a window that does not reach the embedding: weight gradients, but its
+#   input needs none, so autograd records less (e.g. the input norm saves its output, not its input and
+#   statistics, and the block input is dropped after the forward);
 # "input": above the window (frozen weights, input gradient only so the window below gets its gradient);
 # "none": below the window (forward only, nothing saved, no backward).
-BlockMode = Literal["full", "input", "none"]
+BlockMode = Literal["full", "first", "input", "none"]
 # The head (final norm, LM/classifier head, loss): "full" when the window touches the head and a block
 # below it, "input" when the window is below the head, "weight" when the window is only in the head.
 HeadMode = Literal["full", "input", "weight"]
@@ -101,12 +104,23 @@ class ActivationProfile:
     attn_implementation: str
     embed_fwd: Segment  # embedding, position embeddings, masks: up to the first block
     embed_bwd_trainable: Segment  # the embedding's backward when it is in the window
-    blocks: tuple[tuple[str, BlockMemory], ...]  # (mode, memory) for full/input/none/ckpt-full/ckpt-input
+    blocks: tuple[tuple[str, BlockMemory], ...]  # (mode, memory): modes, and ckpt-<mode> but none
     head_fwd: tuple[tuple[str, Segment], ...]  # by HeadMode: last block output -> loss
     head_bwd: tuple[tuple[str, Segment], ...]  # by HeadMode: loss.backward() -> first block gradient
     hidden_bytes: int  # one block input/output, B*S*H in the compute dtype (what goes between GPUs)
 
-    def block(self, mode: BlockMode, checkpointed: bool = False) -> BlockMemory:
+    def block(
+        self, mode: BlockMode, checkpointed: bool = False, last: bool = False, head_only: bool = False
+    ) -> BlockMemory:
+        """`last`: the top block below the head. Below the window ("none") its input is dropped after
+        the head's forward began (where the head segment, traced after it, already counts the free),
+        so its own segment ends at its output rather than at the next block's input.
+        `head_only` (block 0 when the window is only the head): the decoder holds the embedding output
+        until it returns, and the head segment of that trace counts the free, so block 0 keeps it."""
+        if head_only and mode == "none":
+            return dict(self.blocks)["first-none"]
+        if last and mode == "none":
+            return dict(self.blocks)["last-none"]
         key = f"ckpt-{mode}" if checkpointed and mode != "none" else mode
         return dict(self.blocks)[key]
 
@@ -497,6 +511,8 @@ def _activation_profile(
         t_none = run(lambda layer: layer == L, False)
         t_ckpt_full = run(lambda layer: True, True)
         t_ckpt_input = run(lambda layer: layer == -1, True)
+        t_first = run(lambda layer: layer >= r, False)  # blocks below r: none; r: first; above: full
+        t_ckpt_first = run(lambda layer: layer >= r, True)
 
     def block_segments(tl: _Timeline, backward: bool) -> BlockMemory:
         a = tl.index(f"pre_fw {r}")
@@ -506,7 +522,8 @@ def _activation_profile(
             return BlockMemory(fwd, ZERO_SEGMENT)
         bwd_from = tl.index("fwd_end")
         c = tl.index(f"pre_bw {r}", bwd_from)
-        d = tl.index(f"pre_bw {r - 1}", c)
+        below = [i for i in range(c, len(tl.marks)) if tl.marks[i][0] == f"pre_bw {r - 1}"]
+        d = below[0] if below else tl.index("bwd_end", c)  # the lowest block: to the end of backward
         return BlockMemory(fwd, tl.segment(c, d))
 
     def head_segments(tl: _Timeline, backward: bool) -> tuple[Segment, Segment]:
@@ -528,6 +545,12 @@ def _activation_profile(
     blocks["none"] = block_segments(t_none, False)
     blocks["ckpt-full"] = block_segments(t_ckpt_full, True)
     blocks["ckpt-input"] = block_segments(t_ckpt_input, True)
+    blocks["first"] = block_segments(t_first, True)
+    last_none = t_none.segment(t_none.index(f"pre_fw {L - 1}"), t_none.index(f"post_fw {L - 1}"))
+    blocks["last-none"] = BlockMemory(last_none, ZERO_SEGMENT)
+    first_none = t_none.segment(t_none.index("pre_fw 0"), t_none.index("pre_fw 1"))
+    blocks["first-none"] = BlockMemory(first_none, ZERO_SEGMENT)
+    blocks["ckpt-first"] = block_segments(t_ckpt_first, True)
     head_fwd["full"], head_bwd["full"] = head_segments(t_full, True)
     head_fwd["input"], head_bwd["input"] = head_segments(t_input, True)
     head_fwd["weight"], head_bwd["weight"] = head_segments(t_none, True)

@@ -178,6 +178,8 @@ def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], in
 def _block_mode(group: int, w: Window) -> str:
     if group < w.low:
         return "none"
+    if group == w.low:  # nothing below the window needs a gradient, so neither does this block's input
+        return "first"
     if group <= w.high:
         return "full"
     return "input"
@@ -229,16 +231,17 @@ class _Walk:
             self.samples[gpu].append(MemorySample(when, _cats(snap), name))
 
     def segment(self, gpu: int, seg: Segment, name: str, duration: float) -> None:
-        """Apply a traced segment: its excursion is a temporary peak, its delta changes activations
-        (and gradients, for the fp32 window buffers it creates)."""
+        """Apply a traced segment: its excursion (gradient buffers included: a backward creates them one
+        by one while it frees saved activations, so the highest point need not hold all of them) is the
+        peak inside it; its delta changes activations and gradients. Drawn as the state after the segment
+        plus the rest of the excursion as temporaries."""
         m = self.mem[gpu]
+        start = sum(m.values())
         m["gradients"] += seg.grad_bytes
-        seg = Segment(seg.delta_bytes - seg.grad_bytes, seg.excursion_bytes - seg.grad_bytes)
-        kept = max(seg.delta_bytes, 0)
-        m["activations"] += kept
-        self.note(gpu, name, extra_temp=max(seg.excursion_bytes - kept, 0), t=self.now + duration / 2)
-        if seg.delta_bytes < 0:
-            m["activations"] = max(0, m["activations"] + seg.delta_bytes)
+        m["activations"] = max(0, m["activations"] + seg.delta_bytes - seg.grad_bytes)
+        after = sum(m.values())
+        extra = max(start + seg.excursion_bytes - after, 0)
+        self.note(gpu, name, extra_temp=extra, t=self.now + duration / 2)
         self.now += duration
         if self.record:
             self.samples[gpu].append(MemorySample(self.now, _cats(m), name))
@@ -293,7 +296,9 @@ def _replay(
                     seg, flops = act.head(head_mode)[0], f_head
                 else:
                     mode = _block_mode(grp, w)
-                    seg = act.block(mode, grp in ckpt).fwd  # type: ignore[arg-type]
+                    seg = act.block(  # type: ignore[arg-type]
+                        mode, grp in ckpt, grp == L - 1, grp == 0 and head_mode == "weight"
+                    ).fwd
                     flops = f_fwd
             else:
                 if grp < 0:
@@ -305,7 +310,7 @@ def _replay(
                     mode = _block_mode(grp, w)
                     recompute = grp in ckpt
                     seg = act.block(mode, recompute).bwd  # type: ignore[arg-type]
-                    flops = (f_bwd_full if mode == "full" else f_bwd_in) + (f_fwd if recompute else 0)
+                    flops = (f_bwd_in if mode == "input" else f_bwd_full) + (f_fwd if recompute else 0)
                 # The trace made fp32 buffers for whole tensors of the group; the window has its own
                 # rows of the group (slices of straddling tensors): swap one for the other.
                 new = 0
@@ -444,7 +449,9 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, low: int, hi
                 elif grp >= L:
                     seg, flops = act.head(head_mode)[0], f_head  # type: ignore[arg-type]
                 else:
-                    seg, flops = act.block(_block_mode(grp, probe), grp in ckpt).fwd, f_fwd  # type: ignore[arg-type]
+                    mode = _block_mode(grp, probe)
+                    blk = act.block(mode, grp in ckpt, grp == L - 1, grp == 0 and head_mode == "weight")  # type: ignore[arg-type]
+                    seg, flops = blk.fwd, f_fwd
             else:
                 if grp < 0:
                     seg, flops = act.embed_bwd_trainable, 0
@@ -454,13 +461,12 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, low: int, hi
                 else:
                     mode = _block_mode(grp, probe)
                     seg = act.block(mode, grp in ckpt).bwd  # type: ignore[arg-type]
-                    flops = (f_bwd_full if mode == "full" else f_bwd_in) + (f_fwd if grp in ckpt else 0)
-            delta, exc = seg.delta_bytes - seg.grad_bytes, seg.excursion_bytes - seg.grad_bytes
-            kept = max(delta, 0)
-            peak = acts[gpu] + max(exc, kept)
-            acts[gpu] += kept
-            if delta < 0:
-                acts[gpu] = max(0, acts[gpu] + delta)
+                    flops = (f_bwd_in if mode == "input" else f_bwd_full) + (f_fwd if grp in ckpt else 0)
+            # Relative to the gradient buffers that exist before the node; _window_peaks adds the
+            # window's own buffers of this group (made inside the node) on top, as _Walk.segment does.
+            before = acts[gpu]
+            acts[gpu] = max(0, before + seg.delta_bytes - seg.grad_bytes)
+            peak = max(before + seg.excursion_bytes - seg.grad_bytes, acts[gpu])
             now += c.compute_seconds(flops)
             if micro == 0:
                 if node.kind == "bwd":

@@ -104,16 +104,11 @@ class Space:
 
 
 def rotation_sequence(order: str, k: int, seed: int) -> tuple[int, ...]:
-    """One cycle of window indices (random: a seeded permutation, as the executor draws it)."""
-    if order == "bottom-up":
-        return tuple(range(k))
-    if order == "top-down":
-        return tuple(reversed(range(k)))
-    import random
+    """The first cycle of window indices, drawn exactly as the executor draws it (random orders draw a
+    fresh permutation every cycle; the plan records the first)."""
+    from executor.rotation import RotationSpec, cycle_order
 
-    seq = list(range(k))
-    random.Random(seed).shuffle(seq)
-    return tuple(seq)
+    return cycle_order(RotationSpec(order=order, update_interval=1, seed=seed), k, 0)  # type: ignore[arg-type]
 
 
 def batch_splits(space: Space) -> list[tuple[int, int]]:

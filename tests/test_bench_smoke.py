@@ -175,4 +175,7 @@ def test_sst2_selection_uses_validation_never_test() -> None:
            b.RunResult(lo, 0, (("val", 0.70, 0.5), ("test", 0.90, 0.2)), 1.0, 2),  # better on test only
            b.RunResult(hi, 0, (("val", 0.75, 0.5), ("test", 0.60, 0.9)), 1.0, 2)]
     assert b.select(res)["ChunkFT K=6 ui=1"] == hi
+    # a second seed of the lower lr only: the choice stays on the seeds both lrs share
+    res.append(b.RunResult(lo, 1, (("val", 0.99, 0.1), ("test", 0.90, 0.2)), 1.0, 2))
+    assert b.select(res)["ChunkFT K=6 ui=1"] == hi
     assert "-25.00 accuracy points" in b.verdict(res)[-1] and "MISSED" in b.verdict(res)[-1]

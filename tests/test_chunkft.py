@@ -380,3 +380,42 @@ def test_engine_direct_kinds_are_used_in_place_and_state_dict_keeps_live_slots()
     assert torch.equal(fresh.wait(1).tensors["h"], torch.full((6,), 7.0))
     with pytest.raises(ValueError, match="chunks"):
         engine([KindSpec("d", "device"), KindSpec("h", "host")], numels=(4, 6)).load_state_dict(state)
+
+
+def test_a_parameter_the_backward_never_reaches_is_left_alone_like_torch() -> None:
+    """K=1 with weight decay: a layer unused in the forward keeps its weights in torch (its .grad is None)
+    and must in ChunkFT too (no decay, no Adam step on a zero gradient)."""
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = torch.nn.Linear(6, 6)
+            self.used = torch.nn.Linear(6, 2)
+            self.unused = torch.nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.used(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    ours, ref = TwoHeads(), TwoHeads()
+    ref.load_state_dict(ours.state_dict())
+    hp = AdamWHparams(lr=1e-2, weight_decay=0.1)
+    driver = ChunkFT(
+        ours,
+        partition(param_specs(ours), num_chunks=1),
+        hparams=hp,
+        schedule=ScheduleSpec(kind="constant", warmup_steps=0, total_steps=5),
+        rotation=RotationSpec(order="bottom-up"),
+    )
+    opt = torch.optim.AdamW(ref.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    for _ in range(5):
+        x = torch.randn(4, 6)
+        driver.backward(ours(x).square().mean())
+        driver.step()
+        ref(x).square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    driver.close()
+    for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert torch.equal(ours.unused.weight, ref.unused.weight)

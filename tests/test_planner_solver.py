@@ -98,3 +98,16 @@ def test_batch_splits_and_layer_balance() -> None:
     placement = balance_layers([10] * 8, 2)
     assert placement == (0, 0, 0, 0, 1, 1, 1, 1)
     assert balance_layers([10] * 8, 1) == ()
+
+
+def test_random_rotation_in_the_plan_is_the_one_the_executor_runs() -> None:
+    from executor.rotation import Rotation, RotationSpec
+    from planner.solver import rotation_sequence
+
+    for k, seed in ((4, 0), (7, 3), (16, 11)):
+        rot = Rotation(RotationSpec(order="random", seed=seed), k)
+        first_cycle = []
+        for _ in range(k):
+            first_cycle.append(rot.current())
+            rot.advance()
+        assert rotation_sequence("random", k, seed) == tuple(first_cycle)
