@@ -379,8 +379,7 @@ def traced_attention(config: object, task: str, attn: str, seq_len: int, padded:
         return attn  # a sliding-window mask is needed at this length, real or fake
     from transformers import AttentionInterface
 
-    if UNPADDED_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(UNPADDED_SDPA, _unpadded_sdpa)
+    AttentionInterface.register(UNPADDED_SDPA, _unpadded_sdpa)  # idempotent: a name -> function mapping
     return UNPADDED_SDPA
 
 
