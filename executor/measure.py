@@ -47,7 +47,7 @@ CATEGORY_OF_REFTYPE: dict[str, str] = {
 class MemoryMeasurement:
     """A measured peak with its breakdown (empty where the method gives none)."""
 
-    method: str  # "cuda-allocator" or "dispatch-tracker" (MemoryTracker, a TorchDispatchMode)
+    method: str  # "cuda-allocator" or "memtracker" (MemoryTracker: torch MemTracker, CPU)
     device: str
     peak_bytes: int
     reserved_bytes: int | None  # CUDA caching allocator reserve; None on CPU
@@ -247,7 +247,7 @@ class MemoryTracker(MemTracker):
     def result(self) -> MemoryMeasurement:
         by_cat = self.breakdown()
         return MemoryMeasurement(
-            method="dispatch-tracker",
+            method="memtracker",
             device="cpu",
             peak_bytes=self.peak_bytes(),
             reserved_bytes=None,

@@ -48,7 +48,7 @@ class RunRecord:
     tokens_per_second: float
     train_losses: tuple[tuple[int, float], ...]  # (optimizer step, loss)
     eval_losses: tuple[tuple[int, float], ...]
-    memory_method: str = ""  # "cuda-allocator" | "dispatch-tracker" (CPU)
+    memory_method: str = ""  # "cuda-allocator" | "memtracker" (CPU)
     device: str = ""
     reserved_bytes: int | None = None  # the CUDA caching allocator's reserve at the peak
 

@@ -247,7 +247,7 @@ def executor_run_doc() -> dict:
     """run.json as executor/train.py writes it (the keys this module reads, with their real nesting)."""
     return {
         "plan": {"model_fingerprint": "abc123", "num_chunks": 4},
-        "measured": {"device": "cpu", "memory_method": "dispatch-tracker", "peak_bytes": 100,
+        "measured": {"device": "cpu", "memory_method": "memtracker", "peak_bytes": 100,
                      "reserved_bytes": None, "peak_by_category": {"weights": 60, "activations": 40},
                      "step_seconds": 0.5, "tokens_per_second": 2048.0},
         "losses": {"train": [3.0, 2.5, None], "final_train": 2.5,
@@ -261,7 +261,7 @@ def test_run_json_parsing() -> None:
     r = run_from_dict(doc, fingerprint="abc123")
     assert r.peak_by_category == (("weights", 60), ("activations", 40))
     assert r.train_losses == ((1, 3.0), (2, 2.5)) and r.eval_losses == ((0, 3.1), (2, 2.7))
-    assert (r.device, r.memory_method, r.reserved_bytes) == ("cpu", "dispatch-tracker", None)
+    assert (r.device, r.memory_method, r.reserved_bytes) == ("cpu", "memtracker", None)
     unmeasured = run_from_dict({**doc, "measured": {**doc["measured"], "peak_bytes": None}})
     assert unmeasured.peak_bytes is None
     for bad, msg in (({"measured": {}}, "missing measured.peak_bytes"),

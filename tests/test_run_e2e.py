@@ -122,7 +122,7 @@ def test_tiny_llama_on_shakespeare_eval_loss_falls_and_exports(tmp_path: Path) -
     assert evals[-1] < evals[0] - 1.0, evals  # byte-level: from ~ln(512) towards character statistics
     assert len(report["losses"]["train"]) == 30 and report["skipped_steps"] == 0
     m = report["measured"]
-    assert m["memory_method"] == "dispatch-tracker" and m["memory_steps"] == [1, 2, 3, 4]
+    assert m["memory_method"] == "memtracker" and m["memory_steps"] == [1, 2, 3, 4]
     assert m["peak_bytes"] == sum(m["peak_by_category"].values()) > 0
     from profiles import build_model, load_model
 
