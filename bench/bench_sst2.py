@@ -203,7 +203,8 @@ def table(results: list[RunResult], splits_: list[str]) -> list[str]:
 
 def select(results: list[RunResult]) -> dict[str, Config]:
     """Per family (dense; ChunkFT at each K and update_interval) the lr with the best mean validation
-    accuracy (ties: lower validation loss); with no validation split, the family's only configuration."""
+    accuracy (ties: lower validation loss) over the seeds every lr of the family was run with, so extra
+    seeds of the chosen lr cannot change the choice; with no validation split, the family's only one."""
     by = _by_config(results)
     fams: dict[str, list[Config]] = {}
     for cfg in by:
@@ -212,8 +213,13 @@ def select(results: list[RunResult]) -> dict[str, Config]:
     has_val = all(any(s == "val" for s, _, _ in r.scores) for r in results)
     out = {}
     for fam, cfgs in fams.items():
-        if has_val:
-            out[fam] = max(cfgs, key=lambda c: (_mean(by[c], "acc", "val"), -_mean(by[c], "loss", "val")))
+        common = set.intersection(*({r.seed for r in by[c]} for c in cfgs))
+        if has_val and common:
+            def key(c: Config, common: set[int] = common) -> tuple[float, float]:
+                rs = [r for r in by[c] if r.seed in common]
+                return _mean(rs, "acc", "val"), -_mean(rs, "loss", "val")
+
+            out[fam] = max(cfgs, key=key)
         elif len(cfgs) == 1:
             out[fam] = cfgs[0]
     return out
@@ -228,7 +234,8 @@ def verdict(results: list[RunResult]) -> list[str]:
         return []
     d_cfg = chosen["dense"]
     d = _mean(by[d_cfg], "acc", "test")
-    out = [f"Chosen on the validation split (best mean validation accuracy per family): "
+    out = [f"Chosen on the validation split (best mean validation accuracy per family, over the seeds all "
+           f"its lrs share): "
            f"{', '.join(c.label for c in chosen.values())}. Held-out test accuracy of the chosen ones:", ""]
     for fam, cfg in chosen.items():
         if fam == "dense":

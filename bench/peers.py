@@ -140,6 +140,7 @@ class MethodResult:
 class Datasets:
     train: TokenData
     held_out: TokenData  # already cut to the workload's eval_examples
+    validation: TokenData  # as many examples, disjoint from held_out: what lr tuning is judged on
 
 
 class Runner(Protocol):
@@ -156,7 +157,11 @@ class Runner(Protocol):
 
 
 def _head(data: TokenData, n: int) -> TokenData:
-    return TokenData(data.input_ids[:n], data.attention_mask[:n], data.labels[:n])
+    return _slice(data, 0, n)
+
+
+def _slice(data: TokenData, a: int, b: int) -> TokenData:
+    return TokenData(data.input_ids[a:b], data.attention_mask[a:b], data.labels[a:b])
 
 
 def pack_bytes(text: str, seq_len: int) -> TokenData:
@@ -185,18 +190,24 @@ def sst2_sentences_lm(seq_len: int, max_bytes: int | None = None) -> TokenData:
 
 
 def shakespeare_lm(seq_len: int, eval_examples: int) -> Datasets:
-    """tinyshakespeare packed by the project's loader; its last 10% is held out."""
+    """tinyshakespeare packed by the project's loader; its last 10% is held out: the first eval_examples
+    blocks of it are the held-out set, the next eval_examples the validation set for lr tuning."""
     ds = load_dataset(SHAKESPEARE_TXT, ByteTokenizer(), task="causal-lm", seq_len=seq_len)
-    return Datasets(ds.train, _head(ds.eval, eval_examples))
+    if 2 * eval_examples > len(ds.eval):
+        raise BenchError(f"the held-out part has {len(ds.eval)} blocks, fewer than 2 x {eval_examples} "
+                         "(held-out + validation); lower --eval-examples")
+    n = eval_examples
+    return Datasets(ds.train, _head(ds.eval, n), _slice(ds.eval, n, 2 * n))
 
 
 def sst2_classification(tokenizer: Any, seq_len: int, train_examples: int, eval_examples: int) -> Datasets:
     """SST-2 for a classifier: training rows from the first 90% of train.tsv, held-out rows from its last
-    10% (train.tsv is the only labelled split available here)."""
+    10% (train.tsv is the only labelled split available here), then as many validation rows after them."""
     rows = sst2_rows()
     cut = len(rows) - math.ceil(len(rows) / 10)
-    if train_examples > cut or eval_examples > len(rows) - cut:
-        raise BenchError(f"SST-2 has {cut} training and {len(rows) - cut} held-out rows; ask for fewer")
+    if train_examples > cut or 2 * eval_examples > len(rows) - cut:
+        raise BenchError(f"SST-2 has {cut} training and {len(rows) - cut} held-out rows (held-out and "
+                         "validation come from them); ask for fewer")
 
     def encode(part: list[tuple[str, int]]) -> TokenData:
         enc = tokenizer([s for s, _ in part], padding="max_length", truncation=True, max_length=seq_len,
@@ -204,7 +215,8 @@ def sst2_classification(tokenizer: Any, seq_len: int, train_examples: int, eval_
         labels = torch.tensor([y for _, y in part], dtype=torch.long)
         return TokenData(enc["input_ids"].long(), enc["attention_mask"].long(), labels)
 
-    return Datasets(encode(rows[:train_examples]), encode(rows[cut : cut + eval_examples]))
+    return Datasets(encode(rows[:train_examples]), encode(rows[cut : cut + eval_examples]),
+                    encode(rows[cut + eval_examples : cut + 2 * eval_examples]))
 
 
 # ----------------------------------------------------------------------------------------- models
@@ -696,9 +708,11 @@ def tune_lrs(
     build: Callable[[], nn.Module], specs: Sequence[MethodSpec], wl: Workload, data: Datasets, *,
     tune_steps: int, plan_dir: Path, log: Callable[[str], None] = print,
 ) -> tuple[list[MethodSpec], list[tuple[str, float, float | None]]]:
-    """Each spec's lr chosen from LR_GRID[kind] by held-out loss after a short run (tune_steps steps, no
-    measurement); returns the tuned specs and every (label, lr, held-out loss) tried."""
+    """Each spec's lr chosen from LR_GRID[kind] by validation loss after a short run (tune_steps steps, no
+    measurement); returns the tuned specs and every (label, lr, validation loss) tried. The validation
+    examples are disjoint from the held-out ones the results are reported on."""
     short = replace(wl, steps=tune_steps)
+    data = replace(data, held_out=data.validation)
     tried: list[tuple[str, float, float | None]] = []
     tuned = []
     for spec in specs:
@@ -708,7 +722,7 @@ def tune_lrs(
             (r,) = run_methods(build, [g], short, data, plan_dir=plan_dir, measure=False, log=log)
             loss = _eval_after_short(r)
             tried.append((spec.label, g.lr, loss))
-            log(f"tune {spec.label}: lr {g.lr:g} -> held-out loss {loss if loss is not None else r.status}")
+            log(f"tune {spec.label}: lr {g.lr:g} -> validation loss {loss if loss is not None else r.status}")
             if loss is not None and loss < best_loss:
                 best, best_loss = replace(spec, lr=g.lr), loss
         tuned.append(best)
@@ -912,7 +926,8 @@ def run_experiment(
     ]
     if tried:
         lines += ["", f"Learning rates: each method's grid below, {tune_steps}-step runs from the same "
-                  "start, the lr with the lowest held-out loss kept:", ""]
+                  "start, the lr with the lowest validation loss kept (validation = the next "
+                  f"{wl.eval_examples} examples after the held-out ones, disjoint from them):", ""]
         by: dict[str, list[str]] = {}
         for label, lr, loss in tried:
             by.setdefault(label, []).append(f"{lr:g} -> {_f(loss, '.4f')}")

@@ -331,6 +331,9 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ..
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the input embeddings require grad (needed only by reentrant checkpointing);
+    # that would run backward below the active window, which ChunkFT exists to avoid.
+    model.disable_input_require_grads()
     if mode == "selected":
         blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
         for i, block in enumerate(blocks):

@@ -102,6 +102,13 @@ def test_unrunnable_peer_is_a_row_not_a_crash(setup) -> None:
     assert "| AdaLomo |" in peers.results_table([r], classification=False)
 
 
+def test_lr_tuning_is_judged_on_validation_blocks_not_the_held_out_ones(setup) -> None:
+    data = setup[2]
+    assert len(data.validation) == len(data.held_out) == 4
+    held = {tuple(x.tolist()) for x in data.held_out.input_ids}
+    assert not held & {tuple(x.tolist()) for x in data.validation.input_ids}
+
+
 def test_badam_blocks_cover_every_parameter(setup) -> None:
     base = setup[0]
     blocks = peers.block_prefixes(base)

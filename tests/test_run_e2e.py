@@ -249,3 +249,28 @@ def test_resume_refuses_a_checkpoint_from_another_plan(tmp_path: Path) -> None:
     assert res.exit_code == 2 and "written under another plan" in res.output
     res = CliRunner().invoke(run_main, [str(plan), "--data", str(data), "--output", str(out), "--quiet"])
     assert res.exit_code == 2 and "already holds a run" in res.output
+
+
+def test_checkpointing_as_planned_keeps_backward_above_the_window() -> None:
+    """transformers' gradient_checkpointing_enable makes the input embeddings require grad; the run must
+    undo that, or backward would reach the embedding whatever the window."""
+    import torch
+
+    from executor.chunks import param_specs, partition
+    from executor.slicegrad import SliceGradients
+    from executor.train import apply_checkpointing
+    from profiles import build_model, load_model
+
+    torch.manual_seed(0)
+    model = build_model(load_model("tiny-llama"), device="cpu")
+    apply_checkpointing(model, "all", ())
+    model.train()
+    reached = []
+    model.model.layers[0].register_full_backward_hook(lambda *_: reached.append(0))
+    grads = SliceGradients(model)
+    top = partition(param_specs(model), num_chunks=4)[-1]
+    grads.activate(top)
+    ids = torch.randint(0, 256, (2, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads.deactivate()
+    assert reached == []
