@@ -208,6 +208,10 @@ class ChunkFT:
             self._optimizer.begin_window(self._rotation.current())
         return StepStats(chunk, lr, norm_value, False, wait_s)
 
+    def discard_grads(self) -> None:
+        """Drop the gradients accumulated since the last step (a step abandoned half-way, e.g. on OOM)."""
+        self._slicegrad.zero_grad()
+
     def close(self) -> None:
         """Restore the model (every module and requires_grad flag) and finish pending copies."""
         if self._closed:

@@ -182,20 +182,21 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         f"--max-steps {total_steps} --resume"
     )
 
-    def save(step: int) -> Path:
+    def save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
         with tracker.phase("excluded"):  # not part of a training step's memory
-            return _save(step)
+            return _save(step, position, rng)
 
-    def _save(step: int) -> Path:
+    def _save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
+        position = position or batches.position
         meta = CheckpointMeta(
             step=step,
             model_fingerprint=plan.model.fingerprint,
             plan_sha256=plan_sha,
-            data_epoch=batches.position.epoch,
-            data_index=batches.position.index,
+            data_epoch=position.epoch,
+            data_index=position.index,
             consecutive_bad_steps=bad_in_a_row,
         )
-        trainer = {"driver": driver.state_dict(), "rng": rng_state()}
+        trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
 
     def evaluate_and_log(step: int) -> None:
@@ -226,14 +227,25 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                 measuring = step in span
                 clock.start()
                 loss_sum, tokens = 0.0, 0
-                for _ in range(accum):
-                    batch = {k: v.to(device) for k, v in batches.next().items()}
-                    with tracker.phase("forward"), autocast:
-                        loss = model(**batch).loss / accum
-                    with tracker.phase("backward"):
-                        driver.backward(loss)
-                    loss_sum += float(loss.detach())
-                    tokens += int(batch["attention_mask"].sum())
+                at_step_start = (batches.position, rng_state())
+                try:
+                    for _ in range(accum):
+                        batch = {k: v.to(device) for k, v in batches.next().items()}
+                        with tracker.phase("forward"), autocast:
+                            loss = model(**batch).loss / accum
+                        with tracker.phase("backward"):
+                            driver.backward(loss)
+                        loss_sum += float(loss.detach())
+                        tokens += int(batch["attention_mask"].sum())
+                except torch.OutOfMemoryError:
+                    # Nothing of this step is applied yet (weights and states change only in step()):
+                    # the state at its start is consistent, so save it before reporting the OOM.
+                    batch = loss = None
+                    driver.discard_grads()
+                    if step > start_step:
+                        with contextlib.suppress(Exception):  # the last checkpoint stays if this fails
+                            save(step, *at_step_start)
+                    raise
                 with tracker.phase("optimizer"):
                     stats = driver.step()
                 seconds = clock.stop(tokens, stats.transfer_wait_s, exclude=measuring or step == start_step)

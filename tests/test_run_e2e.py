@@ -274,3 +274,31 @@ def test_checkpointing_as_planned_keeps_backward_above_the_window() -> None:
     model(input_ids=ids, labels=ids).loss.backward()
     grads.deactivate()
     assert reached == []
+
+
+def test_out_of_memory_mid_step_saves_the_step_start_and_resumes_exactly(tmp_path: Path) -> None:
+    """An OOM in forward/backward leaves weights and states as they were at the step's start: the run
+    checkpoints that state (data position and RNG included) and a resume continues exactly."""
+    plan = _plan(tmp_path, steps=10, name="oom")
+    data = _text(tmp_path, 20_000)
+    whole = train(RunOptions(plan, data, tmp_path / "whole", progress=False))
+
+    calls = {"n": 0}
+
+    def fail_on_the_14th_forward(module, args, output):  # type: ignore[no-untyped-def]
+        if type(module).__name__ == "LlamaForCausalLM":  # the outer model: one call per micro-batch
+            calls["n"] += 1
+            if calls["n"] == 14:  # step 7 (2 micro-batches a step), second micro-batch
+                raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+
+    handle = torch.nn.modules.module.register_module_forward_hook(fail_on_the_14th_forward)
+    try:
+        with pytest.raises(torch.OutOfMemoryError):
+            train(RunOptions(plan, data, tmp_path / "oom", progress=False))
+    finally:
+        handle.remove()
+    assert (tmp_path / "oom" / "checkpoints" / "step-000006").is_dir()
+    resumed = train(RunOptions(plan, data, tmp_path / "oom", resume=True, progress=False))
+    torch.testing.assert_close(
+        torch.tensor(resumed.train_losses), torch.tensor(whole.train_losses), rtol=0, atol=1e-6
+    )
