@@ -13,16 +13,6 @@ from executor.chunks import param_specs, partition
 from executor.rotation import Rotation, RotationSpec, cycle_order
 from executor.schedule import ScheduleSpec, lr_at, lr_factor
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine run 10-50x faster on one intra-op thread than on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----- schedules ----------------------------------------------------------------------------------------
 
 
