@@ -496,36 +496,12 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
 @click.option("--list-models", is_flag=True, help="List model presets and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def main(
-    model,
-    gpu,
-    num_gpus,
-    budget,
-    reserve,
-    seq_len,
-    batch_size,
-    micro_batch,
-    grad_accum,
-    optimizer,
-    lr,  # type: ignore[no-untyped-def]
-    weight_decay,
-    schedule,
-    warmup_steps,
-    steps,
-    host_mem,
-    dtype,
-    chunks,
-    checkpointing,
-    rotation,
-    task,
-    attn,
-    efficiency,
-    output,
-    eval_every,
-    checkpoint_every,
-    report_dir,
-    list_gpus,
-    list_models,
-    debug,
+    output: str | None,
+    report_dir: str | None,
+    list_gpus: bool,
+    list_models: bool,
+    debug: bool,
+    **options: Any,
 ) -> None:
     """Plan full-parameter ChunkFT fine-tuning of MODEL on --gpu; write the plan with -o."""
     import profiles
@@ -539,39 +515,14 @@ def main(
         for m in profiles.list_models():
             click.echo(f"{m.key:<18} {m.task}")
         return
-    if model is None:
+    if options["model"] is None:
         raise click.UsageError("give a MODEL (preset, HF directory) or --list-models")
-    if gpu is None:
+    if options["gpu"] is None:
         raise click.UsageError("give --gpu (e.g. --gpu 4090, --gpu cpu, --gpu auto); --list-gpus lists them")
     if output is None:
         raise click.UsageError("give -o plan.json: where to write the plan")
-    req = Request(
-        model,
-        gpu,
-        num_gpus,
-        budget,
-        reserve,
-        seq_len,
-        batch_size,
-        micro_batch,
-        grad_accum,
-        optimizer,
-        lr,
-        weight_decay,
-        schedule,
-        warmup_steps,
-        steps,
-        host_mem,
-        dtype,
-        chunks,
-        checkpointing,
-        rotation,
-        task,
-        attn,
-        efficiency or DEFAULT_EFFICIENCY,
-        eval_every,
-        checkpoint_every,
-    )
+    options["efficiency"] = options["efficiency"] or DEFAULT_EFFICIENCY
+    req = Request(**options)  # every other option is a field of the request, by name
     try:
         code = run_request(req, output, report_dir)
     except (click.ClickException, click.exceptions.Exit):
