@@ -444,12 +444,15 @@ def sweep_figure(data: ReportData) -> Figure:
     if points:
         lo_b, hi_b = min(budgets) / div, max(budgets) / div
         ax_p.plot([lo_b, hi_b], [lo_b, hi_b], color="0.5", ls="--", lw=0.8, label="peak = budget (the limit)")
+        if log_x:  # budgets over decades: peaks and times over decades too, or small ones vanish
+            ax_p.set_yscale("log")
+            ax_t.set_yscale("log")
     else:
         for ax in (ax_t, ax_p):
             ax.text(0.5, 0.5, "no sweep data", transform=ax.transAxes, ha="center", color="0.4")
-    ax_t.set_ylabel("predicted step time (ms)")
+    ax_t.set_ylabel(f"predicted step time (ms{', log scale' if points and log_x else ''})")
     ax_t.set_title("Step time of the solver's best plan at each budget", fontsize=10)
-    ax_p.set_ylabel(f"predicted peak incl. reserve ({unit})")
+    ax_p.set_ylabel(f"predicted peak incl. reserve ({unit}{', log scale' if points and log_x else ''})")
     ax_p.set_title("Its peak memory (must stay under the dashed line)", fontsize=10)
     ax_t.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     ax_p.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
