@@ -10,9 +10,6 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
-
-import torch
 
 from bench import peers
 from profiles import ProfileError
@@ -26,13 +23,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval-examples", type=int, default=256)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--tune-steps", type=int, default=10, help="steps per lr-grid run; 0 = no tuning")
-    p.add_argument("--chunks", default="4,8,16")
-    p.add_argument("--methods", default=",".join(peers.KINDS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1: on the shared 2-core machine 2 threads ran 10x slower)")
-    p.add_argument("--out", type=Path, default=Path("bench/results/peers.md"))
-    p.add_argument("--cache-dir", type=Path, default=peers.DEFAULT_CACHE)
+    peers.add_common_args(p)
     return p.parse_args(argv)
 
 
@@ -42,13 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from transformers import AutoTokenizer
 
-        chunks = [int(k) for k in a.chunks.split(",") if k]
-        kinds = [k.strip() for k in a.methods.split(",") if k.strip()]
-        if a.steps < 1 or a.seq_len < 2 or a.micro_batch < 1:
-            raise peers.BenchError("--steps, --micro-batch must be >= 1 and --seq-len >= 2")
-        if a.threads < 1:
-            raise peers.BenchError("--threads must be >= 1")
-        torch.set_num_threads(a.threads)
+        chunks, kinds = peers.common_setup(a)
         model_dir = peers.minilm_dir()
         wl = peers.Workload(task="sequence-classification", model_ref=str(model_dir), seq_len=a.seq_len,
                             micro_batch=a.micro_batch, steps=a.steps, seed=a.seed,

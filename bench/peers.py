@@ -23,6 +23,7 @@ peer whose package is missing or which cannot run here becomes a row with the re
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import csv
@@ -77,6 +78,28 @@ LR_GRID: dict[str, tuple[float, ...]] = {
 LORA_RANK = 8
 LORA_ALPHA = 16
 GALORE_SCALE = 0.25
+
+
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The options every peers experiment shares."""
+    p.add_argument("--chunks", default="4,8,16", help="fixed K values for ChunkFT rows")
+    p.add_argument("--methods", default=",".join(KINDS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1: on the shared 2-core machine 2 threads ran 10x slower)")
+    p.add_argument("--out", type=Path, default=Path("bench/results/peers.md"))
+    p.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE)
+
+
+def common_setup(a: argparse.Namespace) -> tuple[list[int], list[str]]:
+    """Check the shared sizes, set the thread count; returns (fixed K values, method kinds)."""
+    if a.steps < 1 or a.seq_len < 2 or a.micro_batch < 1:
+        raise BenchError("--steps, --micro-batch must be >= 1 and --seq-len >= 2")
+    if a.threads < 1:
+        raise BenchError("--threads must be >= 1")
+    torch.set_num_threads(a.threads)
+    chunks = [int(k) for k in a.chunks.split(",") if k]
+    return chunks, [k.strip() for k in a.methods.split(",") if k.strip()]
 
 
 class BenchError(Exception):

@@ -91,7 +91,7 @@ def main(
         result = train(opts)
     except TrainingInterrupted as e:
         click.echo(f"chunkft-run: {e}", err=True)
-        click.echo(f"resume with: {e.resume_command}", err=True)
+        click.echo(f"resume with: {resume_command(opts)}", err=True)
         sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM
     except CheckpointDiskFull as e:
         if debug:

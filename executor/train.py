@@ -74,10 +74,9 @@ class RunError(Exception):
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
 
-    def __init__(self, signum: int, step: int, resume_command: str) -> None:
+    def __init__(self, signum: int, step: int) -> None:
         self.signum = signum
         self.step = step
-        self.resume_command = resume_command
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint written")
 
 
@@ -177,10 +176,6 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     out.mkdir(parents=True, exist_ok=True)
     metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if opts.resume else None)
     autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
-    resume_cmd = (
-        f"chunkft-run {opts.plan_path} --data {opts.data_path} --output {out} "
-        f"--max-steps {total_steps} --resume"
-    )
 
     def save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
         with tracker.phase("excluded"):  # not part of a training step's memory
@@ -281,7 +276,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                     evaluate_and_log(done)
                 if stop.signum is not None and done < total_steps:  # the last step finishes normally
                     save(done)
-                    raise TrainingInterrupted(stop.signum, done, resume_cmd)
+                    raise TrainingInterrupted(stop.signum, done)
                 if (
                     plan.run.checkpoint_every > 0
                     and done % plan.run.checkpoint_every == 0
