@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
                                           steps=a.pretrain_steps, lr=a.pretrain_lr, seed=a.seed,
                                           cache_dir=a.cache_dir)
         budget = peers.half_dense_budget(wl, plan_dir) if "chunkft" in kinds else None
-        specs = peers.method_specs(kinds, chunks, budget)
+        specs = peers.method_specs(kinds, chunks, budget, peers.update_intervals(a.update_intervals))
         peers.run_experiment(
             title=f"Causal LM on CPU: {a.model}, SST-2 sentences pre-training then tinyshakespeare",
             marker=f"causal-lm-{a.model}",

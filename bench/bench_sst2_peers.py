@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         base = peers.minilm_classifier(a.seed)
         plan_dir = a.cache_dir / "plans" / "minilm-sst2"
         budget = peers.half_dense_budget(wl, plan_dir) if "chunkft" in kinds else None
-        specs = peers.method_specs(kinds, chunks, budget)
+        specs = peers.method_specs(kinds, chunks, budget, peers.update_intervals(a.update_intervals))
         peers.run_experiment(
             title="Real pretrained model, real task, CPU: all-MiniLM-L6-v2 + classification head on SST-2",
             marker="sst2-minilm",

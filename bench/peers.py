@@ -63,17 +63,18 @@ PEER_MODULE = {"lora": "peft", "badam": "badam", "lomo": "lomo_optim", "adalomo"
                "galore": "galore_torch"}
 VERSIONED = ("torch", "transformers", "peft", "badam", "lomo-optim", "galore-torch")
 
-# Learning-rate grids: each method's usual value x {1/3, 1, 3}. Why per method: the methods update
-# different things (a window, a block, low-rank adapters, plain SGD inside backward), so one shared lr
-# would favour whichever method it happens to suit.
+# Learning-rate grids: each method's usual value x {1/3, 1, 3, 10} (the first runs chose the top of a
+# three-point grid for four methods, so every grid got a fourth, higher point). Why per method: the
+# methods update different things (a window, a block, low-rank adapters, plain SGD inside backward), so
+# one shared lr would favour whichever method it happens to suit.
 LR_GRID: dict[str, tuple[float, ...]] = {
-    "adamw": (1e-4, 3e-4, 1e-3),
-    "chunkft": (3e-4, 1e-3, 3e-3),
-    "lora": (1e-3, 3e-3, 1e-2),
-    "badam": (3e-4, 1e-3, 3e-3),
-    "lomo": (1e-2, 3e-2, 1e-1),
-    "adalomo": (1e-3, 3e-3, 1e-2),
-    "galore": (3e-4, 1e-3, 3e-3),
+    "adamw": (1e-4, 3e-4, 1e-3, 3e-3),
+    "chunkft": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "badam": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lomo": (1e-2, 3e-2, 1e-1, 3e-1),
+    "adalomo": (1e-3, 3e-3, 1e-2, 3e-2),
+    "galore": (3e-4, 1e-3, 3e-3, 1e-2),
 }
 LORA_RANK = 8
 LORA_ALPHA = 16
@@ -83,6 +84,8 @@ GALORE_SCALE = 0.25
 def add_common_args(p: argparse.ArgumentParser) -> None:
     """The options every peers experiment shares."""
     p.add_argument("--chunks", default="4,8,16", help="fixed K values for ChunkFT rows")
+    p.add_argument("--update-intervals", default="auto",
+                   help="steps per visit of a window for fixed-K ChunkFT rows, e.g. 1,10,auto")
     p.add_argument("--methods", default=",".join(KINDS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1,
@@ -92,7 +95,9 @@ def add_common_args(p: argparse.ArgumentParser) -> None:
 
 
 def common_setup(a: argparse.Namespace) -> tuple[list[int], list[str]]:
-    """Check the shared sizes, set the thread count; returns (fixed K values, method kinds)."""
+    """Check the shared sizes, set the thread count; returns (fixed K values, method kinds). The update
+    intervals are checked here and read again by method_specs."""
+    update_intervals(a.update_intervals)
     if a.steps < 1 or a.seq_len < 2 or a.micro_batch < 1:
         raise BenchError("--steps, --micro-batch must be >= 1 and --seq-len >= 2")
     if a.threads < 1:
@@ -118,6 +123,7 @@ class MethodSpec:
     lr: float
     num_chunks: int | None = None  # chunkft: forced K; None lets the planner choose under budget_bytes
     budget_bytes: int | None = None  # chunkft with the planner's choice: the memory budget it plans for
+    update_interval: int | None = None  # chunkft: optimizer steps per visit; None lets the planner choose
 
 
 @dataclass(frozen=True)
@@ -517,6 +523,8 @@ def plan_args(wl: Workload, spec: MethodSpec, out: Path) -> list[str]:
         args += ["--chunks", str(spec.num_chunks), "--checkpointing", "none"]  # like every peer here
     if spec.budget_bytes is not None:
         args += ["--budget", str(spec.budget_bytes)]
+    if spec.update_interval is not None:
+        args += ["--update-interval", str(spec.update_interval)]
     return args
 
 
@@ -886,7 +894,23 @@ def copy_model(model: nn.Module) -> Callable[[], nn.Module]:
 # ------------------------------------------------------------------------------------ experiments
 
 
-def method_specs(kinds: Sequence[str], chunks: Sequence[int], budget_bytes: int | None) -> list[MethodSpec]:
+def update_intervals(text: str) -> list[int | None]:
+    """`1,10,auto` -> [1, 10, None] (None: the planner chooses)."""
+    out: list[int | None] = []
+    for part in (t.strip() for t in text.split(",") if t.strip()):
+        if part == "auto":
+            out.append(None)
+        elif part.isdigit() and int(part) >= 1:
+            out.append(int(part))
+        else:
+            raise BenchError(f"--update-intervals: {part!r} is neither a positive integer nor 'auto'")
+    return out or [None]
+
+
+def method_specs(
+    kinds: Sequence[str], chunks: Sequence[int], budget_bytes: int | None,
+    intervals: Sequence[int | None] = (None,),
+) -> list[MethodSpec]:
     """The rows of a comparison, each at the middle of its lr grid until tuned."""
     specs: list[MethodSpec] = []
     names = {"adamw": "dense AdamW", "lora": f"LoRA r={LORA_RANK} (peft)", "badam": "BAdam",
@@ -899,7 +923,9 @@ def method_specs(kinds: Sequence[str], chunks: Sequence[int], budget_bytes: int 
             if budget_bytes is not None:
                 specs.append(MethodSpec(f"ChunkFT planner ({mib(budget_bytes)} MiB budget)", "chunkft", mid,
                                         budget_bytes=budget_bytes))
-            specs += [MethodSpec(f"ChunkFT K={k}", "chunkft", mid, num_chunks=k) for k in chunks]
+            specs += [MethodSpec(f"ChunkFT K={k}" + ("" if len(intervals) == 1 else f" ui={ui or 'auto'}"),
+                                 "chunkft", mid, num_chunks=k, update_interval=ui)
+                      for k in chunks for ui in intervals]
         else:
             specs.append(MethodSpec(names[kind], kind, mid))  # type: ignore[arg-type]
     return specs

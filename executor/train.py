@@ -54,6 +54,7 @@ from executor.data import (
     eval_batches,
     load_dataset,
 )
+from executor.loss import DEFAULT_CHUNK_TOKENS, UnsupportedArchitectureError, causal_lm_loss, causal_lm_parts
 from executor.measure import (
     CudaPeak,
     MemoryMeasurement,
@@ -112,8 +113,6 @@ def _check_replayable(plan: Any) -> None:
         problems.append(f"{plan.hardware.num_gpus} GPUs with layers placed across them")
     if plan.placement.weights != "resident":
         problems.append(f"weights {plan.placement.weights!r}")
-    if plan.run.chunked_cross_entropy:
-        problems.append("chunked cross-entropy")
     if plan.run.weight_dtype == "float16" or plan.run.compute_dtype == "float16":
         problems.append("float16 training (no loss scaling; use bfloat16)")
     if problems:
@@ -121,6 +120,17 @@ def _check_replayable(plan: Any) -> None:
             f"this plan needs {', '.join(problems)}, which chunkft-run does not do yet; re-plan for one "
             "GPU with chunkft-plan (the planner's multi-GPU figures are predictions only)"
         )
+    if plan.run.chunked_cross_entropy and plan.model.task != "causal-lm":
+        raise RunError(
+            f"run.chunked_cross_entropy is set for a {plan.model.task} plan; chunked cross-entropy only "
+            "applies to causal-LM heads: re-plan without it"
+        )
+
+
+def chunk_tokens_for(plan: Any) -> int | None:
+    """Tokens per chunked cross-entropy piece, or None for the plain loss. The plan format has no field for
+    the piece size yet, so a plan that asks for chunking gets executor/loss.py's DEFAULT_CHUNK_TOKENS."""
+    return DEFAULT_CHUNK_TOKENS if plan.run.chunked_cross_entropy else None
 
 
 def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
@@ -141,6 +151,12 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
 
     model, tokenizer = build_model(plan, device)
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
+    chunk_tokens = chunk_tokens_for(plan)
+    if chunk_tokens is not None:
+        try:
+            causal_lm_parts(model)
+        except UnsupportedArchitectureError as e:
+            raise RunError(str(e)) from None
     seq_len, mbs, accum = plan.run.seq_len, plan.run.micro_batch_size, plan.run.grad_accum_steps
     dataset = load_dataset(
         opts.data_path,
@@ -196,7 +212,9 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
 
     def evaluate_and_log(step: int) -> None:
         with tracker.phase("excluded"):  # evaluation is not part of a training step's memory
-            loss, acc = evaluate(model, held_out, mbs * accum, device, autocast, plan.model.task)
+            loss, acc = evaluate(
+                model, held_out, mbs * accum, device, autocast, plan.model.task, chunk_tokens=chunk_tokens
+            )
         metrics.write({"step": step, "eval_loss": loss, "eval_accuracy": acc})
         model.train()
 
@@ -227,7 +245,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                     for _ in range(accum):
                         batch = {k: v.to(device) for k, v in batches.next().items()}
                         with tracker.phase("forward"), autocast:
-                            loss = model(**batch).loss / accum
+                            loss = causal_lm_loss(model, batch, chunk_tokens) / accum
                         with tracker.phase("backward"):
                             driver.backward(loss)
                         loss_sum += float(loss.detach())
@@ -383,16 +401,28 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, data: TokenData, batch_size: int, device: torch.device, autocast: Any, task: str
+    model: torch.nn.Module,
+    data: TokenData,
+    batch_size: int,
+    device: torch.device,
+    autocast: Any,
+    task: str,
+    chunk_tokens: int | None = None,
 ) -> tuple[float, float | None]:
-    """Mean loss over the held-out examples (and accuracy for classification)."""
+    """Mean loss over the held-out examples (and accuracy for classification). With chunk_tokens (causal
+    LM only) the loss is chunked like training's, so evaluation never holds a larger batch's full logits."""
     model.eval()
     loss_sum, n, correct = 0.0, 0, 0
     for batch in eval_batches(data, batch_size):
         batch = {k: v.to(device) for k, v in batch.items()}
+        rows = int(batch["input_ids"].shape[0])
+        if chunk_tokens is not None:
+            with autocast:
+                loss_sum += float(causal_lm_loss(model, batch, chunk_tokens)) * rows
+            n += rows
+            continue
         with autocast:
             out = model(**batch)
-        rows = int(batch["input_ids"].shape[0])
         loss_sum += float(out.loss) * rows
         n += rows
         if task == "sequence-classification":

@@ -202,6 +202,7 @@ class Request:
     chunks: int | None
     checkpointing: str
     rotation: str
+    update_interval: int | None
     task: str | None
     attn: str
     efficiency: float
@@ -284,6 +285,8 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         num_chunks=req.chunks,
         checkpointing=req.checkpointing,
         rotation=req.rotation,
+        update_interval=req.update_interval,
+        total_steps=req.steps,
         layer_gpu=layer_gpu,
     )
     solver = Solver(
@@ -376,7 +379,7 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
         f"host {gib(hw.host_budget_bytes)}",
         f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens",
         f"chunks     K={plan.chunk_table.num_chunks}, rotation {plan.rotation.order}, "
-        f"checkpointing {plan.checkpointing.mode}"
+        f"{plan.rotation.update_interval} step(s) per visit, checkpointing {plan.checkpointing.mode}"
         + (
             f" (first {len(plan.checkpointing.layers)} layers)"
             if plan.checkpointing.mode == "selected"
@@ -460,6 +463,12 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     "--checkpointing", default="auto", type=click.Choice(["none", "all", "auto"]), show_default=True
 )
 @click.option("--rotation", default="bottom-up", type=click.Choice(["bottom-up", "top-down", "random"]))
+@click.option(
+    "--update-interval",
+    default=None,
+    type=click.IntRange(1),
+    help="Optimizer steps per visit of a window (default: the solver chooses).",
+)
 @click.option("--task", default=None, type=click.Choice(["causal-lm", "sequence-classification"]))
 @click.option("--attn", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
 @click.option(

@@ -34,7 +34,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -58,6 +58,11 @@ Task = Literal["causal-lm", "sequence-classification"]
 # "input": above the window (frozen weights, input gradient only so the window below gets its gradient);
 # "none": below the window (forward only, nothing saved, no backward).
 BlockMode = Literal["full", "first", "input", "none"]
+# A block at the edge of a window that holds only some of its tensors: ("edge", tensors of the block
+# before the window, tensors after it, whether the block's input needs a gradient). The tensors outside
+# the window change what autograd saves (a frozen Linear keeps no input), so these are traced, per
+# pattern, the first time a window needs one. Whole-block patterns are the BlockModes above.
+EdgeMode = tuple[Literal["edge"], int, int, bool]
 # The head (final norm, LM/classifier head, loss): "full" when the window touches the head and a block
 # below it, "input" when the window is below the head, "weight" when the window is only in the head.
 HeadMode = Literal["full", "input", "weight"]
@@ -108,24 +113,43 @@ class ActivationProfile:
     head_fwd: tuple[tuple[str, Segment], ...]  # by HeadMode: last block output -> loss
     head_bwd: tuple[tuple[str, Segment], ...]  # by HeadMode: loss.backward() -> first block gradient
     hidden_bytes: int  # one block input/output, B*S*H in the compute dtype (what goes between GPUs)
+    tracer: _ShallowTracer | None = field(default=None, compare=False, repr=False)  # edges, traced lazily
 
     def block(
-        self, mode: BlockMode, checkpointed: bool = False, last: bool = False, head_only: bool = False
+        self,
+        mode: BlockMode | EdgeMode,
+        checkpointed: bool = False,
+        last: bool = False,
+        head_only: bool = False,
     ) -> BlockMemory:
         """`last`: the top block below the head. Below the window ("none") its input is dropped after
         the head's forward began (where the head segment, traced after it, already counts the free),
         so its own segment ends at its output rather than at the next block's input.
         `head_only` (block 0 when the window is only the head): the decoder holds the embedding output
         until it returns, and the head segment of that trace counts the free, so block 0 keeps it."""
+        if isinstance(mode, tuple):
+            if self.tracer is None:
+                raise ProfilingError("this activation profile cannot trace window edges (no tracer)")
+            whole = self.block("full" if mode[3] else "first", checkpointed)
+            return self.tracer.edge(mode, checkpointed, whole)
         if head_only and mode == "none":
-            return dict(self.blocks)["first-none"]
+            return self._blocks["first-none"]
         if last and mode == "none":
-            return dict(self.blocks)["last-none"]
+            return self._blocks["last-none"]
         key = f"ckpt-{mode}" if checkpointed and mode != "none" else mode
-        return dict(self.blocks)[key]
+        return self._blocks[key]
 
     def head(self, mode: HeadMode) -> tuple[Segment, Segment]:
-        return dict(self.head_fwd)[mode], dict(self.head_bwd)[mode]
+        return self._heads[mode]
+
+    @functools.cached_property
+    def _blocks(self) -> dict[str, BlockMemory]:
+        return dict(self.blocks)
+
+    @functools.cached_property
+    def _heads(self) -> dict[str, tuple[Segment, Segment]]:
+        bwd = dict(self.head_bwd)
+        return {m: (f, bwd[m]) for m, f in self.head_fwd}
 
 
 @dataclass(frozen=True)
@@ -155,6 +179,17 @@ class ModelStructure:
         """Elements of the 2-D weights of a group (what matmul FLOPs scale with)."""
         pairs = zip(self.specs, self.spec_layer, strict=True)
         return sum(s.numel for s, li in pairs if li == layer and len(s.shape) == 2)
+
+
+@functools.lru_cache(maxsize=64)
+def group_positions(structure: ModelStructure) -> tuple[int, ...]:
+    """Per spec: its position among the specs of its group (the same in every block)."""
+    seen: dict[int, int] = {}
+    out = []
+    for g in structure.spec_layer:
+        out.append(seen.get(g, 0))
+        seen[g] = out[-1] + 1
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------ structure
@@ -398,12 +433,15 @@ def _trace(
     vocab_size: int,
     micro_batch: int,
     seq_len: int,
-    trainable: Callable[[int], bool],
+    trainable: Callable[[int, int], bool],
     structure: ModelStructure,
     checkpoint_layers: Sequence[int],
     padded: bool,
+    embedding_output_grad: bool = False,
 ) -> _Timeline:
-    """One forward+backward of the shallow model under the live-bytes counter, with block markers."""
+    """One forward+backward of the shallow model under the live-bytes counter, with block markers.
+    embedding_output_grad: the blocks' input needs a gradient although no embedding tensor is trainable
+    (how a window above a tied embedding sees the step: the head's weight is the embedding's)."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
     from executor.measure import MemoryTracker
@@ -418,12 +456,16 @@ def _trace(
         timeline.grad_bytes += nbytes
 
     handles = []
-    for spec, layer in zip(structure.specs, structure.spec_layer, strict=True):
+    positions = group_positions(structure)
+    for spec, layer, pos in zip(structure.specs, structure.spec_layer, positions, strict=True):
         p = params[spec.name]
-        p.requires_grad_(trainable(layer))
+        p.requires_grad_(trainable(layer, pos))
         if p.requires_grad:
             handles.append(p.register_post_accumulate_grad_hook(move_grads_hook(buffers, on_new)))
     enable_layer_checkpointing(model, checkpoint_layers)
+    if embedding_output_grad:
+        embed = model.get_input_embeddings()  # type: ignore[operator]
+        handles.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_(True)))
     _, layers = _decoder_layers(model)
     block_index = {id(layer): i for i, layer in enumerate(layers)}
     tracker = ModTracker()
@@ -480,50 +522,206 @@ def activation_profile(
     return _CACHE[key]
 
 
+class _ShallowTracer:
+    """The shallow fake model of one profile, kept so that edge patterns can be traced when a window
+    first needs them (lazily: a solve over many K values meets a few dozen of them at most)."""
+
+    def __init__(
+        self, config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
+    ) -> None:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        cfg = _shallow_config(config, TRACE_LAYERS)
+        cfg._attn_implementation = traced_attention(cfg, task, attn, seq_len, padded)  # type: ignore[attr-defined]
+        self.task, self.micro_batch, self.seq_len, self.padded = task, micro_batch, seq_len, padded
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with self.mode:
+            self.model = build_from_config(cfg, task, "cpu", TORCH_DTYPES[dtype])
+            self.model.train()
+            self.structure = structure_of(self.model, task)
+        self.edges: dict[tuple[EdgeMode, bool], BlockMemory] = {}
+        self._block_inputs: tuple[tuple, dict] | None = None
+
+    def run(
+        self, trainable: Callable[[int, int], bool], ckpt: bool, embedding_output_grad: bool = False
+    ) -> _Timeline:
+        """One traced step; trainable(layer, position in layer) says which tensors are in the window."""
+        layers = range(TRACE_LAYERS) if ckpt else []
+        with self.mode:
+            return _trace(
+                self.model,
+                self.task,
+                self.structure.vocab_size,
+                self.micro_batch,
+                self.seq_len,
+                trainable,
+                self.structure,
+                layers,
+                self.padded,
+                embedding_output_grad,
+            )
+
+    def edge(self, mode: EdgeMode, ckpt: bool, whole: BlockMemory) -> BlockMemory:
+        """The representative block with only some of its tensors in the window (see EdgeMode).
+
+        `whole`: the same block with all its tensors in the window (mode "full" when its input needs a
+        gradient, else "first"), traced in the 3-block step. The edge is that plus the difference the
+        pattern makes to the block alone (block_alone, a few hundred ops instead of a whole step): what
+        the surrounding step adds to the block's segments does not depend on which of its tensors train.
+        """
+        key = (mode, ckpt)
+        if key not in self.edges:
+            _, skip_before, skip_after, input_grad = mode
+            part = self.block_alone(skip_before, skip_after, input_grad)
+            full = self.block_alone(0, 0, input_grad)  # cached: one per input_grad
+            if ckpt:
+                # A checkpointed block saves its inputs whatever trains; its backward recomputes the
+                # forward (keeping what the pattern saves) and then runs the pattern's backward.
+                fwd = whole.fwd
+                bwd = _shift(whole.bwd, _recompute(part), _recompute(full))
+            else:
+                fwd = _shift(whole.fwd, part.fwd, full.fwd)
+                bwd = _shift(whole.bwd, part.bwd, full.bwd)
+            self.edges[key] = BlockMemory(fwd, bwd)
+        return self.edges[key]
+
+    @functools.cache  # noqa: B019 - one tracer per profile, kept with it
+    def block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
+        """Forward and backward of the representative block by itself, with the inputs it gets in the
+        step (captured once), tensors [skip_before, n - skip_after) of it trainable."""
+        from executor.measure import MemoryTracker
+
+        r = _REPRESENTATIVE
+        _, layers = _decoder_layers(self.model)
+        block = layers[r]
+        if self._block_inputs is None:
+            self._block_inputs = self._capture_inputs(block)
+        args, kwargs = self._block_inputs
+        prefix = f"{self.structure.layers_prefix}{r}."
+        pos = {
+            s.name[len(prefix) :]: p
+            for s, g, p in zip(
+                self.structure.specs, self.structure.spec_layer, group_positions(self.structure), strict=True
+            )
+            if g == r
+        }
+        n = len(pos)
+        with self.mode:
+            for name, prm in block.named_parameters():
+                prm.requires_grad_(skip_before <= pos.get(name, -1) < n - skip_after)
+            x = torch.empty_like(args[0]).requires_grad_(input_grad)
+            buffers: dict[torch.Tensor, torch.Tensor] = {}
+            timeline_ref: list[_Timeline] = []
+            handles = [
+                p.register_post_accumulate_grad_hook(
+                    move_grads_hook(
+                        buffers,
+                        lambda nb: setattr(timeline_ref[0], "grad_bytes", timeline_ref[0].grad_bytes + nb),
+                    )
+                )
+                for p in block.parameters()
+                if p.requires_grad
+            ]
+            captured = [t for t in _tensors([args, list(kwargs.values())]) if isinstance(t, torch.Tensor)]
+            counter = _Counter(MemoryTracker(block, exclude=[x, *captured]))
+            tl = _Timeline(counter)
+            timeline_ref.append(tl)
+            try:
+                counter.tracker.start()
+                counter.base = counter.tracker.live_bytes()
+                tl.mark("start")
+                out = block(x, *args[1:], **kwargs)
+                h = out[0] if isinstance(out, tuple) else out
+                tl.mark("fwd_end")
+                g = torch.ones_like(h)
+                tl.mark("bwd_start")
+                h.backward(g)
+                del out, h, g
+                tl.mark("bwd_end")
+                buffers.clear()
+            finally:
+                counter.tracker.stop()
+                for hd in handles:
+                    hd.remove()
+        return BlockMemory(tl.segment(0, 1), tl.segment(2, 3))
+
+    def _capture_inputs(self, block: nn.Module) -> tuple[tuple, dict]:
+        """The representative block's call arguments in a forward of the shallow model."""
+        seen: list[tuple[tuple, dict]] = []
+        handle = block.register_forward_pre_hook(lambda _m, a, k: seen.append((a, dict(k))), with_kwargs=True)
+        try:
+            with self.mode, torch.no_grad():
+                batch = example_batch(
+                    self.task, self.structure.vocab_size, self.micro_batch, self.seq_len, self.padded
+                )
+                self.model(**batch)
+        finally:
+            handle.remove()
+        if not seen or not seen[0][0]:
+            raise ProfilingError(
+                f"{type(block).__name__} takes no positional hidden states; cannot profile it"
+            )
+        return seen[0]
+
+
+def _recompute(b: BlockMemory) -> Segment:
+    """A block's forward then backward as one segment (what a checkpointed block's backward runs)."""
+    return Segment(
+        b.fwd.delta_bytes + b.bwd.delta_bytes,
+        max(b.fwd.excursion_bytes, b.fwd.delta_bytes + b.bwd.excursion_bytes),
+        b.bwd.grad_bytes,
+    )
+
+
+def _shift(whole: Segment, part: Segment, full: Segment) -> Segment:
+    """`whole` moved by the difference between a part of a block and the whole block, traced alone."""
+    return Segment(
+        whole.delta_bytes + part.delta_bytes - full.delta_bytes,
+        max(0, whole.excursion_bytes + part.excursion_bytes - full.excursion_bytes),
+        whole.grad_bytes + part.grad_bytes - full.grad_bytes,
+    )
+
+
+def _block_segments(tl: _Timeline, r: int, backward: bool) -> BlockMemory:
+    """Block r's forward (its pre-forward to the next block's) and backward (its pre-backward to the
+    block below's, or to the end of the backward for the lowest block) segments."""
+    a = tl.index(f"pre_fw {r}")
+    b = tl.index(f"pre_fw {r + 1}", a)
+    fwd = tl.segment(a, b)
+    if not backward:
+        return BlockMemory(fwd, ZERO_SEGMENT)
+    bwd_from = tl.index("fwd_end")
+    c = tl.index(f"pre_bw {r}", bwd_from)
+    below = [i for i in range(c, len(tl.marks)) if tl.marks[i][0] == f"pre_bw {r - 1}"]
+    d = below[0] if below else tl.index("bwd_end", c)  # the lowest block: to the end of backward
+    return BlockMemory(fwd, tl.segment(c, d))
+
+
 def _activation_profile(
     config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
 ) -> ActivationProfile:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     if micro_batch < 1 or seq_len < 1:
         raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
-    cfg = _shallow_config(config, TRACE_LAYERS)
-    cfg._attn_implementation = traced_attention(cfg, task, attn, seq_len, padded)  # type: ignore[attr-defined]
-    torch_dtype = TORCH_DTYPES[dtype]
-    with FakeTensorMode(allow_non_fake_inputs=True):
-        model = build_from_config(cfg, task, "cpu", torch_dtype)
-        model.train()
-        st = structure_of(model, task)
-        L = TRACE_LAYERS
-        r = _REPRESENTATIVE
-        vocab = st.vocab_size
+    tracer = _ShallowTracer(config, task, micro_batch, seq_len, dtype, attn, padded)
+    st = tracer.structure
+    L = TRACE_LAYERS
+    r = _REPRESENTATIVE
 
-        def run(trainable: Callable[[int], bool], ckpt: bool) -> _Timeline:
-            layers = range(L) if ckpt else []
-            return _trace(model, task, vocab, micro_batch, seq_len, trainable, st, layers, padded)
+    def run(trainable: Callable[[int], bool], ckpt: bool, embedding_output_grad: bool = False) -> _Timeline:
+        return tracer.run(lambda layer, _pos: trainable(layer), ckpt, embedding_output_grad)
 
-        blocks: dict[str, BlockMemory] = {}
-        head_fwd: dict[str, Segment] = {}
-        head_bwd: dict[str, Segment] = {}
-        t_full = run(lambda layer: True, False)
-        t_input = run(lambda layer: layer == -1, False)
-        t_none = run(lambda layer: layer == L, False)
-        t_ckpt_full = run(lambda layer: True, True)
-        t_ckpt_input = run(lambda layer: layer == -1, True)
-        t_first = run(lambda layer: layer >= r, False)  # blocks below r: none; r: first; above: full
-        t_ckpt_first = run(lambda layer: layer >= r, True)
-
-    def block_segments(tl: _Timeline, backward: bool) -> BlockMemory:
-        a = tl.index(f"pre_fw {r}")
-        b = tl.index(f"pre_fw {r + 1}", a)
-        fwd = tl.segment(a, b)
-        if not backward:
-            return BlockMemory(fwd, ZERO_SEGMENT)
-        bwd_from = tl.index("fwd_end")
-        c = tl.index(f"pre_bw {r}", bwd_from)
-        below = [i for i in range(c, len(tl.marks)) if tl.marks[i][0] == f"pre_bw {r - 1}"]
-        d = below[0] if below else tl.index("bwd_end", c)  # the lowest block: to the end of backward
-        return BlockMemory(fwd, tl.segment(c, d))
+    blocks: dict[str, BlockMemory] = {}
+    head_fwd: dict[str, Segment] = {}
+    head_bwd: dict[str, Segment] = {}
+    t_full = run(lambda layer: True, False)
+    # Above the window: the blocks' input needs a gradient, no tensor of theirs or of the head does (a
+    # trainable embedding would make a tied head's weight trainable too).
+    t_input = run(lambda layer: False, False, embedding_output_grad=True)
+    t_none = run(lambda layer: layer == L, False)
+    t_ckpt_full = run(lambda layer: True, True)
+    t_ckpt_input = run(lambda layer: False, True, embedding_output_grad=True)
+    t_first = run(lambda layer: layer >= r, False)  # blocks below r: none; r: first; above: full
+    t_ckpt_first = run(lambda layer: layer >= r, True)
 
     def head_segments(tl: _Timeline, backward: bool) -> tuple[Segment, Segment]:
         a = tl.index(f"post_fw {L - 1}")
@@ -539,17 +737,17 @@ def _activation_profile(
         )
         return fwd, tl.segment(c, d)
 
-    blocks["full"] = block_segments(t_full, True)
-    blocks["input"] = block_segments(t_input, True)
-    blocks["none"] = block_segments(t_none, False)
-    blocks["ckpt-full"] = block_segments(t_ckpt_full, True)
-    blocks["ckpt-input"] = block_segments(t_ckpt_input, True)
-    blocks["first"] = block_segments(t_first, True)
+    blocks["full"] = _block_segments(t_full, r, True)
+    blocks["input"] = _block_segments(t_input, r, True)
+    blocks["none"] = _block_segments(t_none, r, False)
+    blocks["ckpt-full"] = _block_segments(t_ckpt_full, r, True)
+    blocks["ckpt-input"] = _block_segments(t_ckpt_input, r, True)
+    blocks["first"] = _block_segments(t_first, r, True)
     last_none = t_none.segment(t_none.index(f"pre_fw {L - 1}"), t_none.index(f"post_fw {L - 1}"))
     blocks["last-none"] = BlockMemory(last_none, ZERO_SEGMENT)
     first_none = t_none.segment(t_none.index("pre_fw 0"), t_none.index("pre_fw 1"))
     blocks["first-none"] = BlockMemory(first_none, ZERO_SEGMENT)
-    blocks["ckpt-first"] = block_segments(t_ckpt_first, True)
+    blocks["ckpt-first"] = _block_segments(t_ckpt_first, r, True)
     head_fwd["full"], head_bwd["full"] = head_segments(t_full, True)
     head_fwd["input"], head_bwd["input"] = head_segments(t_input, True)
     head_fwd["weight"], head_bwd["weight"] = head_segments(t_none, True)
@@ -568,6 +766,7 @@ def _activation_profile(
         head_fwd=tuple(head_fwd.items()),
         head_bwd=tuple(head_bwd.items()),
         hidden_bytes=hidden,
+        tracer=tracer,
     )
 
 

@@ -19,13 +19,23 @@ copy stream, the write-back of the previous window then the fill of the one afte
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
 from planner.costs import CostModel
 from planner.graph import StepNode, step_order
-from planner.profile_model import ActivationProfile, ModelStructure, Segment, block_flops, head_flops
+from planner.profile_model import (
+    ActivationProfile,
+    BlockMode,
+    EdgeMode,
+    ModelStructure,
+    Segment,
+    block_flops,
+    group_positions,
+    head_flops,
+)
 from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 
 GIB = 2**30
@@ -44,6 +54,8 @@ class Window:
     high: int
     max_slice_numel: int
     numel_by_group: tuple[tuple[int, int], ...]  # (group, elements of the window in that group)
+    low_skip: int = 0  # tensors of group `low` before the window's first (0: from the group's start)
+    high_skip: int = 0  # tensors of group `high` after the window's last (0: to the group's end)
 
 
 def windows_of(
@@ -51,6 +63,10 @@ def windows_of(
 ) -> tuple[Window, ...]:
     """Windows from a chunk table; the groups come from the structure's parameter positions."""
     group = dict(zip((s.name for s in structure.specs), structure.spec_layer, strict=True))
+    position = dict(zip((s.name for s in structure.specs), group_positions(structure), strict=True))
+    group_size: dict[int, int] = {}
+    for g in structure.spec_layer:
+        group_size[g] = group_size.get(g, 0) + 1
     by_name = {s.name: s for s in specs}
     out = []
     for c in chunks:
@@ -61,8 +77,18 @@ def windows_of(
             g = group[sl.name]
             per[g] = per.get(g, 0) + n
             biggest = max(biggest, n)
+        first, last = c.slices[0].name, c.slices[-1].name
         out.append(
-            Window(c.index, sum(per.values()), min(per), max(per), biggest, tuple(sorted(per.items())))
+            Window(
+                c.index,
+                sum(per.values()),
+                min(per),
+                max(per),
+                biggest,
+                tuple(sorted(per.items())),
+                low_skip=position[first],
+                high_skip=group_size[group[last]] - 1 - position[last],
+            )
         )
     return tuple(out)
 
@@ -95,6 +121,7 @@ class Candidate:
     prefetch: bool  # two slots (next window fetched a step ahead) or one
     layer_gpu: tuple[int, ...] = ()  # GPU per block; empty: all on GPU 0
     synchronous_copies: bool = False  # baseline: copies exposed at the update, no overlap
+    update_interval: int = 1  # optimizer steps per visit; the state copies happen once per visit
 
     @property
     def num_gpus(self) -> int:
@@ -175,22 +202,35 @@ def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], in
     return gpus, slot
 
 
-def _block_mode(group: int, w: Window) -> str:
+def _block_mode(group: int, w: Window) -> BlockMode | EdgeMode:
+    """How block `group` takes part in window w's step (see planner/profile_model.py)."""
     if group < w.low:
         return "none"
-    if group == w.low:  # nothing below the window needs a gradient, so neither does this block's input
-        return "first"
-    if group <= w.high:
-        return "full"
-    return "input"
+    low_edge = w.low_skip if group == w.low else 0
+    high_edge = w.high_skip if group == w.high else 0
+    if group > w.high:
+        return "input"
+    if low_edge == 0 and high_edge == 0:
+        # the lowest block: nothing below the window needs a gradient, so neither does this block's input
+        return "first" if group == w.low else "full"
+    return ("edge", low_edge, high_edge, group > w.low)
 
 
-def _head_mode(w: Window, num_layers: int) -> str:
+def _head_mode(w: Window, num_layers: int, tied: bool = False) -> str:
     if w.low >= num_layers:
         return "weight"
-    if w.high >= num_layers:
+    if w.high >= num_layers or (tied and w.low < 0):  # a tied head's weight is the embedding's
         return "full"
     return "input"
+
+
+def _grads_made_at(w: Window, num_layers: int, tied: bool) -> dict[int, int]:
+    """Elements of the window's gradient buffers by the group whose backward creates them: a group's
+    own, except a tied embedding's, which the head's backward (the first use in backward) creates."""
+    out = dict(w.numel_by_group)
+    if tied and -1 in out:
+        out[num_layers] = out.get(num_layers, 0) + out.pop(-1)
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -265,10 +305,10 @@ def _replay(
     (f_fwd, f_bwd_in, f_bwd_full), f_head = _flops(st, cand.micro_batch, setup.seq_len)
     c = setup.cost
     ckpt = set(cand.checkpoint_layers)
-    grads_by_group = dict(w.numel_by_group)
+    grads_by_group = _grads_made_at(w, L, st.tied_embeddings)
     order: tuple[StepNode, ...] = step_order(L, max(w.low, -1))
     hidden = act.hidden_bytes
-    head_mode = _head_mode(w, L)
+    head_mode = _head_mode(w, L, st.tied_embeddings)
     grads_done: set[int] = set()
     compute_s = 0.0
 
@@ -403,12 +443,14 @@ class _Profile:
 _PROFILES: dict[tuple, tuple[object, object, _Profile]] = {}
 
 
-def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, low: int, high: int) -> _Profile:
+def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -> _Profile:
     key = (
         id(setup),
         id(act),
-        low,
-        high,
+        w.low,
+        w.high,
+        w.low_skip,
+        w.high_skip,
         cand.checkpoint_layers,
         cand.micro_batch,
         cand.grad_accum,
@@ -421,11 +463,12 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, low: int, hi
         _PROFILES.clear()
     st = setup.structure
     L = st.num_layers
-    probe = Window(-1, 0, low, high, 0, ())
+    low, high = w.low, w.high
+    probe = Window(-1, 0, low, high, 0, (), w.low_skip, w.high_skip)
     (f_fwd, f_bwd_in, f_bwd_full), f_head = _flops(st, cand.micro_batch, setup.seq_len)
     c = setup.cost
     ckpt = set(cand.checkpoint_layers)
-    head_mode = _head_mode(probe, L)
+    head_mode = _head_mode(probe, L, st.tied_embeddings)
     order = step_order(L, max(low, -1))
     n_gpu = cand.num_gpus
     gpu_of = [_gpu_of_group(cand, g, L) for g in range(-1, L + 1)]
@@ -495,15 +538,16 @@ def _window_peaks(
     """Per-GPU peak of one window: the compute profile plus its gradient buffers, and the update."""
     L = setup.structure.num_layers
     n_gpu = len(persistent)
-    grads = dict(w.numel_by_group)
+    grads = _grads_made_at(w, L, setup.structure.tied_embeddings)
     bwd = dict(prof.bwd_index)
-    first = bwd[w.high]
+    top = max(grads)
+    first = bwd[top]
     rel = [prof.prefix_max[g][first] for g in range(n_gpu)]
     cum = [0] * n_gpu
     total = [0] * n_gpu
     for grp, n in grads.items():
         total[_gpu_of_group(cand, grp, L)] += 4 * n
-    for grp in range(w.high, min(w.low, -1) - 1 if w.low < 0 else w.low - 1, -1):
+    for grp in range(top, min(w.low, -1) - 1 if w.low < 0 else w.low - 1, -1):
         if grp in grads:
             cum[_gpu_of_group(cand, grp, L)] += 4 * grads[grp]
         i = bwd.get(grp)
@@ -526,19 +570,40 @@ def _update_temp(setup: Setup, w: Window) -> int:
 
 
 def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
-    """Forward/backward, then the update after the window's states are on the GPU (see _replay)."""
+    """Mean seconds of one of the window's steps: forward/backward and the update every step, the state
+    copies (write-back of the previous window, fill of the next) once per visit of update_interval steps
+    (see _replay for the order on the lanes)."""
     master, states = _state_kinds(setup)
     c = setup.cost
     t_upd = c.update_seconds(w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
     if cand.states_on != "host":
         return fb + t_upd
+    u = cand.update_interval
     moved = w.numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
     wb, fill = c.d2h_seconds(moved), c.h2d_seconds(moved)
     if cand.synchronous_copies:
-        return fb + fill + t_upd + wb
-    if cand.prefetch:
-        return max(fb + t_upd, wb + fill)
-    return fb + max(0.0, wb + fill - fb) + t_upd
+        return fb + t_upd + (fill + wb) / u
+    if cand.prefetch:  # the copies have the whole visit's compute to hide behind
+        return max(u * (fb + t_upd), wb + fill) / u
+    return fb + t_upd + max(0.0, wb + fill - fb) / u
+
+
+def hiding_interval(setup: Setup, cand: Candidate, act: ActivationProfile) -> int:
+    """The fewest optimizer steps per visit whose compute hides every window's state copies (1 when the
+    states stay on the GPU or one step already hides them)."""
+    if cand.states_on != "host" or cand.synchronous_copies:
+        return 1
+    master, states = _state_kinds(setup)
+    c = setup.cost
+    need = 1
+    for w in cand.windows:
+        compute = _profile(setup, cand, act, w).fb_seconds + c.update_seconds(
+            w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype]
+        )
+        moved = w.numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
+        copies = c.d2h_seconds(moved) + c.h2d_seconds(moved)
+        need = max(need, math.ceil(copies / compute) if compute > 0 else 1)
+    return need
 
 
 def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult:
@@ -558,7 +623,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
     worst, worst_peak = cand.windows[0], -1
     per_gpu = [0] * cand.num_gpus
     for w in cand.windows:
-        prof = _profile(setup, cand, act, w.low, w.high)
+        prof = _profile(setup, cand, act, w)
         peaks = _window_peaks(setup, cand, prof, w, persistent)
         total_s += _step_seconds(setup, cand, w, prof.fb_seconds)
         for g, p in enumerate(peaks):
@@ -635,6 +700,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         host_state_dtype=pl.host_state_dtype,
         prefetch=pl.prefetch,
         layer_gpu=tuple(pl.layer_gpu),
+        update_interval=p.rotation.update_interval,  # type: ignore[attr-defined]
     )
     act = activation_profile(
         preset.config,
@@ -658,6 +724,5 @@ def window_peaks(setup: Setup, cand: Candidate, act: ActivationProfile) -> tuple
     pers_cats, _ = _persistent(setup, cand)
     persistent = [sum(m.values()) for m in pers_cats]
     return tuple(
-        max(_window_peaks(setup, cand, _profile(setup, cand, act, w.low, w.high), w, persistent))
-        for w in cand.windows
+        max(_window_peaks(setup, cand, _profile(setup, cand, act, w), w, persistent)) for w in cand.windows
     )

@@ -20,8 +20,18 @@ from dataclasses import dataclass, replace
 from executor.chunks import DTYPE_BYTES, Chunk, partition
 from planner.costs import CostModel
 from planner.profile_model import ActivationProfile, ModelStructure
-from planner.simulator import Candidate, Setup, SimResult, host_bytes, simulate, windows_of
+from planner.simulator import (
+    Candidate,
+    Setup,
+    SimResult,
+    hiding_interval,
+    host_bytes,
+    simulate,
+    windows_of,
+)
 
+VISIT_STEPS = 1  # see choose_update_interval; measured in bench/results/peers.md
+MIN_CYCLES = 2
 K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -95,6 +105,8 @@ class Space:
     checkpointing: str = "auto"  # none | all | auto
     rotation: str = "bottom-up"
     rotation_seed: int = 0
+    update_interval: int | None = None  # optimizer steps per visit; None: the solver chooses
+    total_steps: int = 0  # optimizer steps of the run (bounds the chosen update interval)
     layer_gpu: tuple[int, ...] = ()
     placements: tuple[tuple[str, str, bool], ...] = (
         ("host", "float32", True),
@@ -109,6 +121,18 @@ def rotation_sequence(order: str, k: int, seed: int) -> tuple[int, ...]:
     from executor.rotation import RotationSpec, cycle_order
 
     return cycle_order(RotationSpec(order=order, update_interval=1, seed=seed), k, 0)  # type: ignore[arg-type]
+
+
+def choose_update_interval(num_chunks: int, total_steps: int, hiding: int) -> int:
+    """Optimizer steps per visit of a window: long enough to hide the state copies behind compute
+    (`hiding`, from the simulator) and for Adam's moments to build within a visit (VISIT_STEPS), short
+    enough that every window is visited at least MIN_CYCLES times in the run."""
+    if num_chunks <= 1:
+        return 1
+    u = max(hiding, VISIT_STEPS)
+    if total_steps > 0:  # every window revisited: quality before hiding the copies
+        u = min(u, max(1, total_steps // (num_chunks * MIN_CYCLES)))
+    return u
 
 
 def batch_splits(space: Space) -> list[tuple[int, int]]:
@@ -203,12 +227,23 @@ class Solver:
         )
 
     def evaluate(self, label: str, cand: Candidate) -> Option:
-        res = simulate(self.setup, cand, self.activations(cand.micro_batch))
+        act = self.activations(cand.micro_batch)
+        if not cand.synchronous_copies:
+            cand = replace(cand, update_interval=self.update_interval(cand, act))
+        res = simulate(self.setup, cand, act)
         ok = (
             res.budget_needed_bytes <= self.limits.gpu_budget_bytes
             and host_bytes(self.setup, cand) <= self.limits.host_budget_bytes
         )
         return Option(label, cand, res, len(cand.windows), ok, self.num_layers)
+
+    def update_interval(self, cand: Candidate, act: ActivationProfile) -> int:
+        """The user's, or choose_update_interval's choice for this candidate."""
+        if self.space.update_interval is not None:
+            return self.space.update_interval
+        return choose_update_interval(
+            len(cand.windows), self.space.total_steps, hiding_interval(self.setup, cand, act)
+        )
 
     # -- search ---------------------------------------------------------------------------------------
     def _ckpt_options(self, k: int, micro: int, accum: int, placement: tuple[str, str, bool]) -> list[Option]:
@@ -439,7 +474,7 @@ def build_plan(
         ),
         run=run,
         chunk_table=P.ChunkTable("rows", 8 if req.optimizer == "adamw" else 4, structure.specs, chunks),
-        rotation=P.Rotation(req.rotation, 0, 1, cand.sequence),
+        rotation=P.Rotation(req.rotation, 0, cand.update_interval, cand.sequence),
         placement=P.Placement(
             optimizer_states=cand.states_on,
             host_state_dtype=cand.host_state_dtype,
