@@ -931,6 +931,19 @@ def method_specs(
     return specs
 
 
+def resolve_intervals(specs: Sequence[MethodSpec], wl: Workload, plan_dir: Path) -> list[MethodSpec]:
+    """ChunkFT rows that leave the update interval to the planner get the one it picks for the full run,
+    fixed, so that the short lr-tuning runs use it too (planned for tune_steps, it would pick less)."""
+    out = []
+    for spec in specs:
+        if spec.kind == "chunkft" and spec.update_interval is None:
+            plan = make_plan(wl, spec, plan_dir / f"{_slug(spec.label)}-interval.plan.json")
+            ui = plan.rotation.update_interval
+            spec = replace(spec, update_interval=ui, label=f"{spec.label}, {ui} steps/visit")
+        out.append(spec)
+    return out
+
+
 def half_dense_budget(wl: Workload, plan_dir: Path) -> int:
     """The budget the planner chooses K for: half of what its own plan for K=1 (all states resident, i.e.
     dense AdamW's footprint) needs, peak plus reserve. Why half: a run that fits in half the memory of full
@@ -952,6 +965,7 @@ def run_experiment(
 ) -> list[MethodResult]:
     """Tune, run, and write one experiment's section (tables, command, machine, versions, date) to `out`."""
     t0 = time.perf_counter()
+    specs = resolve_intervals(specs, wl, plan_dir)
     tried: list[tuple[str, float, float | None]] = []
     if tune_steps > 0:
         specs, tried = tune_lrs(build, specs, wl, data, tune_steps=tune_steps, plan_dir=plan_dir, log=log)
