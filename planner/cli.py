@@ -203,6 +203,7 @@ class Request:
     checkpointing: str
     rotation: str
     update_interval: int | None
+    cross_entropy: str
     task: str | None
     attn: str
     efficiency: float
@@ -287,6 +288,7 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         rotation=req.rotation,
         update_interval=req.update_interval,
         total_steps=req.steps,
+        cross_entropy=req.cross_entropy,
         layer_gpu=layer_gpu,
     )
     solver = Solver(
@@ -372,6 +374,8 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
 
 def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     """The table a user reads before spending an hour."""
+    from executor.loss import DEFAULT_CHUNK_TOKENS
+
     pr, hw, run = plan.predictions, plan.hardware, plan.run
     lines = [
         f"model      {plan.model.name} ({plan.model.num_params:,} parameters, {run.weight_dtype})",
@@ -391,6 +395,12 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
             f"{'2 state slots: prefetch a step ahead' if plan.placement.prefetch else '1 state slot'})"
             if plan.placement.optimizer_states == "host"
             else ""
+        ),
+        "loss       "
+        + (
+            f"chunked cross-entropy ({DEFAULT_CHUNK_TOKENS}-token pieces, no full logits)"
+            if run.chunked_cross_entropy
+            else "cross-entropy over the full logits"
         ),
         "",
         "predicted GPU peak (allocated)      " + gib(pr.peak_bytes) + f"   at {pr.peak_cause}",
@@ -468,6 +478,13 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     default=None,
     type=click.IntRange(1),
     help="Optimizer steps per visit of a window (default: the solver chooses).",
+)
+@click.option(
+    "--cross-entropy",
+    default="auto",
+    type=click.Choice(["auto", "full", "chunked"]),
+    show_default=True,
+    help="The loss: full logits, or chunked cross-entropy (no full logits; auto: where logits are large).",
 )
 @click.option("--task", default=None, type=click.Choice(["causal-lm", "sequence-classification"]))
 @click.option("--attn", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)

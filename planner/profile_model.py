@@ -34,7 +34,7 @@ import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import torch
@@ -113,6 +113,7 @@ class ActivationProfile:
     head_fwd: tuple[tuple[str, Segment], ...]  # by HeadMode: last block output -> loss
     head_bwd: tuple[tuple[str, Segment], ...]  # by HeadMode: loss.backward() -> first block gradient
     hidden_bytes: int  # one block input/output, B*S*H in the compute dtype (what goes between GPUs)
+    chunk_tokens: int | None = None  # the loss as chunked cross-entropy in pieces of this many tokens
     tracer: _ShallowTracer | None = field(default=None, compare=False, repr=False)  # edges, traced lazily
 
     def block(
@@ -438,12 +439,15 @@ def _trace(
     checkpoint_layers: Sequence[int],
     padded: bool,
     embedding_output_grad: bool = False,
+    chunk_tokens: int | None = None,
 ) -> _Timeline:
     """One forward+backward of the shallow model under the live-bytes counter, with block markers.
     embedding_output_grad: the blocks' input needs a gradient although no embedding tensor is trainable
-    (how a window above a tied embedding sees the step: the head's weight is the embedding's)."""
+    (how a window above a tied embedding sees the step: the head's weight is the embedding's).
+    chunk_tokens: the loss as chunked cross-entropy in pieces of that many tokens (executor/loss.py)."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
+    from executor.loss import causal_lm_loss
     from executor.measure import MemoryTracker
 
     params = dict(model.named_parameters())
@@ -485,7 +489,7 @@ def _trace(
             counter.base = counter.tracker.live_bytes()  # parameters and buffers: not part of a segment
             timeline.mark("start")
             with counter.tracker.phase("forward"):
-                loss = model(**batch).loss
+                loss = causal_lm_loss(model, batch, chunk_tokens)
             timeline.mark("fwd_end")
             with counter.tracker.phase("backward"):
                 loss.backward()
@@ -511,15 +515,83 @@ def activation_profile(
     dtype: str,
     attn_implementation: str = "sdpa",
     padded: bool | None = None,
+    chunk_tokens: int | None = None,
 ) -> ActivationProfile:
     """Traced activation memory of one micro-batch (cached per configuration). `padded`: whether the
-    batches carry padding (None: the executor's data for the task, `default_padded`)."""
+    batches carry padding (None: the executor's data for the task, `default_padded`). `chunk_tokens`:
+    the loss as chunked cross-entropy (executor/loss.py); only the head's segments change, so they are
+    traced again and the blocks' (and the tracer for window edges) are shared."""
     pad = default_padded(task) if padded is None else padded
     text = json.dumps(config.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
-    key = (text, task, micro_batch, seq_len, dtype, attn_implementation, pad)
+    key = (text, task, micro_batch, seq_len, dtype, attn_implementation, pad, chunk_tokens)
     if key not in _CACHE:
-        _CACHE[key] = _activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation, pad)
+        if chunk_tokens is None:
+            _CACHE[key] = _activation_profile(
+                config, task, micro_batch, seq_len, dtype, attn_implementation, pad
+            )
+        else:
+            plain = activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation, pad)
+            _CACHE[key] = chunked_loss_profile(plain, chunk_tokens)
     return _CACHE[key]
+
+
+def chunked_loss_supported(plain: ActivationProfile) -> bool:
+    """Whether the executor can run this profile's model with chunked cross-entropy (executor/loss.py
+    accepts only verified causal-LM classes)."""
+    from executor.loss import UnsupportedArchitectureError, causal_lm_parts
+
+    if plain.tracer is None or plain.tracer.task != "causal-lm":
+        return False
+    try:
+        causal_lm_parts(plain.tracer.model)
+    except UnsupportedArchitectureError:
+        return False
+    return True
+
+
+_CHUNKED: dict[tuple[int, int], tuple[ActivationProfile, ActivationProfile]] = {}
+
+
+def chunked_loss_profile(plain: ActivationProfile, chunk_tokens: int) -> ActivationProfile:
+    """The profile with the head's segments traced under chunked cross-entropy (cached per profile)."""
+    key = (id(plain), chunk_tokens)
+    hit = _CHUNKED.get(key)
+    if hit is not None and hit[0] is plain:
+        return hit[1]
+    tracer = plain.tracer
+    if tracer is None:
+        raise ProfilingError("this activation profile cannot be traced again (no tracer)")
+    if tracer.task != "causal-lm":
+        raise ProfilingError("chunked cross-entropy applies to causal-LM models only")
+    L = TRACE_LAYERS
+    traces = {
+        "full": tracer.run(lambda _l, _p: True, False, chunk_tokens=chunk_tokens),
+        "input": tracer.run(lambda _l, _p: False, False, True, chunk_tokens=chunk_tokens),
+        "weight": tracer.run(lambda layer, _p: layer == L, False, chunk_tokens=chunk_tokens),
+    }
+    heads = {m: _head_segments(tl, L) for m, tl in traces.items()}
+    out = replace(
+        plain,
+        head_fwd=tuple((m, f) for m, (f, _) in heads.items()),
+        head_bwd=tuple((m, b) for m, (_, b) in heads.items()),
+        chunk_tokens=chunk_tokens,
+    )
+    _CHUNKED[key] = (plain, out)
+    return out
+
+
+def _head_segments(tl: _Timeline, num_layers: int) -> tuple[Segment, Segment]:
+    """The head's forward (top block's output to the loss) and backward (loss.backward() to the top
+    block's gradient, or to the end of backward when no block needs one)."""
+    a = tl.index(f"post_fw {num_layers - 1}")
+    b = tl.index("fwd_end", a)
+    fwd = tl.segment(a, b)
+    d = (
+        tl.index(f"pre_bw {num_layers - 1}", b)
+        if any(m[0] == f"pre_bw {num_layers - 1}" for m in tl.marks)
+        else len(tl.marks) - 1
+    )
+    return fwd, tl.segment(b, d)
 
 
 class _ShallowTracer:
@@ -543,7 +615,11 @@ class _ShallowTracer:
         self._block_inputs: tuple[tuple, dict] | None = None
 
     def run(
-        self, trainable: Callable[[int, int], bool], ckpt: bool, embedding_output_grad: bool = False
+        self,
+        trainable: Callable[[int, int], bool],
+        ckpt: bool,
+        embedding_output_grad: bool = False,
+        chunk_tokens: int | None = None,
     ) -> _Timeline:
         """One traced step; trainable(layer, position in layer) says which tensors are in the window."""
         layers = range(TRACE_LAYERS) if ckpt else []
@@ -559,6 +635,7 @@ class _ShallowTracer:
                 layers,
                 self.padded,
                 embedding_output_grad,
+                chunk_tokens,
             )
 
     def edge(self, mode: EdgeMode, ckpt: bool, whole: BlockMemory) -> BlockMemory:
@@ -723,20 +800,6 @@ def _activation_profile(
     t_first = run(lambda layer: layer >= r, False)  # blocks below r: none; r: first; above: full
     t_ckpt_first = run(lambda layer: layer >= r, True)
 
-    def head_segments(tl: _Timeline, backward: bool) -> tuple[Segment, Segment]:
-        a = tl.index(f"post_fw {L - 1}")
-        b = tl.index("fwd_end", a)
-        fwd = tl.segment(a, b)
-        if not backward:
-            return fwd, ZERO_SEGMENT
-        c = b
-        d = (
-            tl.index(f"pre_bw {L - 1}", c)
-            if any(m[0] == f"pre_bw {L - 1}" for m in tl.marks)
-            else len(tl.marks) - 1
-        )
-        return fwd, tl.segment(c, d)
-
     blocks["full"] = _block_segments(t_full, r, True)
     blocks["input"] = _block_segments(t_input, r, True)
     blocks["none"] = _block_segments(t_none, r, False)
@@ -748,9 +811,9 @@ def _activation_profile(
     first_none = t_none.segment(t_none.index("pre_fw 0"), t_none.index("pre_fw 1"))
     blocks["first-none"] = BlockMemory(first_none, ZERO_SEGMENT)
     blocks["ckpt-first"] = _block_segments(t_ckpt_first, r, True)
-    head_fwd["full"], head_bwd["full"] = head_segments(t_full, True)
-    head_fwd["input"], head_bwd["input"] = head_segments(t_input, True)
-    head_fwd["weight"], head_bwd["weight"] = head_segments(t_none, True)
+    head_fwd["full"], head_bwd["full"] = _head_segments(t_full, L)
+    head_fwd["input"], head_bwd["input"] = _head_segments(t_input, L)
+    head_fwd["weight"], head_bwd["weight"] = _head_segments(t_none, L)
     embed_fwd = t_full.segment(t_full.index("start"), t_full.index("pre_fw 0"))
     e0 = t_full.index("post_bw 0", t_full.index("fwd_end"))
     embed_bwd = t_full.segment(e0, t_full.index("bwd_end", e0))
@@ -827,6 +890,8 @@ __all__ = [
     "Segment",
     "activation_profile",
     "block_flops",
+    "chunked_loss_profile",
+    "chunked_loss_supported",
     "default_padded",
     "enable_layer_checkpointing",
     "example_batch",
@@ -861,6 +926,7 @@ def reference_step_peak(
     state_slots: int = 2,
     fake: bool = True,
     padded: bool | None = None,
+    chunk_tokens: int | None = None,
 ) -> tuple[int, dict[str, int]]:
     """Peak bytes of one full ChunkFT optimizer step of the full-depth model with chunks[window] active,
     traced under FakeTensorMode (nothing allocated) by executor.measure.MemoryTracker: what the planner's
@@ -876,6 +942,7 @@ def reference_step_peak(
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from executor.loss import causal_lm_loss
     from executor.measure import MemoryTracker, driver_tensors
     from executor.optimizer import AdamWHparams, ChunkedOptimizer, SGDHparams, grad_norm
     from executor.slicegrad import SliceGradients
@@ -918,7 +985,7 @@ def reference_step_peak(
         try:
             for batch in batches:
                 with tracker.phase("forward"):
-                    loss = model(**batch).loss / grad_accum
+                    loss = causal_lm_loss(model, batch, chunk_tokens) / grad_accum
                 with tracker.phase("backward"):
                     loss.backward()
                 del loss

@@ -122,6 +122,7 @@ class Candidate:
     layer_gpu: tuple[int, ...] = ()  # GPU per block; empty: all on GPU 0
     synchronous_copies: bool = False  # baseline: copies exposed at the update, no overlap
     update_interval: int = 1  # optimizer steps per visit; the state copies happen once per visit
+    chunk_tokens: int | None = None  # chunked cross-entropy in pieces of this many tokens; None: plain loss
 
     @property
     def num_gpus(self) -> int:
@@ -345,7 +346,9 @@ def _replay(
                     seg, flops = act.embed_bwd_trainable, 0
                 elif grp >= L:
                     seg = act.head(head_mode)[1]
-                    flops = f_head * (2 if head_mode == "full" else 1)
+                    # backward of the head (input, and weight when in the window); chunked cross-entropy
+                    # runs the head's forward again piece by piece
+                    flops = f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))
                 else:
                     mode = _block_mode(grp, w)
                     recompute = grp in ckpt
@@ -500,7 +503,9 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
                     seg, flops = act.embed_bwd_trainable, 0
                 elif grp >= L:
                     seg = act.head(head_mode)[1]  # type: ignore[arg-type]
-                    flops = f_head * (2 if head_mode == "full" else 1)
+                    # backward of the head (input, and weight when in the window); chunked cross-entropy
+                    # runs the head's forward again piece by piece
+                    flops = f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))
                 else:
                     mode = _block_mode(grp, probe)
                     seg = act.block(mode, grp in ckpt).bwd  # type: ignore[arg-type]
@@ -617,6 +622,10 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         raise ValueError("a plan needs at least one window")
     if cand.micro_batch != act.micro_batch:
         raise ValueError(f"activation profile is for micro-batch {act.micro_batch}, not {cand.micro_batch}")
+    if cand.chunk_tokens != act.chunk_tokens:
+        raise ValueError(
+            f"activation profile has chunk_tokens {act.chunk_tokens}, the candidate {cand.chunk_tokens}"
+        )
     pers_cats, slot = _persistent(setup, cand)
     persistent = [sum(m.values()) for m in pers_cats]
     total_s = 0.0
@@ -665,6 +674,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
 def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfile]:
     """Rebuild the simulator inputs from a plan alone (model and GPU from profiles, activations traced)."""
     import profiles
+    from executor.loss import DEFAULT_CHUNK_TOKENS
     from planner.costs import cost_model
     from planner.profile_model import activation_profile, model_structure
 
@@ -701,6 +711,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         prefetch=pl.prefetch,
         layer_gpu=tuple(pl.layer_gpu),
         update_interval=p.rotation.update_interval,  # type: ignore[attr-defined]
+        chunk_tokens=DEFAULT_CHUNK_TOKENS if run.chunked_cross_entropy else None,
     )
     act = activation_profile(
         preset.config,
@@ -709,6 +720,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         run.seq_len,
         run.compute_dtype,
         run.attn_implementation,
+        chunk_tokens=cand.chunk_tokens,
     )
     return setup, cand, act
 

@@ -8,7 +8,8 @@ Search space: K in powers of two (as many as the rows allow), activation checkpo
 the first n blocks (n found by bisection: the bottom blocks are the ones only bottom windows
 backpropagate through, so checkpointing them costs the least recompute), micro-batch x accumulation
 splits of the global batch, optimizer states on the host with two slots (prefetch) or one, or on the
-GPU. Chunked cross-entropy is not offered: the executor does not implement it.
+GPU; the plain loss or chunked cross-entropy (executor/loss.py) where the logits are large; the update
+interval (choose_update_interval).
 """
 
 from __future__ import annotations
@@ -18,8 +19,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from executor.chunks import DTYPE_BYTES, Chunk, partition
+from executor.loss import DEFAULT_CHUNK_TOKENS
 from planner.costs import CostModel
-from planner.profile_model import ActivationProfile, ModelStructure
+from planner.profile_model import (
+    ActivationProfile,
+    ModelStructure,
+    chunked_loss_profile,
+    chunked_loss_supported,
+)
 from planner.simulator import (
     Candidate,
     Setup,
@@ -36,6 +43,7 @@ from planner.simulator import (
 # 2.769 (dense AdamW: 2.566). Adam's moments need a few steps on a window before its updates are good.
 VISIT_STEPS = 10
 MIN_CYCLES = 2  # every window is visited at least this often in the run
+CHUNKED_CE_MIN_SHARE = 0.01  # auto: chunked cross-entropy is tried when full logits are >= 1% of the budget
 K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
@@ -82,12 +90,13 @@ class Option:
 
     def placement_text(self) -> str:
         c = self.candidate
+        loss = ", chunked CE" if c.chunk_tokens is not None else ""
         if c.states_on == "gpu":
-            return "states gpu"
+            return "states gpu" + loss
         text = f"states host {c.host_state_dtype}"
         if c.synchronous_copies:
-            return text + ", synchronous copies"
-        return text + (", prefetch" if c.prefetch else ", one slot")
+            return text + ", synchronous copies" + loss
+        return text + (", prefetch" if c.prefetch else ", one slot") + loss
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class Space:
     rotation_seed: int = 0
     update_interval: int | None = None  # optimizer steps per visit; None: the solver chooses
     total_steps: int = 0  # optimizer steps of the run (bounds the chosen update interval)
+    cross_entropy: str = "auto"  # full | chunked | auto (see Solver.loss_options)
     layer_gpu: tuple[int, ...] = ()
     placements: tuple[tuple[str, str, bool], ...] = (
         ("host", "float32", True),
@@ -211,6 +221,7 @@ class Solver:
         accum: int,
         placement: tuple[str, str, bool],
         synchronous: bool = False,
+        chunk_tokens: int | None = None,
     ) -> Candidate | None:
         chunks = self.chunks(k)
         if chunks is None:
@@ -228,10 +239,13 @@ class Solver:
             prefetch=prefetch and states_on == "host" and k > 1,
             layer_gpu=self.space.layer_gpu,
             synchronous_copies=synchronous,
+            chunk_tokens=chunk_tokens,
         )
 
     def evaluate(self, label: str, cand: Candidate) -> Option:
         act = self.activations(cand.micro_batch)
+        if cand.chunk_tokens is not None:
+            act = chunked_loss_profile(act, cand.chunk_tokens)
         if not cand.synchronous_copies:
             cand = replace(cand, update_interval=self.update_interval(cand, act))
         res = simulate(self.setup, cand, act)
@@ -250,13 +264,43 @@ class Solver:
         )
 
     # -- search ---------------------------------------------------------------------------------------
-    def _ckpt_options(self, k: int, micro: int, accum: int, placement: tuple[str, str, bool]) -> list[Option]:
+    def loss_options(self, micro: int) -> list[int | None]:
+        """Chunk sizes of cross-entropy to try (None: the plain loss). auto tries chunked cross-entropy
+        where the executor supports it and the full fp32 logits of a micro-batch are at least
+        CHUNKED_CE_MIN_SHARE of the budget: below that it cannot change the plan much, and each loss
+        option doubles the search."""
+        mode = self.space.cross_entropy
+        if mode == "full":
+            return [None]
+        supported = chunked_loss_supported(self.activations(micro))
+        if mode == "chunked":
+            if not supported:
+                st = self.setup.structure
+                raise ValueError(
+                    f"--cross-entropy chunked: the executor has no chunked cross-entropy for "
+                    f"{st.model_type} ({st.task}); use --cross-entropy full"
+                )
+            return [DEFAULT_CHUNK_TOKENS]
+        st = self.setup.structure
+        logits = micro * self.setup.seq_len * st.vocab_size * 4
+        big = logits >= CHUNKED_CE_MIN_SHARE * self.limits.gpu_budget_bytes
+        pieces = micro * self.setup.seq_len > DEFAULT_CHUNK_TOKENS  # one piece would be the full logits
+        return [None, DEFAULT_CHUNK_TOKENS] if supported and big and pieces else [None]
+
+    def _ckpt_options(
+        self,
+        k: int,
+        micro: int,
+        accum: int,
+        placement: tuple[str, str, bool],
+        chunk_tokens: int | None = None,
+    ) -> list[Option]:
         L = self.num_layers
         mode = self.space.checkpointing
         out: list[Option] = []
 
         def opt(n: int) -> Option | None:
-            cand = self.candidate(k, tuple(range(n)), micro, accum, placement)
+            cand = self.candidate(k, tuple(range(n)), micro, accum, placement, chunk_tokens=chunk_tokens)
             return None if cand is None else self.evaluate(f"K={k}", cand)
 
         if mode in ("none", "auto"):
@@ -290,9 +334,10 @@ class Solver:
         ks = [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
         options: list[Option] = []
         for micro, accum in batch_splits(self.space):
-            for placement in self.space.placements:
-                for k in ks:
-                    options.extend(self._ckpt_options(k, micro, accum, placement))
+            for chunk_tokens in self.loss_options(micro):
+                for placement in self.space.placements:
+                    for k in ks:
+                        options.extend(self._ckpt_options(k, micro, accum, placement, chunk_tokens))
         feasible = sorted(
             (o for o in options if o.feasible),
             key=lambda o: (o.rotation_seconds_per_token, o.result.step.peak_bytes),
@@ -311,9 +356,11 @@ class Solver:
         for o in feasible:
             if o is best:
                 continue
-            key = (o.num_chunks, o.checkpoint_mode, o.placement_text())
+            key = (o.num_chunks, o.checkpoint_mode, o.placement_text(), o.candidate.chunk_tokens)
             if key in seen or (
-                best and key == (best.num_chunks, best.checkpoint_mode, best.placement_text())
+                best
+                and key
+                == (best.num_chunks, best.checkpoint_mode, best.placement_text(), best.candidate.chunk_tokens)
             ):
                 continue
             seen.add(key)
@@ -333,14 +380,23 @@ class Solver:
         c = ref.candidate
         ck = c.checkpoint_layers
         out = []
-        dense = self.candidate(1, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False))
+        ce = c.chunk_tokens
+        dense = self.candidate(1, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False), chunk_tokens=ce)
         if dense is not None:
             out.append(replace(self.evaluate("baseline: dense AdamW, no offload", dense)))
-        gpu = self.candidate(ref.num_chunks, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False))
+        gpu = self.candidate(
+            ref.num_chunks, ck, c.micro_batch, c.grad_accum, ("gpu", "float32", False), chunk_tokens=ce
+        )
         if gpu is not None:
             out.append(self.evaluate("baseline: ChunkFT, states on GPU", gpu))
         sync = self.candidate(
-            ref.num_chunks, ck, c.micro_batch, c.grad_accum, ("host", "float32", False), synchronous=True
+            ref.num_chunks,
+            ck,
+            c.micro_batch,
+            c.grad_accum,
+            ("host", "float32", False),
+            synchronous=True,
+            chunk_tokens=ce,
         )
         if sync is not None:
             out.append(self.evaluate("baseline: offload everything, synchronous copies", sync))
@@ -435,7 +491,7 @@ def build_plan(
         compute_dtype=dtype,
         master_dtype="float32",
         attn_implementation=req.attn,
-        chunked_cross_entropy=False,
+        chunked_cross_entropy=cand.chunk_tokens is not None,
         optimizer=o,
         schedule=P.ScheduleSettings(req.schedule, req.warmup_steps, req.steps, 0.0),
         eval_every=0,

@@ -111,3 +111,16 @@ def test_random_rotation_in_the_plan_is_the_one_the_executor_runs() -> None:
             first_cycle.append(rot.current())
             rot.advance()
         assert rotation_sequence("random", k, seed) == tuple(first_cycle)
+
+
+def test_update_interval_rule() -> None:
+    """Hand-made cases of choose_update_interval: VISIT_STEPS when the run is long, at least what hides
+    the copies, never fewer than MIN_CYCLES visits of every window."""
+    from planner.solver import MIN_CYCLES, VISIT_STEPS, choose_update_interval
+
+    assert choose_update_interval(1, 1000, 5) == 1  # one window: nothing rotates
+    assert choose_update_interval(4, 10_000, 1) == VISIT_STEPS
+    assert choose_update_interval(4, 10_000, 25) == 25  # copies take 25 steps of compute to hide
+    assert choose_update_interval(4, 40, 1) == 40 // (4 * MIN_CYCLES)  # short run: windows revisited
+    assert choose_update_interval(64, 10, 1) == 1
+    assert choose_update_interval(4, 0, 3) == max(3, VISIT_STEPS)  # run length unknown
