@@ -931,17 +931,22 @@ def method_specs(
     return specs
 
 
-def resolve_intervals(specs: Sequence[MethodSpec], wl: Workload, plan_dir: Path) -> list[MethodSpec]:
+def resolve_intervals(
+    specs: Sequence[MethodSpec], wl: Workload, plan_dir: Path
+) -> tuple[list[MethodSpec], int]:
     """ChunkFT rows that leave the update interval to the planner get the one it picks for the full run,
-    fixed, so that the short lr-tuning runs use it too (planned for tune_steps, it would pick less)."""
-    out = []
+    fixed, so that the short lr-tuning runs use it too (planned for tune_steps, it would pick less).
+    Also returns the longest rotation (windows x steps per visit) of the ChunkFT rows."""
+    out, longest = [], 0
     for spec in specs:
-        if spec.kind == "chunkft" and spec.update_interval is None:
+        if spec.kind == "chunkft":
             plan = make_plan(wl, spec, plan_dir / f"{_slug(spec.label)}-interval.plan.json")
             ui = plan.rotation.update_interval
-            spec = replace(spec, update_interval=ui, label=f"{spec.label}, {ui} steps/visit")
+            longest = max(longest, plan.chunk_table.num_chunks * ui)
+            if spec.update_interval is None:
+                spec = replace(spec, update_interval=ui, label=f"{spec.label}, {ui} steps/visit")
         out.append(spec)
-    return out
+    return out, longest
 
 
 def half_dense_budget(wl: Workload, plan_dir: Path) -> int:
@@ -965,7 +970,12 @@ def run_experiment(
 ) -> list[MethodResult]:
     """Tune, run, and write one experiment's section (tables, command, machine, versions, date) to `out`."""
     t0 = time.perf_counter()
-    specs = resolve_intervals(specs, wl, plan_dir)
+    specs, rotation = resolve_intervals(specs, wl, plan_dir)
+    if 0 < tune_steps < rotation:
+        # A tuning run shorter than a rotation never trains some windows (with a fresh classifier head,
+        # the one that matters most): every method's tuning runs last one full ChunkFT rotation.
+        log(f"lr tuning runs: {rotation} steps (one ChunkFT rotation) instead of {tune_steps}")
+        tune_steps = min(rotation, wl.steps)
     tried: list[tuple[str, float, float | None]] = []
     if tune_steps > 0:
         specs, tried = tune_lrs(build, specs, wl, data, tune_steps=tune_steps, plan_dir=plan_dir, log=log)
