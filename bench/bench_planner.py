@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime
 import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -27,24 +26,31 @@ from planner.solver import make_setup
 OUT = Path(__file__).parent / "results" / "planner.md"
 MIB = 2**20
 
-# (preset, weight dtype, K, micro-batch, grad-accum, seq, checkpointed layers, which windows to trace)
+# (preset, weight dtype, K, micro-batch, grad-accum, seq, checkpointed layers, which windows to trace,
+#  chunked cross-entropy piece tokens or None)
 CASES = [
-    ("tiny-llama", "float32", 4, 1, 1, 256, (), None),
-    ("tiny-llama", "float32", 8, 2, 2, 128, (0, 1), None),
-    ("tiny-llama", "bfloat16", 3, 1, 1, 512, (0, 1, 2, 3), None),
-    ("tiny-llama-tied", "float32", 4, 1, 1, 256, (), None),
-    ("tiny-bert", "float32", 3, 2, 1, 128, (), None),
-    ("small-llama-20m", "float32", 8, 1, 1, 512, (), None),
+    ("tiny-llama", "float32", 4, 1, 1, 256, (), None, None),
+    ("tiny-llama", "float32", 8, 2, 2, 128, (0, 1), None, None),
+    ("tiny-llama", "bfloat16", 3, 1, 1, 512, (0, 1, 2, 3), None, None),
+    ("tiny-llama", "float32", 4, 1, 1, 1024, (), None, 256),
+    ("tiny-llama-tied", "float32", 4, 1, 1, 256, (), None, None),
+    ("tiny-bert", "float32", 3, 2, 1, 128, (), None, None),
+    ("small-llama-20m", "float32", 8, 1, 1, 512, (), None, None),
 ]
-SLOW = [("llama-3-8b", "bfloat16", 256, 1, 1, 1024, (), (0, 1, 128, 255))]
+# llama-3-8b as chunkft-plan llama-3-8b --gpu 4090 plans it (K=32, first layer checkpointed, chunked
+# cross-entropy), and with small windows cut inside blocks (K=256); a few windows each (full-depth traces)
+SLOW = [
+    ("llama-3-8b", "bfloat16", 32, 1, 1, 1024, (0,), (0, 1, 3, 16, 31), 256),
+    ("llama-3-8b", "bfloat16", 256, 1, 1, 1024, (), (0, 1, 128, 255), None),
+]
 
 
 def accuracy_rows(cases):  # type: ignore[no-untyped-def]
     rows = []
-    for name, dtype, k, micro, accum, seq, ckpt, only in cases:
+    for name, dtype, k, micro, accum, seq, ckpt, only, ce in cases:
         preset = profiles.load_model(name)
         st = model_structure(preset.config, preset.task, dtype)
-        act = activation_profile(preset.config, preset.task, micro, seq, dtype)
+        act = activation_profile(preset.config, preset.task, micro, seq, dtype, chunk_tokens=ce)
         setup = make_setup(
             st,
             cost_model(profiles.load_gpu("cpu"), dtype),
@@ -56,7 +62,9 @@ def accuracy_rows(cases):  # type: ignore[no-untyped-def]
         )
         chunks = partition(list(st.specs), num_chunks=k, policy="rows", state_bytes_per_element=8)
         windows = windows_of(st, st.specs, chunks)
-        cand = Candidate(windows, tuple(range(k)), ckpt, micro, accum, "host", "float32", True)
+        cand = Candidate(
+            windows, tuple(range(k)), ckpt, micro, accum, "host", "float32", True, chunk_tokens=ce
+        )
         predicted = window_peaks(setup, cand, act)
         traced = {}
         t0 = time.perf_counter()
@@ -74,13 +82,15 @@ def accuracy_rows(cases):  # type: ignore[no-untyped-def]
                 dtype=dtype,
                 checkpoint_layers=ckpt,
                 state_slots=2,
+                chunk_tokens=ce,
             )[0]
         secs = time.perf_counter() - t0
         errs = [(predicted[i] - t) / t * 100 for i, t in traced.items()]
         worst_p = max(predicted[i] for i in traced)
         worst_t = max(traced.values())
         rows.append(
-            f"| {name} | {dtype} | {k} | {micro}x{accum} | {seq} | {len(ckpt)} | {worst_p / MIB:.2f} | "
+            f"| {name} | {dtype} | {k} | {micro}x{accum} | {seq} | {len(ckpt)} | {ce or '-'} | "
+            f"{worst_p / MIB:.2f} | "
             f"{worst_t / MIB:.2f} | {(worst_p - worst_t) / worst_t * 100:+.2f}% | "
             f"{min(errs):+.2f}% .. {max(errs):+.2f}% ({len(traced)} windows) | {secs:.1f} |"
         )
@@ -95,7 +105,11 @@ def timed(cmd: list[str]) -> tuple[float, str]:
 
 
 def main() -> None:
-    quick = "--quick" in sys.argv
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python bench/bench_planner.py", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny models only (no 8B traces or big plans)")
+    quick = ap.parse_args().quick
     rows = accuracy_rows(CASES + ([] if quick else SLOW))
     plans = []
     if not quick:
@@ -128,9 +142,9 @@ def main() -> None:
         "See bench/results/accuracy.md for the causes of the remaining per-window errors.",
         "Peaks in MiB (parameters, buffers, slots, gradients, activations, temporaries; no CUDA reserve).",
         "",
-        "| model | dtype | K | micro x accum | seq | ckpt layers | predicted worst | traced worst | error | "
-        "per-window error | trace s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | dtype | K | micro x accum | seq | ckpt layers | chunked CE | predicted worst | "
+        "traced worst | error | per-window error | trace s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
     ]
