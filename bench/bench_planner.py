@@ -37,8 +37,9 @@ CASES = [
     ("tiny-bert", "float32", 3, 2, 1, 128, (), None, None),
     ("small-llama-20m", "float32", 8, 1, 1, 512, (), None, None),
 ]
-# llama-3-8b as chunkft-plan llama-3-8b --gpu 4090 plans it (K=32, first layer checkpointed, chunked
-# cross-entropy), and with small windows cut inside blocks (K=256); a few windows each (full-depth traces)
+# llama-3-8b in the settings chunkft-plan llama-3-8b --gpu 4090 picks (K=32, first layer checkpointed,
+# chunked cross-entropy; two state slots here), and with small windows cut inside blocks (K=256); a few
+# windows each (full-depth traces take minutes)
 SLOW = [
     ("llama-3-8b", "bfloat16", 32, 1, 1, 1024, (0,), (0, 1, 3, 16, 31), 256),
     ("llama-3-8b", "bfloat16", 256, 1, 1, 1024, (), (0, 1, 128, 255), None),

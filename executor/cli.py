@@ -236,6 +236,8 @@ def replan_command(plan: Any, budget_bytes: int) -> str:
         args += ["--eval-every", str(run.eval_every)]
     if run.checkpoint_every:
         args += ["--checkpoint-every", str(run.checkpoint_every)]
+    if run.padded_batches != (plan.model.task != "causal-lm"):  # not the task's default
+        args += ["--padded-batches" if run.padded_batches else "--unpadded-batches"]
     return shlex.join(args)
 
 

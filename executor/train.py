@@ -48,6 +48,7 @@ from executor.data import (
     ByteTokenizer,
     DataError,
     DataPosition,
+    Dataset,
     HFTokenizer,
     TokenData,
     Tokenizer,
@@ -127,6 +128,38 @@ def _check_replayable(plan: Any) -> None:
         )
 
 
+_PADDED_KIND = {
+    "instruction": "instruction JSONL rows",
+    "classification": "classification rows",
+    "text": "text rows",
+    "jsonl-text": "JSONL text rows",
+}
+
+
+def _check_padding(plan: Any, dataset: Dataset, opts: RunOptions, log: TextIO) -> None:
+    """Refuse padded data under a plan made for unpadded batches: Hugging Face then builds a B*S*S
+    attention mask and repeats grouped-query K/V to every head, which the plan's peak does not count.
+    The reverse (a padded plan on packed rows) only over-predicts, so it runs with a note."""
+    mask = dataset.train.attention_mask
+    padded_rows = int((mask == 0).any(dim=1).sum())
+    if padded_rows and not plan.run.padded_batches:
+        from executor.cli import replan_command
+
+        command = replan_command(plan, plan.hardware.budget_bytes)
+        target = opts.plan_path.with_name(f"{opts.plan_path.stem}-padded.json")
+        raise RunError(
+            f"{opts.data_path}: {_PADDED_KIND.get(dataset.format, 'rows')} are padded ({padded_rows} of "
+            f"{len(mask)} training rows) but {opts.plan_path} was planned for unpadded batches "
+            "(run.padded_batches false), so its predicted peak is too low (padding adds an attention mask "
+            f"and repeated K/V); re-plan with --padded-batches: {command} --padded-batches -o {target}"
+        )
+    if plan.run.padded_batches and not padded_rows:
+        log.write(
+            f"chunkft-run: note: {opts.plan_path} was planned for padded batches and {opts.data_path} has "
+            "no padding; the measured peak will be somewhat below the prediction\n"
+        )
+
+
 def chunk_tokens_for(plan: Any) -> int | None:
     """Tokens per chunked cross-entropy piece, or None for the plain loss. The plan format has no field for
     the piece size yet, so a plan that asks for chunking gets executor/loss.py's DEFAULT_CHUNK_TOKENS."""
@@ -166,6 +199,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         num_labels=plan.model.num_labels,
         min_train_examples=mbs,
     )
+    _check_padding(plan, dataset, opts, log)
     batches = Batches(dataset.train, mbs, seed=plan.run.seed)
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
     apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)

@@ -209,6 +209,7 @@ class Request:
     efficiency: float
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
+    padded_batches: bool | None = None  # batches carry padding; None: the task's (default_padded)
 
 
 # fp16 is not offered: it needs loss scaling, which the executor does not do (bf16 does not).
@@ -220,7 +221,7 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     import profiles
     from planner.costs import cost_model
     from planner.plan import save_plan
-    from planner.profile_model import activation_profile, model_structure
+    from planner.profile_model import activation_profile, default_padded, model_structure
     from planner.solver import Limits, Solver, Space, balance_layers, make_setup
 
     check_bounds(req)
@@ -251,6 +252,8 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         raise click.UsageError(
             f"--budget {gib(budget)} is more than the {gpu.name}'s {gib(per_gpu_total)}; use at most that"
         )
+    padded = default_padded(preset.task) if req.padded_batches is None else req.padded_batches
+    req = replace(req, padded_batches=padded)  # resolved: build_plan records it
     structure = model_structure(preset.config, preset.task, dtype)
     setup = make_setup(
         structure,
@@ -294,7 +297,9 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     solver = Solver(
         setup,
         Limits(budget, host),
-        lambda mb: activation_profile(preset.config, preset.task, mb, req.seq_len, dtype, req.attn),
+        lambda mb: activation_profile(
+            preset.config, preset.task, mb, req.seq_len, dtype, req.attn, padded=padded
+        ),
         space,
     )
     sol = solver.solve()
@@ -381,7 +386,8 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
         f"model      {plan.model.name} ({plan.model.num_params:,} parameters, {run.weight_dtype})",
         f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)} per GPU, "
         f"host {gib(hw.host_budget_bytes)}",
-        f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens",
+        f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens"
+        + (" (padded rows)" if run.padded_batches else ""),  # unpadded: packed full rows, the usual case
         f"chunks     K={plan.chunk_table.num_chunks}, rotation {plan.rotation.order}, "
         f"{plan.rotation.update_interval} step(s) per visit, checkpointing {plan.checkpointing.mode}"
         + (
@@ -487,6 +493,14 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     help="The loss: full logits, or chunked cross-entropy (no full logits; auto: where logits are large).",
 )
 @click.option("--task", default=None, type=click.Choice(["causal-lm", "sequence-classification"]))
+@click.option(
+    "--padded-batches/--unpadded-batches",
+    default=None,
+    help="Whether the training batches carry padding, which changes attention memory (a mask, and "
+    "grouped-query K/V repeated to every head). Give --padded-batches for instruction JSONL on a causal "
+    'LM (padded rows); packed text (.txt, JSONL {"text"}) is unpadded. Default: the task\'s '
+    "(causal LM unpadded, classification padded).",
+)
 @click.option("--attn", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
 @click.option(
     "--efficiency",

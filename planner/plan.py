@@ -9,7 +9,9 @@ wrote, `plan_to_json(plan_from_json(text)) == text`. The one non-obvious mapping
 Loading checks everything it can and reports every problem at once, each with its field path
 (`chunk_table.chunks[3].slices[1].row_end must be <= 4096 ...`), because a hand-edited plan with three
 typos should take one round trip to fix, not three. Bump SCHEMA_VERSION on any incompatible change and
-keep tests/golden/plan_v1.json loading.
+keep tests/golden/plan_v1.json loading. A field added later is compatible when a file without it has one
+right reading: `run.padded_batches` (files written before it load with their task's default, which is what
+those plans were planned for), so it stays v1; such a file is rewritten with the field spelled out.
 """
 
 from __future__ import annotations
@@ -44,6 +46,12 @@ StatesOn = Literal["gpu", "host"]
 HostStateDtype = Literal["float32", "bfloat16", "reset"]
 WeightsPlacement = Literal["resident", "streamed"]
 CheckpointMode = Literal["none", "all", "selected"]
+
+# Whether a task's batches are padded when the plan does not say (files written before
+# run.padded_batches): what the planner assumed then, planner.profile_model.default_padded (causal-LM
+# text is packed into full rows, classification rows are padded). Kept here so loading a plan needs
+# no torch; tests/test_padded_plan.py checks the two agree.
+DEFAULT_PADDED_BATCHES: dict[str, bool] = {"causal-lm": False, "sequence-classification": True}
 
 
 class PlanError(Exception):
@@ -127,6 +135,12 @@ class RunSettings:
     schedule: ScheduleSettings
     eval_every: int  # optimizer steps; 0 = never
     checkpoint_every: int  # optimizer steps; 0 = never
+    # Whether the training batches carry padding (attention-mask zeros): instruction JSONL and
+    # classification rows do, packed text does not. It changes Hugging Face's attention path (a padded
+    # causal batch materialises a B*S*S mask and repeats grouped-query K/V), so the activation bytes.
+    # Last, with a default, so plans built in Python before it existed still build; the planner always
+    # sets it, and a plan file without it loads with its task's default (DEFAULT_PADDED_BATCHES).
+    padded_batches: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -481,6 +495,7 @@ def _decode_plan(data: object, problems: list[str]) -> Plan | None:
         problems.append(f"the plan must be a JSON object, got {_describe(data)}")
         return None
     hints = _hints(Plan)
+    data = _with_added_fields(data)
     _check_keys(data, [f.name for f in _SECTIONS], "", problems)
     values: dict[str, object] = {}
     for f in _SECTIONS:
@@ -500,6 +515,23 @@ def _decode_plan(data: object, problems: list[str]) -> Plan | None:
     if problems:
         return None
     return Plan(**values)  # type: ignore[arg-type]
+
+
+def _with_added_fields(data: dict) -> dict:
+    """Fill in fields added to v1 after plans were written, with what those plans meant (a copy;
+    the caller's data is not changed). Today only run.padded_batches: the task's default."""
+    run = data.get("run")
+    if not isinstance(run, dict) or "padded_batches" in run:
+        return data
+    model = data.get("model")
+    task = model.get("task") if isinstance(model, dict) else None
+    # An unknown task is reported by the model section; the plan fails anyway, so any default will do.
+    padded = DEFAULT_PADDED_BATCHES.get(task, False) if isinstance(task, str) else False
+    filled_run = _JsonObject({**run, "padded_batches": padded})
+    filled_run.duplicates = getattr(run, "duplicates", ())
+    filled = _JsonObject({**data, "run": filled_run})
+    filled.duplicates = getattr(data, "duplicates", ())
+    return filled
 
 
 def _check_keys(data: dict, known: list[str], path: str, problems: list[str]) -> None:

@@ -310,6 +310,7 @@ def _replay(
     order: tuple[StepNode, ...] = step_order(L, max(w.low, -1))
     hidden = act.hidden_bytes
     head_mode = _head_mode(w, L, st.tied_embeddings)
+    head_fwd, head_bwd = act.head(head_mode)  # type: ignore[arg-type]
     grads_done: set[int] = set()
     compute_s = 0.0
 
@@ -334,7 +335,7 @@ def _replay(
                 if grp < 0:
                     seg, flops = act.embed_fwd, 0
                 elif grp >= L:
-                    seg, flops = act.head(head_mode)[0], f_head
+                    seg, flops = head_fwd, f_head
                 else:
                     mode = _block_mode(grp, w)
                     seg = act.block(  # type: ignore[arg-type]
@@ -345,7 +346,7 @@ def _replay(
                 if grp < 0:
                     seg, flops = act.embed_bwd_trainable, 0
                 elif grp >= L:
-                    seg = act.head(head_mode)[1]
+                    seg = head_bwd
                     # backward of the head (input, and weight when in the window); chunked cross-entropy
                     # runs the head's forward again piece by piece
                     flops = f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))
@@ -472,6 +473,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
     c = setup.cost
     ckpt = set(cand.checkpoint_layers)
     head_mode = _head_mode(probe, L, st.tied_embeddings)
+    head_fwd, head_bwd = act.head(head_mode)  # type: ignore[arg-type]
     order = step_order(L, max(low, -1))
     n_gpu = cand.num_gpus
     gpu_of = [_gpu_of_group(cand, g, L) for g in range(-1, L + 1)]
@@ -493,7 +495,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
                 if grp < 0:
                     seg, flops = act.embed_fwd, 0
                 elif grp >= L:
-                    seg, flops = act.head(head_mode)[0], f_head  # type: ignore[arg-type]
+                    seg, flops = head_fwd, f_head
                 else:
                     mode = _block_mode(grp, probe)
                     blk = act.block(mode, grp in ckpt, grp == L - 1, grp == 0 and head_mode == "weight")  # type: ignore[arg-type]
@@ -502,7 +504,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
                 if grp < 0:
                     seg, flops = act.embed_bwd_trainable, 0
                 elif grp >= L:
-                    seg = act.head(head_mode)[1]  # type: ignore[arg-type]
+                    seg = head_bwd
                     # backward of the head (input, and weight when in the window); chunked cross-entropy
                     # runs the head's forward again piece by piece
                     flops = f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))
@@ -720,6 +722,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         run.seq_len,
         run.compute_dtype,
         run.attn_implementation,
+        padded=run.padded_batches,  # padding changes the attention path (and its saved tensors)
         chunk_tokens=cand.chunk_tokens,
     )
     return setup, cand, act

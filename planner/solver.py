@@ -452,6 +452,7 @@ def build_plan(
     from executor.chunks import param_specs
     from planner import plan as P
     from planner.graph import prefetch_schedule
+    from planner.profile_model import default_padded
 
     best = sol.best
     assert best is not None
@@ -496,6 +497,8 @@ def build_plan(
         schedule=P.ScheduleSettings(req.schedule, req.warmup_steps, req.steps, 0.0),
         eval_every=0,
         checkpoint_every=0,
+        # what the activation profiles were traced with (chunkft-plan resolves None to the task's default)
+        padded_batches=default_padded(preset.task) if req.padded_batches is None else req.padded_batches,
     )
     alts = tuple(
         P.Alternative(

@@ -277,7 +277,7 @@ def test_every_structural_problem_is_reported_at_once(specs: list[ParamSpec]) ->
         "hardware.num_gpus must be an integer, got 1.5",
         "run.seq_length is not a known field (known: seq_len, micro_batch_size, grad_accum_steps, "
         "total_steps, seed, weight_dtype, compute_dtype, master_dtype, attn_implementation, "
-        "chunked_cross_entropy, optimizer, schedule, eval_every, checkpoint_every)",
+        "chunked_cross_entropy, optimizer, schedule, eval_every, checkpoint_every, padded_batches)",
         "run.seq_len is missing",
         'run.micro_batch_size must be an integer, got "2"',
         "run.grad_accum_steps must be an integer, got true",
@@ -413,7 +413,7 @@ def test_truncated_or_malformed_json_reports_line_and_column() -> None:
     with pytest.raises(PlanError) as err:
         plan_from_json(cut, source="plan.json")
     line, column = cut.count("\n") + 1, len(cut.rsplit("\n", 1)[1]) + 1
-    assert (line, column) == (120, 15)
+    assert (line, column) == (121, 15)
     assert str(err.value).startswith(
         f"plan.json is not valid JSON (Expecting value at line {line} column {column})"
     )
