@@ -123,6 +123,17 @@ class MemoryTracker(MemTracker):
                     self._param_to_grad_hook_handles[p] = (_NoHandle(), _NoHandle())
         return super()._track_module_params_and_buffers(module, install_grad_hooks)
 
+    def _pre_fw_hook(self, module: torch.nn.Module, inputs: Any) -> None:
+        # Upstream refuses a second top-level forward of a module before reset_mod_stats (it keeps
+        # per-module statistics for one iteration). This tracker counts storages, not per-module
+        # statistics, and a step may call the model more than once at top level (evaluation batches,
+        # accumulation inside a measured span): start that module's statistics afresh instead.
+        if module in self.memory_tracking and not self._mod_tracker.is_bw:
+            name = self._mod_tracker.get_known_fqn(module)
+            if set(self._mod_tracker.parents) - {name} == {"Global"}:
+                del self.memory_tracking[module]
+        super()._pre_fw_hook(module, inputs)
+
     def _track(self, reftype: Any, t: torch.Tensor) -> None:
         if t.untyped_storage() in self._excluded:
             return

@@ -74,6 +74,33 @@ def test_frozen_parameters_and_exact_weights() -> None:
     assert tracker.breakdown()["gradients"] <= trainable
 
 
+def test_model_called_again_at_top_level_inside_the_span() -> None:
+    """Evaluation inside the measured span calls the model once per batch (upstream MemTracker refuses a
+    second top-level call; with an update interval > 1 a rotation spans the first evaluation). The
+    evaluation's peak is discarded, the training step's is kept."""
+    model = _model()
+    ids = torch.randint(0, 256, (1, SEQ))
+    tracker = MemoryTracker(model)
+    tracker.start()
+    with tracker.phase("forward"):
+        loss = model(input_ids=ids, labels=ids).loss
+    with tracker.phase("backward"):
+        loss.backward()
+    del loss
+    model.zero_grad(set_to_none=True)
+    step_peak = tracker.peak_bytes()
+    with tracker.phase("excluded"), torch.no_grad():
+        for _ in range(3):
+            model(input_ids=torch.randint(0, 256, (4, SEQ)), labels=ids.expand(4, SEQ))
+    with tracker.phase("forward"):
+        loss = model(input_ids=ids, labels=ids).loss
+    with tracker.phase("backward"):
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    tracker.stop()
+    assert abs(tracker.peak_bytes() - step_peak) <= 0.01 * step_peak  # the same step again, not evaluation's
+
+
 def test_slots_counted_host_stores_excluded_and_matches_reference() -> None:
     model = _model()
     chunks = partition(param_specs(model), num_chunks=4, policy="rows", state_bytes_per_element=8)
