@@ -687,22 +687,19 @@ class _ShallowTracer:
             for name, prm in block.named_parameters():
                 prm.requires_grad_(skip_before <= pos.get(name, -1) < n - skip_after)
             x = torch.empty_like(args[0]).requires_grad_(input_grad)
-            buffers: dict[torch.Tensor, torch.Tensor] = {}
-            timeline_ref: list[_Timeline] = []
-            handles = [
-                p.register_post_accumulate_grad_hook(
-                    move_grads_hook(
-                        buffers,
-                        lambda nb: setattr(timeline_ref[0], "grad_bytes", timeline_ref[0].grad_bytes + nb),
-                    )
-                )
-                for p in block.parameters()
-                if p.requires_grad
-            ]
             captured = [t for t in _tensors([args, list(kwargs.values())]) if isinstance(t, torch.Tensor)]
             counter = _Counter(MemoryTracker(block, exclude=[x, *captured]))
             tl = _Timeline(counter)
-            timeline_ref.append(tl)
+            buffers: dict[torch.Tensor, torch.Tensor] = {}
+
+            def on_new(nbytes: int) -> None:
+                tl.grad_bytes += nbytes
+
+            handles = [
+                p.register_post_accumulate_grad_hook(move_grads_hook(buffers, on_new))
+                for p in block.parameters()
+                if p.requires_grad
+            ]
             try:
                 counter.tracker.start()
                 counter.base = counter.tracker.live_bytes()
