@@ -240,6 +240,14 @@ def _flops(structure: ModelStructure, micro_batch: int, seq_len: int) -> tuple[t
     return (bf.forward, bf.backward_input, bf.backward_full), head_flops(structure, micro_batch, seq_len)
 
 
+def forward_seconds_per_token(setup: Setup, micro_batch: int) -> float:
+    """Seconds per token of the model's forward pass alone: every ChunkFT step runs the whole forward,
+    whatever its window, so no step can be faster (a lower bound the solver prunes with)."""
+    (f_fwd, _, _), f_head = _flops(setup.structure, micro_batch, setup.seq_len)
+    flops = setup.structure.num_layers * f_fwd + f_head
+    return setup.cost.compute_seconds(flops) / (micro_batch * setup.seq_len)
+
+
 @dataclass
 class _Walk:
     """Mutable state of one window's replay (private)."""

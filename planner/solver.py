@@ -31,6 +31,7 @@ from planner.simulator import (
     Candidate,
     Setup,
     SimResult,
+    forward_seconds_per_token,
     hiding_interval,
     host_bytes,
     simulate,
@@ -333,11 +334,19 @@ class Solver:
     def solve(self) -> Solution:
         ks = [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
         options: list[Option] = []
+        fastest = float("inf")  # best feasible rotation seconds per token so far
         for micro, accum in batch_splits(self.space):
+            floor = forward_seconds_per_token(self.setup, micro)
             for chunk_tokens in self.loss_options(micro):
                 for placement in self.space.placements:
                     for k in ks:
-                        options.extend(self._ckpt_options(k, micro, accum, placement, chunk_tokens))
+                        # K steps of at least a full forward each: once that alone is slower than a
+                        # feasible option, no larger K can win (K ascends); infeasible runs prune nothing
+                        if k * floor > fastest * 1.01:
+                            break
+                        found = self._ckpt_options(k, micro, accum, placement, chunk_tokens)
+                        options.extend(found)
+                        fastest = min([fastest, *(o.rotation_seconds_per_token for o in found if o.feasible)])
         feasible = sorted(
             (o for o in options if o.feasible),
             key=lambda o: (o.rotation_seconds_per_token, o.result.step.peak_bytes),
