@@ -197,6 +197,7 @@ class Solver:
         self.activations = activations
         self.space = space
         self._chunks: dict[int, tuple[Chunk, ...] | None] = {}
+        self._simulated: dict[Candidate, tuple[Candidate, SimResult]] = {}
         st = setup.structure
         self.state_bytes_per_element = 8 if setup.optimizer == "adamw" else (4 if setup.sgd_momentum else 0)
         self.num_layers = st.num_layers
@@ -244,12 +245,15 @@ class Solver:
         )
 
     def evaluate(self, label: str, cand: Candidate) -> Option:
-        act = self.activations(cand.micro_batch)
-        if cand.chunk_tokens is not None:
-            act = chunked_loss_profile(act, cand.chunk_tokens)
-        if not cand.synchronous_copies:
-            cand = replace(cand, update_interval=self.update_interval(cand, act))
-        res = simulate(self.setup, cand, act)
+        if cand not in self._simulated:  # a re-solve under other limits simulates nothing again
+            act = self.activations(cand.micro_batch)
+            if cand.chunk_tokens is not None:
+                act = chunked_loss_profile(act, cand.chunk_tokens)
+            chosen = cand
+            if not cand.synchronous_copies:
+                chosen = replace(cand, update_interval=self.update_interval(cand, act))
+            self._simulated[cand] = (chosen, simulate(self.setup, chosen, act))
+        cand, res = self._simulated[cand]
         ok = (
             res.budget_needed_bytes <= self.limits.gpu_budget_bytes
             and host_bytes(self.setup, cand) <= self.limits.host_budget_bytes
