@@ -50,6 +50,14 @@ def _step(model: torch.nn.Module, driver: ChunkFT, tracker: MemoryTracker | None
         driver.step()
 
 
+def _tracked_step(tracker: MemoryTracker, model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """A plain forward and backward under the tracker's phases."""
+    with tracker.phase("forward"):
+        loss = model(input_ids=ids, labels=ids).loss
+    with tracker.phase("backward"):
+        loss.backward()
+
+
 def test_frozen_parameters_and_exact_weights() -> None:
     model = _model()
     for name, p in model.named_parameters():
@@ -57,10 +65,7 @@ def test_frozen_parameters_and_exact_weights() -> None:
     ids = torch.randint(0, 256, (1, SEQ))
     tracker = MemoryTracker(model)
     tracker.start()
-    with tracker.phase("forward"):
-        loss = model(input_ids=ids, labels=ids).loss
-    with tracker.phase("backward"):
-        loss.backward()
+    _tracked_step(tracker, model, ids)
     tracker.stop()
     m = tracker.result()
     by = dict(m.peak_by_category)
@@ -82,20 +87,13 @@ def test_model_called_again_at_top_level_inside_the_span() -> None:
     ids = torch.randint(0, 256, (1, SEQ))
     tracker = MemoryTracker(model)
     tracker.start()
-    with tracker.phase("forward"):
-        loss = model(input_ids=ids, labels=ids).loss
-    with tracker.phase("backward"):
-        loss.backward()
-    del loss
+    _tracked_step(tracker, model, ids)
     model.zero_grad(set_to_none=True)
     step_peak = tracker.peak_bytes()
     with tracker.phase("excluded"), torch.no_grad():
         for _ in range(3):
             model(input_ids=torch.randint(0, 256, (4, SEQ)), labels=ids.expand(4, SEQ))
-    with tracker.phase("forward"):
-        loss = model(input_ids=ids, labels=ids).loss
-    with tracker.phase("backward"):
-        loss.backward()
+    _tracked_step(tracker, model, ids)
     model.zero_grad(set_to_none=True)
     tracker.stop()
     assert abs(tracker.peak_bytes() - step_peak) <= 0.01 * step_peak  # the same step again, not evaluation's
