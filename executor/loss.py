@@ -26,7 +26,6 @@ V x H gradient (fp32 window buffer + the piece's gradient) that the unchunked pa
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -105,40 +104,15 @@ def _piece_loss_sum(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-class _PiecewiseHeadLoss(nn.Module):
-    """The pieces' summed loss, run as one module call.
-
-    Why a module: tools built on module hooks (torch's ModTracker/MemTracker, which executor/measure.py
-    uses) accept a module called several times in one iteration only inside a parent module's forward,
-    which is where the head runs in the model's own forward. The head is held by weak reference, outside
-    the module tree, so it keeps its own name and hooks; one instance per head lives as long as the head
-    (those tools also call back into the module during backward).
-    """
-
-    def __init__(self, head: nn.Module) -> None:
-        super().__init__()
-        self._head = weakref.ref(head)
-
-    def forward(self, flat: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
-        head = self._head()
-        assert head is not None  # the cache below drops this module together with its head
-        total = flat.new_zeros((), dtype=torch.float32)
-        for h, t in zip(flat.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_piece_loss_sum, head, h, t, use_reentrant=False)
-            else:  # evaluation: nothing is saved for backward, so nothing to recompute
-                total = total + _piece_loss_sum(head, h, t)
-        return total
-
-
-_PIECEWISE: weakref.WeakKeyDictionary[nn.Module, _PiecewiseHeadLoss] = weakref.WeakKeyDictionary()
-
-
-def _piecewise(head: nn.Module) -> _PiecewiseHeadLoss:
-    module = _PIECEWISE.get(head)
-    if module is None:
-        module = _PIECEWISE[head] = _PiecewiseHeadLoss(head)
-    return module
+def _pieces_loss_sum(head: nn.Module, flat: Tensor, targets: Tensor, chunk_tokens: int) -> Tensor:
+    """The pieces' summed loss; each piece's logits exist only inside its own checkpointed call."""
+    total = flat.new_zeros((), dtype=torch.float32)
+    for h, t in zip(flat.split(chunk_tokens), targets.split(chunk_tokens), strict=True):
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_piece_loss_sum, head, h, t, use_reentrant=False)
+        else:  # evaluation: nothing is saved for backward, so nothing to recompute
+            total = total + _piece_loss_sum(head, h, t)
+    return total
 
 
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any], chunk_tokens: int | None) -> Tensor:
@@ -163,7 +137,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any], chunk_tokens: int
     flat = hidden.reshape(tokens, hidden.shape[-1])
     # HF: pad one ignored label on the right, drop the first: position t is scored against label t+1
     targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].reshape(tokens).to(flat.device)
-    total = _piecewise(head)(flat, targets, chunk_tokens)
+    total = _pieces_loss_sum(head, flat, targets, chunk_tokens)
     divisor = inputs.get("num_items_in_batch")
     if divisor is None:
         divisor = (targets != IGNORE_INDEX).sum()
