@@ -611,7 +611,6 @@ class _ShallowTracer:
             self.model = build_from_config(cfg, task, "cpu", TORCH_DTYPES[dtype])
             self.model.train()
             self.structure = structure_of(self.model, task)
-        self.edges: dict[tuple[EdgeMode, bool], BlockMemory] = {}
         self._block_inputs: tuple[tuple, dict] | None = None
 
     def run(
@@ -638,6 +637,7 @@ class _ShallowTracer:
                 chunk_tokens,
             )
 
+    @functools.cache  # noqa: B019 - one tracer per profile, kept with it
     def edge(self, mode: EdgeMode, ckpt: bool, whole: BlockMemory) -> BlockMemory:
         """The representative block with only some of its tensors in the window (see EdgeMode).
 
@@ -646,21 +646,14 @@ class _ShallowTracer:
         pattern makes to the block alone (block_alone, a few hundred ops instead of a whole step): what
         the surrounding step adds to the block's segments does not depend on which of its tensors train.
         """
-        key = (mode, ckpt)
-        if key not in self.edges:
-            _, skip_before, skip_after, input_grad = mode
-            part = self.block_alone(skip_before, skip_after, input_grad)
-            full = self.block_alone(0, 0, input_grad)  # cached: one per input_grad
-            if ckpt:
-                # A checkpointed block saves its inputs whatever trains; its backward recomputes the
-                # forward (keeping what the pattern saves) and then runs the pattern's backward.
-                fwd = whole.fwd
-                bwd = _shift(whole.bwd, _recompute(part), _recompute(full))
-            else:
-                fwd = _shift(whole.fwd, part.fwd, full.fwd)
-                bwd = _shift(whole.bwd, part.bwd, full.bwd)
-            self.edges[key] = BlockMemory(fwd, bwd)
-        return self.edges[key]
+        _, skip_before, skip_after, input_grad = mode
+        part = self.block_alone(skip_before, skip_after, input_grad)
+        full = self.block_alone(0, 0, input_grad)  # cached: one per input_grad
+        if ckpt:
+            # A checkpointed block saves its inputs whatever trains; its backward recomputes the
+            # forward (keeping what the pattern saves) and then runs the pattern's backward.
+            return BlockMemory(whole.fwd, _shift(whole.bwd, _recompute(part), _recompute(full)))
+        return BlockMemory(_shift(whole.fwd, part.fwd, full.fwd), _shift(whole.bwd, part.bwd, full.bwd))
 
     @functools.cache  # noqa: B019 - one tracer per profile, kept with it
     def block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
