@@ -118,7 +118,8 @@ def main() -> None:
             ["llama-3-70b", "--gpu", "h800", "--num-gpus", "2", "--host-mem", "2TiB"],
             ["llama-3-8b", "--gpu", "4090", "--host-mem", "128GiB"],
             ["llama-2-7b", "--gpu", "4090", "--host-mem", "128GiB"],
-            ["llama-2-7b", "--gpu", "4090", "--host-mem", "128GiB", "--budget", "13.72GiB", "--reserve", "0"],
+            ["llama-2-7b", "--gpu", "4090", "--host-mem", "128GiB", "--budget", "13.72GiB", "--reserve", "0",
+             "--headroom", "0"],  # fmt: skip
         ):
             secs, text = timed(["chunkft-plan", *args, "-o", "/tmp/bench_planner_plan.json"])
             plans.append((" ".join(args), secs, text))

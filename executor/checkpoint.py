@@ -9,6 +9,11 @@ Layout under the run's output directory:
                                                 sha256 digests (written last)
     checkpoints/latest                          the name of the newest complete checkpoint
 
+The weights are streamed to disk tensor by tensor through one reused 64 MiB host buffer
+(executor/safetensors_stream.py): a checkpoint adds that buffer, not a host copy of the whole model, to
+the host memory the run already pins.
+The trainer state hands the host optimizer stores to torch.save as they are (TransferEngine.state_dict).
+
 A checkpoint is written into a temporary sibling directory, every file fsynced, then os.replace'd into
 place; `latest` is replaced atomically afterwards. Killing the writer at any instant leaves the previous
 checkpoint and pointer intact; stale temporary directories are removed by the next save. A full disk
@@ -31,7 +36,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model
+
+from executor.safetensors_stream import hf_tied_names, model_tensors_for_save, save_safetensors_streaming
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -122,7 +129,9 @@ def save_checkpoint(
         raise CheckpointDiskFull(meta.step, _pointer(root), f"needs over {need:,} bytes, {free:,} free")
     try:
         tmp.mkdir()
-        save_model(model, str(tmp / MODEL_FILE))
+        tensors, metadata = model_tensors_for_save(model)
+        save_safetensors_streaming(tensors, tmp / MODEL_FILE, metadata)  # no host copy of the model
+        del tensors
         torch.save(trainer, tmp / TRAINER_FILE)
         files = {}
         for name in (MODEL_FILE, TRAINER_FILE):
@@ -157,6 +166,33 @@ def save_checkpoint(
     )[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def export_safetensors(model: torch.nn.Module, directory: Path) -> Path:
+    """Write a Hugging Face model directory (model.safetensors, config.json, generation_config.json when
+    the model generates) that from_pretrained loads, streaming the weights like a checkpoint does.
+
+    Replaces model.save_pretrained, which copies every weight to the host before writing. Like it, this
+    records the dtype and architecture in the config and keeps the name from_pretrained expects of each
+    tied group; unlike it, the weights go into one unsharded file, written in place (swap the directory
+    in for atomicity). Returns `directory`.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, _ = model_tensors_for_save(model, discard_names=hf_tied_names(model))
+    save_safetensors_streaming(tensors, directory / MODEL_FILE, {"format": "pt"})  # as save_pretrained
+    del tensors
+    config = getattr(model, "config", None)
+    if config is not None:
+        dtype = getattr(model, "dtype", None)  # PreTrainedModel.dtype: its first floating parameter's
+        if isinstance(dtype, torch.dtype):
+            config.dtype = str(dtype).removeprefix("torch.")
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(directory)
+    can_generate = getattr(model, "can_generate", None)
+    if getattr(model, "generation_config", None) is not None and callable(can_generate) and can_generate():
+        model.generation_config.save_pretrained(directory)
+    return directory
 
 
 def latest_checkpoint(output_dir: Path) -> Path:

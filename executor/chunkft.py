@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from executor.chunks import Chunk
+from executor.devices import CudaInfo, resolve_device, same_device
 from executor.optimizer import (
     AdamWHparams,
     ChunkedOptimizer,
@@ -32,12 +33,15 @@ from executor.optimizer import (
     Hparams,
     SGDHparams,
     StatesOn,
+    WeightDecayMode,
+    check_weight_decay_mode,
     clip_,
     grad_norm,
 )
 from executor.rotation import Rotation, RotationSpec
 from executor.schedule import ScheduleSpec, lr_at
 from executor.slicegrad import SliceGradients
+from executor.streams import Streams
 from executor.transfer import TransferEngine
 
 __all__ = [
@@ -95,6 +99,9 @@ class ChunkFT:
         device: torch.device | None = None,
         prefetch_order: Sequence[int] | None = None,
         state_slots: int = 1,
+        weight_decay_mode: WeightDecayMode = "window",
+        streams: Streams | None = None,
+        cuda: CudaInfo | None = None,
     ) -> None:
         chunks = tuple(chunks)
         if not chunks:
@@ -110,14 +117,16 @@ class ChunkFT:
             raise TypeError(f"rotation must be a RotationSpec, got {type(rotation).__name__}")
         if state_slots not in (1, 2):
             raise ValueError(f"state_slots must be 1 or 2, got {state_slots}")
+        check_weight_decay_mode(weight_decay_mode)
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         params = dict(model.named_parameters())
         _check_chunks(chunks, params)
         used = [params[sl.name] for c in chunks for sl in c.slices]
-        if device is None:
-            device = used[0].device
-        wrong = [n for c in chunks for n in (sl.name for sl in c.slices) if params[n].device != device]
+        # `cuda` stands in for this machine's GPUs in the tests (an unindexed "cuda" is the current one)
+        device = resolve_device(used[0].device if device is None else device, cuda)
+        names = [sl.name for c in chunks for sl in c.slices]
+        wrong = [n for n in names if not same_device(params[n].device, device, cuda)]
         if wrong:
             raise ValueError(
                 f"parameter {wrong[0]!r} is on {params[wrong[0]].device}, not {device}; move the model"
@@ -145,6 +154,9 @@ class ChunkFT:
             states_on=states_on,
             device=device,
             state_slots=state_slots,
+            # "compensated": each window is updated 1/K of the time, so it decays K steps' worth per update
+            decay_steps=len(chunks) if weight_decay_mode == "compensated" else 1,
+            streams=streams,
         )
         self._rotation = Rotation(rotation, len(chunks))
         self._schedule_step = 0

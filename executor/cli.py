@@ -26,6 +26,7 @@ import click
 
 from executor.checkpoint import CheckpointDiskFull, CheckpointError, latest_checkpoint
 from executor.data import DataError
+from executor.streams import PinnedMemoryError
 from executor.train import RunError, RunOptions, TrainingInterrupted, train
 from planner.cli import OneLineErrors
 
@@ -62,6 +63,11 @@ GIB = 2**30
     help="Optimizer steps to run in total (overrides the plan's; the LR schedule stays the plan's).",
 )
 @click.option("--resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
+@click.option(
+    "--device",
+    default=None,
+    help="cpu, cuda (the current GPU) or cuda:N [default: the current GPU if there is one, else cpu].",
+)
 @click.option("--quiet", is_flag=True, help="No progress line.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def main(
@@ -70,6 +76,7 @@ def main(
     output: Path | None,
     max_steps: int | None,
     resume: bool,
+    device: str | None,
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -85,7 +92,13 @@ def main(
         _fail(f"--max-steps {max_steps} is absurdly large (at most {MAX_STEPS:,}); check the number")
     out = output if output is not None else Path("runs") / plan.stem
     opts = RunOptions(
-        plan_path=plan, data_path=data, output_dir=out, max_steps=max_steps, resume=resume, progress=not quiet
+        plan_path=plan,
+        data_path=data,
+        output_dir=out,
+        max_steps=max_steps,
+        resume=resume,
+        progress=not quiet,
+        device=device,
     )
     try:
         result = train(opts)
@@ -106,6 +119,10 @@ def main(
         if debug:
             raise
         _fail(str(e))
+    except PinnedMemoryError as e:
+        if debug:
+            raise
+        _fail(f"{e}; {_after_failure(opts)}", code=1)
     except ValueError as e:  # the driver refusing the plan's chunks for this model (e.g. unsupported module)
         if debug:
             raise
@@ -140,7 +157,7 @@ def main(
 
 def _run_args(opts: RunOptions) -> list[str]:
     args = ["chunkft-run", str(opts.plan_path), "--data", str(opts.data_path)]
-    args += ["--output", str(opts.output_dir)]
+    args += ["--output", str(opts.output_dir)] + (["--device", opts.device] if opts.device else [])
     return args + (["--max-steps", str(opts.max_steps)] if opts.max_steps is not None else [])
 
 
@@ -191,9 +208,9 @@ def smaller_budget(budget_bytes: int, peak_reserved_bytes: int | None, tried_byt
     return max(smaller, 2**20) // 2**20 * 2**20
 
 
-def replan_command(plan: Any, budget_bytes: int) -> str:
-    """chunkft-plan with the plan's own choices and a new --budget (K, checkpointing and the batch split
-    are left to the solver: choosing them for the smaller budget is the point)."""
+def replan_command(plan: Any, budget_bytes: int, host_mem_bytes: int | None = None) -> str:
+    """chunkft-plan with the plan's own choices and a new --budget (and --host-mem; K, checkpointing and
+    the batch split are left to the solver: choosing them for the smaller budget is the point)."""
     run, hw = plan.run, plan.hardware
     dtype = {"bfloat16": "bf16", "float32": "fp32"}[run.weight_dtype]
     args = [
@@ -226,7 +243,7 @@ def replan_command(plan: Any, budget_bytes: int) -> str:
         "--attn",
         run.attn_implementation,
         "--host-mem",
-        f"{hw.host_budget_bytes // 2**20}MiB",
+        f"{(hw.host_budget_bytes if host_mem_bytes is None else host_mem_bytes) // 2**20}MiB",
     ]
     if hw.num_gpus > 1:
         args += ["--num-gpus", str(hw.num_gpus)]
@@ -236,6 +253,10 @@ def replan_command(plan: Any, budget_bytes: int) -> str:
         args += ["--eval-every", str(run.eval_every)]
     if run.checkpoint_every:
         args += ["--checkpoint-every", str(run.checkpoint_every)]
+    o = run.optimizer
+    args += ["--max-grad-norm", "none" if o.max_grad_norm is None else f"{o.max_grad_norm:g}"]
+    if o.weight_decay_mode != "window":
+        args += ["--weight-decay-mode", o.weight_decay_mode]
     if run.padded_batches != (plan.model.task != "causal-lm"):  # not the task's default
         args += ["--padded-batches" if run.padded_batches else "--unpadded-batches"]
     return shlex.join(args)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +24,7 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
+from executor.streams import Streams
 from planner.timeline import CATEGORIES
 
 # MemTracker's reference types -> the plan's categories. Refinements made by MemoryTracker itself:
@@ -53,6 +53,8 @@ class MemoryMeasurement:
     reserved_bytes: int | None  # CUDA caching allocator reserve; None on CPU
     peak_by_category: tuple[tuple[str, int], ...]  # CATEGORIES order; empty for cuda-allocator
     steps: tuple[int, ...]  # the 0-based optimizer steps measured
+    # (phase, peak bytes) of what ran beside the steps (OTHER_PHASES), measured on its own
+    phase_peaks: tuple[tuple[str, int], ...] = ()
 
 
 def measured_steps(total_steps: int, rotation_length: int) -> range:
@@ -112,6 +114,7 @@ class MemoryTracker(MemTracker):
         self._steps: list[int] = []
         self.active = False
         self._stopped = False
+        self.phase_peaks: dict[str, int] = {}
 
     # ----- the upstream limitation --------------------------------------------------------------------
     def _track_module_params_and_buffers(
@@ -194,20 +197,22 @@ class MemoryTracker(MemTracker):
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
-        """Label the work inside: "forward", "backward", "optimizer", or "excluded" (e.g. evaluation:
-        tracked, but its peak is discarded afterwards)."""
+        """Label the work inside: "forward", "backward", "optimizer", or one of OTHER_PHASES (evaluation,
+        checkpoint, export: tracked, but its peak is kept apart from the step's)."""
         if not self.active:
             yield
             return
         if name == "forward":
             self.reset_mod_stats()
-        if name == "excluded":
+        if name in OTHER_PHASES:
             self.reset_mod_stats()
             self._snapshot_if_pending()
             saved = (dict(self._peak_mem), dict(self._peak_mem_snap), self._seen_peak, self._peak_live)
+            self.reset_peak()
             try:
                 yield
             finally:
+                self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), self.peak_bytes())
                 self._peak_mem, self._peak_mem_snap = saved[0], saved[1]
                 self._seen_peak, self._peak_live, self._pending = saved[2], saved[3], False
                 self.reset_mod_stats()
@@ -264,6 +269,7 @@ class MemoryTracker(MemTracker):
             reserved_bytes=None,
             peak_by_category=tuple((c, by_cat[c]) for c in CATEGORIES),
             steps=tuple(self._steps),
+            phase_peaks=tuple(sorted(self.phase_peaks.items())),
         )
 
 
@@ -292,26 +298,61 @@ def driver_tensors(driver: Any) -> tuple[dict[str, list[torch.Tensor]], list[tor
 CpuPeakTracker = MemoryTracker
 
 
+# Work beside the training steps whose peaks are measured on their own lines, never in the step's peak.
+OTHER_PHASES = ("evaluation", "checkpoint", "export")
+
+
 class CudaPeak:
-    """The allocator's peak over the measured steps."""
+    """The caching allocator's peak over the measured training steps, and the peaks of evaluation,
+    checkpoints and the export, each on its own line.
 
-    def __init__(self, device: torch.device) -> None:
+    The allocator's counters are host-side bookkeeping of allocations as the host issues them, so no
+    synchronization is needed. `allocator` is torch.cuda, or a stand-in with the same four functions
+    (the CPU tests)."""
+
+    def __init__(self, device: torch.device, allocator: Any = None) -> None:
         self.device = device
+        self._alloc = allocator if allocator is not None else torch.cuda
         self._steps: list[int] = []
-
         self.active = False
-        self.peak_bytes = 0
+        self._stopped = False
+        self.peak_bytes = 0  # the training span's, folded in whenever the counters are reset
+        self.reserved_bytes = 0
+        self.phase_peaks: dict[str, int] = {}
 
     def start(self) -> None:
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        """The measured span begins: what ran before (model build, warm-up step) is not in its peak."""
+        if self.active or self._stopped:
+            return
+        self._alloc.reset_peak_memory_stats(self.device)
         self.active = True
 
     def stop(self) -> None:
+        """The measured span ends: read its peak now, before evaluation, the last checkpoint or export."""
+        if self.active:
+            self._fold()
         self.active = False
+        self._stopped = True
 
-    def phase(self, name: str) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()
+    def _fold(self) -> None:
+        self.peak_bytes = max(self.peak_bytes, int(self._alloc.max_memory_allocated(self.device)))
+        self.reserved_bytes = max(self.reserved_bytes, int(self._alloc.max_memory_reserved(self.device)))
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Forward, backward and optimizer are the step's own; OTHER_PHASES get a peak of their own."""
+        if name not in OTHER_PHASES:
+            yield
+            return
+        if self.active:
+            self._fold()  # the step's peak so far, before the counters are reset for this phase
+        self._alloc.reset_peak_memory_stats(self.device)
+        try:
+            yield
+        finally:
+            peak = int(self._alloc.max_memory_allocated(self.device))
+            self.phase_peaks[name] = max(self.phase_peaks.get(name, 0), peak)
+            self._alloc.reset_peak_memory_stats(self.device)  # the span goes on from here
 
     def note_step(self, step: int) -> None:
         self._steps.append(step)
@@ -321,44 +362,48 @@ class CudaPeak:
         return len(self._steps)
 
     def result(self) -> MemoryMeasurement:
+        if self.active:
+            self._fold()
         return MemoryMeasurement(
             method="cuda-allocator",
             device=str(self.device),
-            peak_bytes=int(torch.cuda.max_memory_allocated(self.device)),
-            reserved_bytes=int(torch.cuda.max_memory_reserved(self.device)),
+            peak_bytes=self.peak_bytes,
+            reserved_bytes=self.reserved_bytes,
             peak_by_category=(),
             steps=tuple(self._steps),
+            phase_peaks=tuple(sorted(self.phase_peaks.items())),
         )
 
 
 @dataclass
 class StepClock:
-    """Wall time, tokens and transfer waits per optimizer step; GPU work is synchronized before reading."""
+    """Seconds, tokens and transfer waits per optimizer step, timed with events on the compute stream.
 
-    device: torch.device
+    Not torch.cuda.synchronize() at the step's ends: that waits for the side stream too, so the state
+    copies a window change issues could never overlap the next step's compute (each change would cost a
+    write-back plus a fill, serially). An event on the compute stream waits for the step's own work only.
+    The transfer wait (the host blocking on a fill before an update) is inside the step's seconds and
+    reported on its own as well."""
+
+    streams: Streams
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     transfer_wait_s: list[float] = field(default_factory=list)
     excluded: set[int] = field(default_factory=set)  # steps slowed by measurement or warm-up
-    _t0: float = 0.0
+    _start: Any = None
 
     def start(self) -> None:
-        self._sync()
-        self._t0 = time.perf_counter()
+        self._start = self.streams.compute_event(timing=True)
 
     def stop(self, tokens: int, transfer_wait_s: float, *, exclude: bool) -> float:
-        self._sync()
-        dt = time.perf_counter() - self._t0
+        end = self.streams.compute_event(timing=True)
+        dt = self.streams.elapsed_s(self._start, end)
         if exclude:
             self.excluded.add(len(self.seconds))
         self.seconds.append(dt)
         self.tokens.append(tokens)
         self.transfer_wait_s.append(transfer_wait_s)
         return dt
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _kept(self) -> list[int]:
         kept = [i for i in range(len(self.seconds)) if i not in self.excluded]
@@ -376,3 +421,7 @@ class StepClock:
     def median_transfer_wait_s(self) -> float:
         kept = self._kept()
         return statistics.median(self.transfer_wait_s[i] for i in kept) if kept else 0.0
+
+    def total_transfer_wait_s(self) -> float:
+        """Seconds the host blocked on state copies over every timed step (warm-up included)."""
+        return sum(self.transfer_wait_s)

@@ -21,12 +21,23 @@ import torch
 from torch import Tensor, nn
 
 from executor.chunks import Chunk, ParamSlice
+from executor.streams import Streams
 from executor.transfer import KindSpec, TransferEngine
 
 HostStateDtype = Literal["float32", "bfloat16", "reset"]
 StatesOn = Literal["host", "gpu"]
 HOST_STATE_DTYPES: tuple[str, ...] = ("float32", "bfloat16", "reset")
 STATES_ON: tuple[str, ...] = ("host", "gpu")
+# "window": decoupled weight decay on the active window only, so each parameter decays 1/K as often as in
+# dense training; "compensated": the active window decays K steps' worth per update ((1 - lr*wd)**K),
+# so over one rotation every parameter decays as much as under dense AdamW at a constant lr.
+WeightDecayMode = Literal["window", "compensated"]
+WEIGHT_DECAY_MODES: tuple[str, ...] = ("window", "compensated")
+
+
+def check_weight_decay_mode(mode: str) -> None:
+    if mode not in WEIGHT_DECAY_MODES:
+        raise ValueError(f"weight_decay_mode {mode!r} is unknown; use one of {', '.join(WEIGHT_DECAY_MODES)}")
 
 
 @dataclass(frozen=True)
@@ -88,11 +99,13 @@ def adamw_update_(
     step: int,
     lr: float,
     hp: AdamWHparams,
+    decay_steps: int = 1,
 ) -> None:
-    """One AdamW update in place; `step` is this tensor's update count including this one (>= 1)."""
+    """One AdamW update in place; `step` is this tensor's update count including this one (>= 1).
+    decay_steps > 1 applies that many steps' decoupled weight decay (WeightDecayMode "compensated")."""
     beta1, beta2 = hp.betas
     if hp.weight_decay != 0:
-        param.mul_(1 - lr * hp.weight_decay)
+        param.mul_((1 - lr * hp.weight_decay) ** decay_steps)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     bias_correction1 = 1 - beta1**step
@@ -103,11 +116,18 @@ def adamw_update_(
 
 
 def sgd_update_(
-    param: Tensor, grad: Tensor, momentum_buffer: Tensor | None, *, lr: float, hp: SGDHparams
+    param: Tensor,
+    grad: Tensor,
+    momentum_buffer: Tensor | None,
+    *,
+    lr: float,
+    hp: SGDHparams,
+    decay_steps: int = 1,
 ) -> None:
-    """One SGD update in place. A zero momentum buffer gives exactly torch's first step (buf = grad)."""
+    """One SGD update in place. A zero momentum buffer gives exactly torch's first step (buf = grad).
+    SGD's weight decay is an L2 term in the gradient; decay_steps scales it (a first-order compensation)."""
     if hp.weight_decay != 0:
-        grad = grad.add(param, alpha=hp.weight_decay)
+        grad = grad.add(param, alpha=hp.weight_decay * decay_steps)
     if momentum_buffer is not None:
         momentum_buffer.mul_(hp.momentum).add_(grad)
         grad = grad.add(momentum_buffer, alpha=hp.momentum) if hp.nesterov else momentum_buffer
@@ -163,6 +183,8 @@ class ChunkedOptimizer:
         states_on: StatesOn = "host",
         device: torch.device,
         state_slots: int = 1,
+        decay_steps: int = 1,
+        streams: Streams | None = None,
     ) -> None:
         if not isinstance(hparams, AdamWHparams | SGDHparams):
             raise TypeError(f"hparams must be AdamWHparams or SGDHparams, got {type(hparams).__name__}")
@@ -172,8 +194,11 @@ class ChunkedOptimizer:
             )
         if states_on not in STATES_ON:
             raise ValueError(f"states_on {states_on!r} is unknown; use one of {', '.join(STATES_ON)}")
+        if decay_steps < 1:
+            raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
         self.hparams = hparams
         self.host_state_dtype = host_state_dtype
+        self.decay_steps = decay_steps
         self._params = params
         self.layouts = [chunk_layout(c, params) for c in chunks]
         used = [params[sl.name] for c in chunks for sl in c.slices]
@@ -190,6 +215,7 @@ class ChunkedOptimizer:
             kinds,
             device=device,
             max_slots=state_slots,
+            streams=streams,
         )
         self.steps = [[0] * len(lay) for lay in self.layouts]
         if self.needs_master:
@@ -230,10 +256,11 @@ class ChunkedOptimizer:
                     step=self.steps[chunk][i],
                     lr=lr,
                     hp=self.hparams,
+                    decay_steps=self.decay_steps,
                 )
             else:
                 buf = t["momentum_buffer"][s.offset : s.offset + s.numel] if "momentum_buffer" in t else None
-                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams)
+                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams, decay_steps=self.decay_steps)
             if self.needs_master:
                 self._rows(s).copy_(master)
         return fetched.wait_s

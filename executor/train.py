@@ -36,13 +36,14 @@ import torch
 from executor.checkpoint import (
     CheckpointError,
     CheckpointMeta,
+    export_safetensors,
     latest_checkpoint,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from executor.chunks import param_specs
+from executor.chunks import DTYPE_BYTES, param_specs
 from executor.data import (
     Batches,
     ByteTokenizer,
@@ -55,7 +56,14 @@ from executor.data import (
     eval_batches,
     load_dataset,
 )
-from executor.loss import DEFAULT_CHUNK_TOKENS, UnsupportedArchitectureError, causal_lm_loss, causal_lm_parts
+from executor.devices import DeviceError, configure_allocator, resolve_device
+from executor.loss import (
+    DEFAULT_CHUNK_TOKENS,
+    IGNORE_INDEX,
+    UnsupportedArchitectureError,
+    causal_lm_loss,
+    causal_lm_parts,
+)
 from executor.measure import (
     CudaPeak,
     MemoryMeasurement,
@@ -65,6 +73,7 @@ from executor.measure import (
     measured_steps,
 )
 
+GIB = 2**30
 MAX_EVAL_EXAMPLES = 256  # the first examples of the held-out split; bounds eval time on large files
 MAX_BAD_STEPS = 5  # consecutive non-finite steps before the run stops
 
@@ -92,7 +101,10 @@ class RunOptions:
     progress: bool = True
     keep_checkpoints: int = 2
     max_bad_steps: int = MAX_BAD_STEPS
-    device: str | None = None  # None: cuda when available, else cpu
+    device: str | None = None  # None: the current GPU when there is one, else cpu (executor/devices.py)
+    # CPU only, for tests and the GPU check's dry run: run the transfer engine's asynchronous path with
+    # stand-in streams ("late" or "early", executor/stream_standins.py) instead of synchronous copies
+    streams: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +172,49 @@ def _check_padding(plan: Any, dataset: Dataset, opts: RunOptions, log: TextIO) -
         )
 
 
+def _streams_for(opts: RunOptions, device: torch.device) -> Any:
+    """None (the device's own streams), or the stand-in RunOptions.streams names (CPU only)."""
+    if opts.streams is None:
+        return None
+    if device.type != "cpu":
+        raise RunError(f"stand-in streams {opts.streams!r} run on the CPU only; drop them on {device}")
+    from executor.stream_standins import standin_streams
+
+    try:
+        return standin_streams(opts.streams)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+
+
+def available_host_bytes() -> int:
+    """Host memory this machine can give now (MemAvailable), the figure chunkft-plan plans against."""
+    from planner.cli import available_host_bytes as probe
+
+    return probe()
+
+
+def check_host_memory(plan: Any, available: int, device: torch.device) -> None:
+    """Refuse before building anything: the inactive windows' states (and a checkpoint's extra; on the CPU
+    the model's weights too) must fit in the host memory available now, or the machine swaps or the
+    kernel kills the run hours in."""
+    pred = plan.predictions
+    stores = int(pred.host_bytes)
+    weights = plan.model.num_params * DTYPE_BYTES[plan.run.weight_dtype] if device.type == "cpu" else 0
+    need = int(pred.host_peak_bytes) + weights
+    if need <= available:
+        return
+    from executor.cli import replan_command
+
+    extra = f" plus {(pred.host_peak_bytes - stores) / GIB:.2f} GiB while a checkpoint is written"
+    on_cpu = f" and, on the CPU, {weights / GIB:.2f} GiB of weights" if weights else ""
+    raise RunError(
+        f"this plan keeps {stores / GIB:.2f} GiB of optimizer states in host memory{extra}{on_cpu}, and "
+        f"this machine has {available / GIB:.2f} GiB available; free memory, or re-plan for this host (the "
+        f"states move to the GPU or shrink): "
+        f"{replan_command(plan, plan.hardware.budget_bytes, host_mem_bytes=available)}"
+    )
+
+
 def chunk_tokens_for(plan: Any) -> int | None:
     """Tokens per chunked cross-entropy piece, or None for the plain loss. The plan format has no field for
     the piece size yet, so a plan that asks for chunking gets executor/loss.py's DEFAULT_CHUNK_TOKENS."""
@@ -174,13 +229,19 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
 
     plan = load_plan(opts.plan_path)
     plan_sha = hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
-    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = resolve_device(opts.device)
+    except DeviceError as e:
+        raise RunError(str(e)) from None
+    streams = _streams_for(opts, device)
+    configure_allocator(plan.run.cuda_alloc_conf, device, log)  # a no-op off CUDA
     total_steps = plan.run.total_steps if opts.max_steps is None else opts.max_steps
     if total_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {total_steps}")
     _check_replayable(plan)
     out = Path(opts.output_dir)
     _check_output_dir(out, opts.resume)
+    check_host_memory(plan, available_host_bytes(), device)  # before the model is built and states pinned
 
     model, tokenizer = build_model(plan, device)
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
@@ -204,7 +265,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
     apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)
     model.train()
-    driver = build_driver(model, plan, device)
+    driver = build_driver(model, plan, device, streams)
 
     start_step, bad_in_a_row = 0, 0
     if opts.resume:
@@ -228,7 +289,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
 
     def save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
-        with tracker.phase("excluded"):  # not part of a training step's memory
+        with tracker.phase("checkpoint"):  # not part of a training step's memory: its own line
             return _save(step, position, rng)
 
     def _save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
@@ -245,18 +306,30 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
 
     def evaluate_and_log(step: int) -> None:
-        with tracker.phase("excluded"):  # evaluation is not part of a training step's memory
-            loss, acc = evaluate(
-                model, held_out, mbs * accum, device, autocast, plan.model.task, chunk_tokens=chunk_tokens
+        # Micro-batches of the plan's size, without gradients: below a training step's peak, which the
+        # plan counts. An OOM anyway costs the evaluation only: no weight or state is touched by it.
+        try:
+            with tracker.phase("evaluation"):  # not part of a training step's memory: its own line
+                loss, acc = evaluate(
+                    model, held_out, mbs, device, autocast, plan.model.task, chunk_tokens=chunk_tokens
+                )
+        except torch.OutOfMemoryError:
+            metrics.write({"step": step, "eval_error": "out of memory"})
+            log.write(
+                f"chunkft-run: evaluation at step {step} ran out of GPU memory and was skipped; training "
+                "and every weight are unaffected\n"
             )
-        metrics.write({"step": step, "eval_loss": loss, "eval_accuracy": acc})
-        model.train()
+            loss = acc = None
+        finally:
+            model.train()
+        if loss is not None:
+            metrics.write({"step": step, "eval_loss": loss, "eval_accuracy": acc})
 
     rotation = len(plan.chunk_table.chunks) * plan.rotation.update_interval
     span = measured_steps(total_steps - start_step, rotation)
     span = range(start_step + span.start, start_step + span.stop)
     tracker: MemoryTracker | CudaPeak = MemoryTracker(model) if device.type == "cpu" else CudaPeak(device)
-    clock = StepClock(device)
+    clock = StepClock(driver.engine.streams)
     progress = _Progress(log if opts.progress else None, total_steps)
     stop = _StopSignals()
 
@@ -276,10 +349,11 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                 loss_sum, tokens = 0.0, 0
                 at_step_start = (batches.position, rng_state())
                 try:
-                    for _ in range(accum):
-                        batch = {k: v.to(device) for k, v in batches.next().items()}
+                    micro = step_micro_batches([batches.next() for _ in range(accum)], plan.model.task)
+                    for cpu_batch, scale in micro:
+                        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
                         with tracker.phase("forward"), autocast:
-                            loss = causal_lm_loss(model, batch, chunk_tokens) / accum
+                            loss = causal_lm_loss(model, batch, chunk_tokens) * scale
                         with tracker.phase("backward"):
                             driver.backward(loss)
                         loss_sum += float(loss.detach())
@@ -287,7 +361,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                 except torch.OutOfMemoryError:
                     # Nothing of this step is applied yet (weights and states change only in step()):
                     # the state at its start is consistent, so save it before reporting the OOM.
-                    batch = loss = None
+                    batch = loss = micro = None
                     driver.discard_grads()
                     if step > start_step:
                         with contextlib.suppress(Exception):  # the last checkpoint stays if this fails
@@ -337,15 +411,16 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                     save(done)
             tracker.stop()
             progress.end()
+            save(total_steps)  # first: whatever the evaluation does, the trained weights are on disk
             evaluate_and_log(total_steps)
-            save(total_steps)
     finally:
         tracker.stop()
         progress.end()
         metrics.close()
         driver.close()
 
-    model_dir = export_model(model, tokenizer, out / "model")
+    with tracker.phase("export"):
+        model_dir = export_model(model, tokenizer, out / "model")
     memory = tracker.result() if tracker.steps_measured else None
     result = _write_run_json(opts, plan, plan_sha, device, out, memory, clock, model_dir)
     return result
@@ -399,8 +474,8 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ..
             block.gradient_checkpointing = i in layers  # per-instance flag read by the layer's __call__
 
 
-def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any:
-    """The ChunkFT driver with every setting taken from the plan."""
+def build_driver(model: torch.nn.Module, plan: Any, device: torch.device, streams: Any = None) -> Any:
+    """The ChunkFT driver with every setting taken from the plan (streams: None for the device's own)."""
     from executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
     from executor.rotation import RotationSpec
     from executor.schedule import ScheduleSpec
@@ -424,13 +499,34 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device) -> Any
         host_state_dtype=plan.placement.host_state_dtype,
         states_on=plan.placement.optimizer_states,
         max_grad_norm=o.max_grad_norm,
+        weight_decay_mode=o.weight_decay_mode,
         device=device,
         # Copies always overlap compute: with one fp32 state slot the next window's states are copied in
         # right after the update, during the next forward/backward (what the simulator's one-slot model
         # assumes); the plan's "prefetch" adds a second slot, filled one step ahead.
         prefetch_order=None,  # follow the driver's own rotation (exact for random orders too)
         state_slots=2 if plan.placement.prefetch else 1,
+        streams=streams,
     )
+
+
+def step_micro_batches(
+    micro: list[dict[str, torch.Tensor]], task: str
+) -> list[tuple[dict[str, Any], float]]:
+    """The micro-batches of one optimizer step, each with how its loss is normalised (in the batch, and a
+    factor for its loss) so that their gradients add up to those of the whole step's batch.
+
+    Causal LM: Hugging Face's loss is a mean over the micro-batch's target tokens; with padding the
+    micro-batches hold different numbers of them, and mean/accum would weight a short micro-batch's
+    tokens more. So each is given the step's target count as `num_items_in_batch` (summed token losses
+    / all the step's targets, as Hugging Face's Trainer does). Classification (equal-sized micro-batches
+    of examples) and a single micro-batch keep the plain mean, times 1/accum."""
+    if len(micro) == 1:
+        return [(micro[0], 1.0)]
+    if task == "causal-lm":
+        targets = sum(int((b["labels"][..., 1:] != IGNORE_INDEX).sum()) for b in micro)
+        return [({**b, "num_items_in_batch": max(targets, 1)}, 1.0) for b in micro]
+    return [(b, 1.0 / len(micro)) for b in micro]
 
 
 @torch.no_grad()
@@ -465,10 +561,12 @@ def evaluate(
 
 
 def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> Path:
-    """A Hugging Face directory (safetensors) that from_pretrained loads, written beside then swapped in."""
+    """A Hugging Face directory (safetensors) that from_pretrained loads, written beside then swapped in.
+    The weights stream to the file a piece at a time (save_pretrained would first copy them all to the
+    host: 16 GB more for an 8B model, on top of the pinned optimizer states)."""
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        export_safetensors(model, tmp)
         tokenizer.save(tmp)
         if target.exists():
             shutil.rmtree(target)
@@ -627,9 +725,12 @@ def _write_run_json(
         "reserved_bytes": memory.reserved_bytes if memory else None,
         "peak_by_category": dict(memory.peak_by_category) if memory else {},
         "memory_steps": list(memory.steps) if memory else [],
+        # evaluation, checkpoint and export peaks, each measured on its own (not in peak_bytes)
+        "phase_peaks": dict(memory.phase_peaks) if memory else {},
         "step_seconds": clock.median_step_seconds(),
         "tokens_per_second": clock.tokens_per_second(),
-        "transfer_wait_s": clock.median_transfer_wait_s(),
+        "transfer_wait_s": clock.median_transfer_wait_s(),  # per step, median; inside step_seconds
+        "transfer_wait_s_total": clock.total_transfer_wait_s(),
         "timed_steps_this_session": len(clock.seconds),
     }
     predicted = {

@@ -1,6 +1,5 @@
 """Moving each window's optimizer states (and fp32 master rows) between where they are stored and the
-fp32 compute slots the update uses. The only module in the project with CUDA streams, pinned memory and
-events.
+fp32 compute slots the update uses. Streams, events and pinned buffers come from executor/streams.py.
 
 Per chunk and per kind (e.g. "master", "exp_avg") there is one flat *store*: pinned host memory, device
 memory, or none at all (a transient kind, zero-filled whenever a chunk is brought in: BAdam-style reset).
@@ -12,21 +11,31 @@ so right after an update the driver writes the slot back and refills it with the
 run during the next forward/backward. A second slot lets the copies of the window after that start a
 step earlier (more slack on a slow link) for one more window of device memory.
 
-Ordering (CUDA): every copy runs on one side stream, so host->device and device->host copies are FIFO
-among themselves; that single fact is what keeps stores and slots consistent (a write-back of chunk c
-finishes before any later fetch of c or reuse of its slot starts). On CPU every copy is synchronous, with
-the same API, so the driver has one code path and the CPU tests exercise it.
+Ordering: every copy runs on one side stream, so host->device and device->host copies are FIFO among
+themselves; that single fact is what keeps stores and slots consistent (a write-back of chunk c finishes
+before any later fetch of c or reuse of its slot starts). Across streams there are exactly three waits,
+each a method below so the tests can remove one and watch the results go wrong:
+
+- `_side_waits_for_update`: a write-back reads the slot only after the update that wrote it;
+- `_host_waits_for_fill`: the update reads a slot only after its fill finished (the host blocks on the
+  fill's event, which is also the transfer wait a step reports);
+- `synchronize`: the host reads or overwrites stores (state_dict, load_state_dict) only after every copy.
+
+The engine has this one code path on every device: on the CPU the streams are synchronous
+(streams.SyncStreams), and the tests run it with stand-ins that reorder the side stream as a GPU may
+(executor/stream_standins.py).
 """
 
 from __future__ import annotations
 
 import time
-import weakref
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
+
+from executor.streams import Event, Streams, default_streams
 
 StoreLocation = Literal["host", "device", "none"]
 
@@ -55,7 +64,7 @@ class _Slot:
         self.tensors = tensors
         self.chunk: int | None = None  # whose data it holds; None = nothing valid
         self.dirty = False  # updated since it was filled: must be written back before reuse
-        self.ready: torch.cuda.Event | None = None  # recorded on the side stream after the fill
+        self.ready: Event | None = None  # recorded on the side stream after the fill
 
 
 class TransferEngine:
@@ -68,6 +77,7 @@ class TransferEngine:
         *,
         device: torch.device,
         max_slots: int = 2,
+        streams: Streams | None = None,
     ) -> None:
         if max_slots < 1:
             raise ValueError(f"max_slots must be >= 1, got {max_slots}")
@@ -80,7 +90,7 @@ class TransferEngine:
         self.kinds = kinds
         self.chunk_numels = list(chunk_numels)
         self.max_slots = max_slots
-        self._cuda = device.type == "cuda"
+        self.streams = streams if streams is not None else default_streams(device)
         # Kinds used in place: fp32 stores already on the device. All others need a slot.
         self._direct = [k for k in kinds if k.store == "device" and k.store_dtype == torch.float32]
         self._staged = [k for k in kinds if k not in self._direct]
@@ -93,7 +103,6 @@ class TransferEngine:
         ]
         self._slots: list[_Slot] = []
         self._slot_numel = max(self.chunk_numels, default=0)
-        self._side: torch.cuda.Stream | None = torch.cuda.Stream(device) if self._cuda else None
 
     # ----- sizes, for planning and reports -----------------------------------------------------------
     def store_bytes(self, location: StoreLocation) -> int:
@@ -146,13 +155,7 @@ class TransferEngine:
                 if slot is None:
                     raise RuntimeError("every slot holds an updated window; write_back() one before wait()")
                 self._fill(slot, chunk)
-            if slot.ready is not None:
-                if not slot.ready.query():
-                    t0 = time.perf_counter()
-                    slot.ready.synchronize()
-                    wait_s = time.perf_counter() - t0
-                # The update on the compute stream must not read the slot before its fill completed.
-                torch.cuda.current_stream(self.device).wait_event(slot.ready)
+            wait_s = self._host_waits_for_fill(slot)
             slot.dirty = True
             out.update({k.name: slot.tensors[k.name][:n] for k in self._staged})
         return Fetched(out, wait_s)
@@ -167,28 +170,31 @@ class TransferEngine:
             return  # nothing updated since the last fill (or the kinds are all used in place)
         n = self.chunk_numels[chunk]
         store = self._stores[chunk]
-        if self._side is not None:
-            updated = torch.cuda.Event()
-            updated.record(torch.cuda.current_stream(self.device))
-            # The copy must read the slot only after the update that wrote it finished.
-            self._side.wait_event(updated)
-            with torch.cuda.stream(self._side):
-                for k in self._staged:
-                    if k.store != "none":
-                        store[k.name].copy_(slot.tensors[k.name][:n], non_blocking=True)
-        else:
-            for k in self._staged:
-                if k.store != "none":
-                    store[k.name].copy_(slot.tensors[k.name][:n])
+        self._side_waits_for_update()
+        for k in self._staged:
+            if k.store != "none":
+                self.streams.copy(store[k.name], slot.tensors[k.name][:n])
         slot.dirty = False
         if not self._slot_survives_write_back:
             slot.chunk = None  # lossy or dropped states: the next visit must refetch from the store
 
+    # ----- the three waits (see the module docstring) ---------------------------------------------------
+    def _side_waits_for_update(self) -> None:
+        """The write-back about to be issued must read the slot only after the update that wrote it."""
+        self.streams.side_waits(self.streams.compute_event())
+
+    def _host_waits_for_fill(self, slot: _Slot) -> float:
+        """The update must not read the slot before its fill finished: block the host on the fill's event
+        (the compute stream is then ordered after it too). Returns the seconds blocked."""
+        if slot.ready is None or slot.ready.query():
+            return 0.0
+        t0 = time.perf_counter()
+        slot.ready.synchronize()
+        return time.perf_counter() - t0
+
     def synchronize(self) -> None:
         """Block until every issued copy finished, so the host may read or overwrite stores."""
-        if self._side is not None:
-            torch.cuda.current_stream(self.device).synchronize()
-            self._side.synchronize()
+        self.streams.synchronize()
 
     # ----- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -248,11 +254,8 @@ class TransferEngine:
     # ----- internals -----------------------------------------------------------------------------------
     def _new_store(self, kind: KindSpec, numel: int) -> Tensor:
         if kind.store == "device":
-            return torch.zeros(numel, dtype=kind.store_dtype, device=self.device)
-        store = torch.zeros(numel, dtype=kind.store_dtype)
-        if self._cuda:
-            _pin_in_place(store)
-        return store
+            return self.streams.device_zeros(numel, kind.store_dtype)
+        return self.streams.host_zeros(numel, kind.store_dtype)  # page-locked on CUDA
 
     def _slot_of(self, chunk: int) -> _Slot | None:
         return next((s for s in self._slots if s.chunk == chunk), None)
@@ -263,17 +266,10 @@ class TransferEngine:
             if slot.chunk is None and not slot.dirty:
                 return slot
         if len(self._slots) < self.max_slots:
-            tensors = {
-                k.name: torch.empty(self._slot_numel, dtype=torch.float32, device=self.device)
-                for k in self._staged
-            }
-            if self._side is not None:
-                # The allocator may hand out memory the compute stream still uses; the side stream, which
-                # fills slots, must start after that work. record_stream keeps the blocks from being
-                # reused while side-stream copies into them are pending.
-                self._side.wait_stream(torch.cuda.current_stream(self.device))
-                for t in tensors.values():
-                    t.record_stream(self._side)
+            tensors = {k.name: self.streams.slot_empty(self._slot_numel) for k in self._staged}
+            # The side stream's fills of the new slot start after the compute stream's work so far (the
+            # zeros of device stores, memory the allocator reused).
+            self.streams.side_waits(self.streams.compute_event())
             self._slots.append(_Slot(tensors))
             return self._slots[-1]
         for slot in self._slots:
@@ -285,41 +281,13 @@ class TransferEngine:
         """Copy (or zero) the chunk into a clean slot."""
         n = self.chunk_numels[chunk]
         store = self._stores[chunk]
-        if self._side is not None:
-            # No compute-stream wait is needed: a clean slot is no longer touched by the compute stream
-            # (write_back made the side stream wait for the update), and side-stream FIFO puts this fill
-            # after any pending write-back of the same slot or of this chunk's store.
-            with torch.cuda.stream(self._side):
-                self._copy_in(slot, store, n)
-                slot.ready = torch.cuda.Event()
-                slot.ready.record(self._side)
-        else:
-            self._copy_in(slot, store, n)
-        slot.chunk, slot.dirty = chunk, False
-
-    def _copy_in(self, slot: _Slot, store: dict[str, Tensor], n: int) -> None:
+        # No compute-stream wait is needed: a clean slot is no longer touched by the compute stream
+        # (write_back made the side stream wait for the update), and side-stream FIFO puts this fill
+        # after any pending write-back of the same slot or of this chunk's store.
         for k in self._staged:
             if k.store == "none":
-                slot.tensors[k.name][:n].zero_()
-                continue
-            src = store[k.name]
-            if src.dtype != torch.float32:
-                # Move first, convert on the device: a host->device copy_ that also changes dtype converts
-                # on the host into a pageable temporary, which makes the copy synchronous. No-op on CPU.
-                src = src.to(self.device, non_blocking=self._cuda)
-            slot.tensors[k.name][:n].copy_(src, non_blocking=self._cuda)
-
-
-def _pin_in_place(t: Tensor) -> None:
-    """Page-lock `t` where it lies, so host<->device copies of it are asynchronous.
-
-    torch.empty(..., pin_memory=True) goes through the caching host allocator, which rounds every block
-    up to a power of two: an 8B model's 90 GiB of host states would take 96-144 GiB. Registering the
-    exact pageable allocation costs its own size only. Unregistered when the tensor is collected.
-    """
-    cudart = torch.cuda.cudart()
-    ptr = t.data_ptr()
-    err = cudart.cudaHostRegister(ptr, t.numel() * t.element_size(), 0)
-    if int(err) != 0:  # not registrable (e.g. a locked-memory limit): copies stay correct, only synchronous
-        return
-    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+                self.streams.zero(slot.tensors[k.name][:n])
+            else:
+                self.streams.copy(slot.tensors[k.name][:n], store[k.name])
+        slot.ready = self.streams.side_event()
+        slot.chunk, slot.dirty = chunk, False

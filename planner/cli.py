@@ -15,9 +15,12 @@ import re
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
+
+if TYPE_CHECKING:
+    from planner.solver import Headroom
 
 GIB = 2**30
 _UNITS = {
@@ -56,6 +59,64 @@ class Size(click.ParamType):
             return parse_size(value)
         except ValueError as e:
             self.fail(str(e), param, ctx)
+
+
+MAX_HEADROOM_FRACTION = 0.5  # a larger share of the peak kept free is a typo (50 for 5%)
+
+
+def parse_headroom(text: str) -> Headroom:
+    """'3%+256MiB', '5%', '1GiB', '0' -> planner.solver.Headroom (a share of the peak, bytes, or both)."""
+    from planner.solver import Headroom
+
+    bad = ValueError(f"cannot read headroom {text!r}; write e.g. 1GiB, 0, 5% or 3%+256MiB")
+    fraction, fixed = None, None
+    for part in (p.strip() for p in text.split("+")):
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*%", part)
+        if m and fraction is None:
+            fraction = float(m.group(1)) / 100
+        elif part and not part.endswith("%") and fixed is None:
+            try:
+                fixed = parse_size(part)
+            except ValueError:
+                raise bad from None
+        else:
+            raise bad
+    if fraction is not None and fraction > MAX_HEADROOM_FRACTION:
+        raise ValueError(
+            f"headroom {text!r} keeps over {MAX_HEADROOM_FRACTION:.0%} of the peak free; write e.g. 5%"
+        )
+    return Headroom(fixed or 0, fraction or 0.0)
+
+
+class HeadroomSize(click.ParamType):
+    name = "SIZE|PCT%"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_headroom(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class NormOrNone(click.ParamType):
+    """A positive float, or 'none' (no clipping)."""
+
+    name = "FLOAT|none"
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if value is None or isinstance(value, float):
+            return value
+        if str(value).strip().lower() == "none":
+            return None
+        try:
+            norm = float(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a number or 'none'", param, ctx)
+        if not (math.isfinite(norm) and norm > 0):
+            self.fail(f"{value!r} must be a number > 0, or 'none' to turn clipping off", param, ctx)
+        return norm
 
 
 # Host budget when only this machine's free memory stood in the way and no --host-mem was given.
@@ -141,6 +202,25 @@ def check_bounds(req: Request) -> None:
         raise click.UsageError(
             f"--reserve {gib(req.reserve)} leaves nothing of --budget {gib(req.budget)}; lower --reserve"
         )
+    fixed = 0 if req.headroom is None else req.headroom.fixed_bytes
+    if fixed > MAX_BYTES:
+        raise click.UsageError(f"--headroom {gib(fixed)} is absurdly large (over 1 PiB); write e.g. 1GiB")
+    if req.budget is not None and fixed and fixed + (req.reserve or 0) >= req.budget:
+        raise click.UsageError(
+            f"--headroom {gib(fixed)} (with the reserve) leaves nothing of --budget {gib(req.budget)}; "
+            "lower --headroom"
+        )
+    if req.weight_decay_mode == "compensated":
+        if req.optimizer != "adamw":
+            raise click.UsageError(
+                "--weight-decay-mode compensated is for --optimizer adamw (SGD's weight decay is added to "
+                "the gradient, not decoupled); use --weight-decay-mode window"
+            )
+        if req.lr * req.weight_decay >= 1.0:
+            raise click.UsageError(
+                "--weight-decay-mode compensated needs --lr x --weight-decay < 1, got "
+                f"{req.lr * req.weight_decay:g}"
+            )
     if req.micro_batch is not None and req.micro_batch > req.batch_size:
         raise click.UsageError(
             f"--micro-batch {req.micro_batch} is more than --batch-size {req.batch_size}; lower it"
@@ -210,6 +290,9 @@ class Request:
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     padded_batches: bool | None = None  # batches carry padding; None: the task's (default_padded)
+    headroom: Headroom | None = None  # None: planner.solver.DEFAULT_HEADROOM on GPUs, none on cpu
+    max_grad_norm: float | None = 1.0  # clip the active window's gradient norm; None: no clipping
+    weight_decay_mode: str = "window"  # "window" | "compensated" (planner.plan.OptimizerSettings)
 
 
 # fp16 is not offered: it needs loss scaling, which the executor does not do (bf16 does not).
@@ -247,7 +330,7 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     if not on_gpu and req.num_gpus > 1:
         raise click.UsageError("--num-gpus > 1 needs a GPU profile, not --gpu cpu")
     per_gpu_total = gpu.memory_total_bytes
-    budget = per_gpu_total if req.budget is None else req.budget
+    budget = default_budget(gpu) if req.budget is None else req.budget
     if budget > per_gpu_total:
         raise click.UsageError(
             f"--budget {gib(budget)} is more than the {gpu.name}'s {gib(per_gpu_total)}; use at most that"
@@ -265,6 +348,7 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         on_gpu=on_gpu,
         context_bytes=req.reserve,
         fragmentation=0.0 if req.reserve is not None else None,
+        headroom=req.headroom,
     )
     host = available_host_bytes() if req.host_mem is None else req.host_mem
     layer_gpu: tuple[int, ...] = ()
@@ -311,11 +395,11 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         unbounded = solver.solve()
         if unbounded.best is not None:
             sol = unbounded
-            need = sol.best.result.step.host_bytes
+            states, need = sol.best.result.step.host_bytes, sol.best.result.host_peak_bytes
             host_warning = (
-                f"warning: this plan keeps {gib(need)} of optimizer states in host memory; this machine "
-                f"has {gib(host)} available: train on a machine with more, or pass --host-mem SIZE to "
-                "plan for a specific host"
+                f"warning: this plan keeps {gib(states)} of optimizer states in host memory, "
+                f"{gib(need)} at checkpoints; this machine has {gib(host)} available: train on a machine "
+                "with more, or pass --host-mem SIZE to plan for a specific host"
             )
             host = max(host, need)
     if sol.best is None:
@@ -325,10 +409,12 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
                 "no configuration could be simulated for this model; try fewer --chunks"
             )
         why = (
-            f"host memory: needs {gib(s.result.step.host_bytes)} > --host-mem {gib(host)}"
+            f"host memory: needs {gib(s.result.host_peak_bytes)} (states {gib(s.result.step.host_bytes)} "
+            f"+ a checkpoint) > --host-mem {gib(host)}"
             if s.result.budget_needed_bytes <= budget
             else f"smallest budget that fits: {gib(s.result.budget_needed_bytes)} per GPU "
-            f"(peak {gib(s.result.step.peak_bytes)} + reserve {gib(s.result.step.reserve_bytes)}) with "
+            f"(peak {gib(s.result.step.peak_bytes)} + reserve {gib(s.result.step.reserve_bytes)} + "
+            f"headroom {gib(s.result.headroom_bytes)}) with "
             f"K={s.num_chunks}, checkpointing {s.checkpoint_mode}, {s.placement_text()}, micro-batch "
             f"{s.candidate.micro_batch} x {s.candidate.grad_accum}"
         )
@@ -343,20 +429,10 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host)
     cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
     plan = replace(plan, run=cadence)
-    from planner.simulator import simulate_plan
-
-    check = simulate_plan(plan)
-    if (check.peak_bytes, round(check.step_seconds, 9)) != (
-        plan.predictions.peak_bytes,
-        round(plan.predictions.step_seconds, 9),
-    ):
-        raise click.ClickException(
-            f"internal error: re-simulating the plan gives peak {check.peak_bytes}, the solver "
-            f"{plan.predictions.peak_bytes}; nothing written"
-        )
+    check_replay(plan)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # checked writable above
     save_plan(plan, out_path)
-    click.echo(summary(plan, sol, budget))
+    click.echo(summary(plan, sol, budget, headroom_note(req, on_gpu), budget_note(req, gpu)))
     if host_warning:
         click.echo(host_warning, err=True)
     click.echo(f"plan written to {out_path}")
@@ -377,14 +453,79 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
     return 0
 
 
-def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
-    """The table a user reads before spending an hour."""
+def default_budget(gpu: Any) -> int:
+    """The GPU memory a plan may use without --budget: what is free on a probed card (--gpu auto: a
+    display or another process holds the rest), else the profile's total."""
+    free = gpu.memory_free_bytes
+    return gpu.memory_total_bytes if free is None else min(free, gpu.memory_total_bytes)
+
+
+def budget_note(req: Request, gpu: Any) -> str:
+    if req.budget is None and gpu.memory_free_bytes is not None:
+        return f" (free of {gib(gpu.memory_total_bytes)}, NVML)"
+    return ""
+
+
+def headroom_note(req: Request, on_gpu: bool) -> str:
+    """What the plan's safety margin covers, for the printed table."""
+    from planner.solver import DEFAULT_HEADROOM
+
+    if req.headroom is not None:
+        given = req.headroom.text()
+        return f"--headroom {given}" + (": no safety margin" if given == "0" else "")
+    if not on_gpu:
+        return "none on the host CPU"
+    h = DEFAULT_HEADROOM
+    return (
+        f"prediction error +-{h.fraction:.0%} of the peak, {h.fixed_bytes // 2**20} MiB for untested GPU "
+        "allocator behaviour"
+    )
+
+
+def optimizer_text(o: Any) -> str:
+    """The optimizer line: the choices that change the result, clipping and weight decay spelled out."""
+    clip = "no clipping"
+    if o.max_grad_norm is not None:
+        clip = f"clip the window's gradient norm at {o.max_grad_norm:g}"
+    decay = f"weight decay {o.weight_decay:g}"
+    if o.weight_decay:
+        compensated = o.weight_decay_mode == "compensated"
+        decay += " (compensated: (1 - lr*wd)**K per step)" if compensated else " (active window only)"
+    return f"{o.name}, lr {o.lr:g}, {decay}, {clip}"
+
+
+def check_replay(plan: Any) -> None:
+    """Re-simulate the plan from the plan alone; refuse to write one the simulator does not reproduce."""
+    from planner.simulator import setup_and_candidate, simulate
+
+    setup, cand, act = setup_and_candidate(plan)
+    res = simulate(setup, cand, act)
+    pr, hw = plan.predictions, plan.hardware
+    got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, res.host_peak_bytes)
+    want = (
+        pr.peak_bytes,
+        round(pr.step_seconds, 9),
+        pr.peak_bytes + pr.reserve_bytes + hw.headroom_bytes,
+        pr.host_peak_bytes,
+    )
+    if got != want:
+        raise click.ClickException(
+            f"internal error: re-simulating the plan gives (peak, step s, budget needed, host peak) {got}, "
+            f"the solver {want}; nothing written"
+        )
+
+
+def summary(  # type: ignore[no-untyped-def]
+    plan, sol, budget: int, headroom_why: str = "", budget_why: str = ""
+) -> str:
+    """The table a user reads before spending an hour (headroom_why: what the margin covers; budget_why:
+    where the budget came from, when not from the user or the profile)."""
     from executor.loss import DEFAULT_CHUNK_TOKENS
 
     pr, hw, run = plan.predictions, plan.hardware, plan.run
     lines = [
         f"model      {plan.model.name} ({plan.model.num_params:,} parameters, {run.weight_dtype})",
-        f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)} per GPU, "
+        f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)}{budget_why} per GPU, "
         f"host {gib(hw.host_budget_bytes)}",
         f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens"
         + (" (padded rows)" if run.padded_batches else ""),  # unpadded: packed full rows, the usual case
@@ -408,6 +549,14 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
             if run.chunked_cross_entropy
             else "cross-entropy over the full logits"
         ),
+        f"optimizer  {optimizer_text(run.optimizer)}",
+    ]
+    if run.cuda_alloc_conf:
+        lines.append(
+            f"allocator  PYTORCH_CUDA_ALLOC_CONF={run.cuda_alloc_conf} "
+            "(chunkft-run sets it before CUDA starts)"
+        )
+    lines += [
         "",
         "predicted GPU peak (allocated)      " + gib(pr.peak_bytes) + f"   at {pr.peak_cause}",
     ]
@@ -415,12 +564,15 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
         lines.append(f"  {cat:<32} {gib(b)}")
     lines += [
         f"  {'reserve (context + fragmentation)':<32} {gib(pr.reserve_bytes)}",
-        f"  {'total against budget':<32} {gib(pr.peak_bytes + pr.reserve_bytes)} of {gib(budget)}",
+        f"  {'headroom':<32} {gib(hw.headroom_bytes)}" + (f"   ({headroom_why})" if headroom_why else ""),
+        f"  {'total against budget':<32} {gib(pr.peak_bytes + pr.reserve_bytes + hw.headroom_bytes)} "
+        f"of {gib(budget)}",
     ]
     if sol.best is not None and len(sol.best.result.per_gpu_peak_bytes) > 1:
         lines.append("  per GPU: " + ", ".join(gib(b) for b in sol.best.result.per_gpu_peak_bytes))
     lines += [
-        f"host memory                          {gib(pr.host_bytes)}",
+        f"host memory                          {gib(pr.host_bytes)} states + "
+        f"{gib(pr.host_peak_bytes - pr.host_bytes)} at checkpoints",
         f"step time                            {pr.step_seconds * 1000:.1f} ms  "
         f"(compute efficiency {pr.compute_efficiency:.2f} of datasheet FLOP/s)",
         f"throughput                           {pr.tokens_per_second:,.0f} tokens/s",
@@ -449,7 +601,16 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
     "--reserve",
     type=Size(),
     default=None,
-    help="CUDA context + fragmentation reserve (default: 512 MiB + 5% of the peak on GPUs).",
+    help="CUDA context + fragmentation reserve (default: 512 MiB + 5% of the peak on GPUs); the "
+    "headroom comes on top (--headroom).",
+)
+@click.option(
+    "--headroom",
+    type=HeadroomSize(),
+    default=None,
+    help="Safety margin kept free on top of peak + reserve: bytes (1GiB, 0), a share of the predicted "
+    "peak (5%), or both (3%+256MiB, the default on GPUs: the tested prediction error plus untested "
+    "GPU allocator behaviour; none on cpu).",
 )
 @click.option("--seq-len", default=1024, type=click.IntRange(1), show_default=True)
 @click.option(
@@ -464,10 +625,33 @@ def summary(plan, sol, budget: int) -> str:  # type: ignore[no-untyped-def]
 @click.option("--optimizer", default="adamw", type=click.Choice(["adamw", "sgd"]), show_default=True)
 @click.option("--lr", default=1e-5, type=click.FloatRange(min=0, min_open=True), show_default=True)
 @click.option("--weight-decay", default=0.0, type=click.FloatRange(min=0), show_default=True)
+@click.option(
+    "--weight-decay-mode",
+    default="window",
+    type=click.Choice(["window", "compensated"]),
+    show_default=True,
+    help="AdamW's decoupled weight decay: 'window' decays only the active window each step, so every "
+    "parameter decays 1/K as often as in dense training; 'compensated' multiplies the active window by "
+    "(1 - lr*wd)**K per step, so over a rotation every parameter decays as much as under dense AdamW for "
+    "as many steps at a constant lr (AdamW only).",
+)
+@click.option(
+    "--max-grad-norm",
+    default="1.0",
+    type=NormOrNone(),
+    show_default=True,
+    help="Clip each step's gradient to this norm, or 'none'. The norm is the active window's own (the "
+    "only gradients that exist), not the whole model's.",
+)
 @click.option("--schedule", default="constant", type=click.Choice(["constant", "linear", "cosine"]))
 @click.option("--warmup-steps", default=0, type=click.IntRange(0))
 @click.option("--steps", default=1000, type=click.IntRange(1), show_default=True)
-@click.option("--host-mem", type=Size(), default=None, help="Host memory for states (default: available).")
+@click.option(
+    "--host-mem",
+    type=Size(),
+    default=None,
+    help="Host memory for the states and a checkpoint's in-flight copies (default: available).",
+)
 @click.option(
     "--dtype",
     type=click.Choice(list(DTYPES)),

@@ -10,8 +10,10 @@ Loading checks everything it can and reports every problem at once, each with it
 (`chunk_table.chunks[3].slices[1].row_end must be <= 4096 ...`), because a hand-edited plan with three
 typos should take one round trip to fix, not three. Bump SCHEMA_VERSION on any incompatible change and
 keep tests/golden/plan_v1.json loading. A field added later is compatible when a file without it has one
-right reading: `run.padded_batches` (files written before it load with their task's default, which is what
-those plans were planned for), so it stays v1; such a file is rewritten with the field spelled out.
+right reading, so it stays v1. _with_added_fields fills them in: `run.padded_batches` with the task's
+default (what those plans were planned for); `hardware.headroom_bytes` 0, `run.cuda_alloc_conf` "",
+`run.optimizer.weight_decay_mode` "window" and `predictions.host_peak_bytes` = host_bytes (what those
+plans assumed and were run with). Such a file is rewritten with the fields spelled out.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ RotationOrder = Literal["bottom-up", "top-down", "random"]
 StatesOn = Literal["gpu", "host"]
 HostStateDtype = Literal["float32", "bfloat16", "reset"]
 WeightsPlacement = Literal["resident", "streamed"]
+WeightDecayMode = Literal["window", "compensated"]
 CheckpointMode = Literal["none", "all", "selected"]
 
 # Whether a task's batches are padded when the plan does not say (files written before
@@ -91,6 +94,9 @@ class Hardware:
     budget_bytes: int  # GPU memory the plan may use on each of the num_gpus GPUs
     reserve_bytes: int  # CUDA context + allocator fragmentation, counted against the budget
     host_budget_bytes: int
+    # Safety margin on top of peak + reserve (planner.simulator.headroom_bytes says what it covers):
+    # the plan fits when peak + reserve + headroom <= budget. Files written before it had none: 0.
+    headroom_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,12 @@ class OptimizerSettings:
     weight_decay: float
     momentum: float
     nesterov: bool
-    max_grad_norm: float | None  # None: no clipping
+    max_grad_norm: float | None  # None: no clipping; else clip the active window's own gradient norm
+    # Decoupled (AdamW) weight decay of a window: "window" decays only the active window, so each
+    # parameter decays 1/K as often as in dense training; "compensated" multiplies the active window by
+    # (1 - lr * weight_decay) ** K per step, so over a rotation every parameter decays as much as under
+    # dense AdamW for as many steps at a constant lr. Files written before it: "window" (what they ran).
+    weight_decay_mode: WeightDecayMode = "window"
 
 
 @dataclass(frozen=True)
@@ -135,6 +146,11 @@ class RunSettings:
     schedule: ScheduleSettings
     eval_every: int  # optimizer steps; 0 = never
     checkpoint_every: int  # optimizer steps; 0 = never
+    # PYTORCH_CUDA_ALLOC_CONF that chunkft-run sets before CUDA initialises: "expandable_segments:True"
+    # for GPU plans (segments grow in place instead of leaving fragments between fixed-size ones), ""
+    # for CPU plans and files written before it (leave the allocator as it is). With a default, like
+    # padded_batches (which stays the last field, where files written before this one have it).
+    cuda_alloc_conf: str = ""
     # Whether the training batches carry padding (attention-mask zeros): instruction JSONL and
     # classification rows do, packed text does not. It changes Hugging Face's attention path (a padded
     # causal batch materialises a B*S*S mask and repeats grouped-query K/V), so the activation bytes.
@@ -215,6 +231,9 @@ class Predictions:
     step_seconds: float
     tokens_per_second: float
     compute_efficiency: float  # achieved / peak FLOP/s assumed, in (0, 1]
+    # Host bytes at the highest point: host_bytes plus what a checkpoint adds
+    # (planner.simulator.checkpoint_host_bytes). Files written before it: host_bytes.
+    host_peak_bytes: int
 
 
 @dataclass(frozen=True)
@@ -518,20 +537,40 @@ def _decode_plan(data: object, problems: list[str]) -> Plan | None:
 
 
 def _with_added_fields(data: dict) -> dict:
-    """Fill in fields added to v1 after plans were written, with what those plans meant (a copy;
-    the caller's data is not changed). Today only run.padded_batches: the task's default."""
-    run = data.get("run")
-    if not isinstance(run, dict) or "padded_batches" in run:
-        return data
+    """Fill in fields added to v1 after plans were written, with what those plans meant (a copy; the
+    caller's data is not changed). A section that is not an object is left for the decoder to report."""
     model = data.get("model")
     task = model.get("task") if isinstance(model, dict) else None
     # An unknown task is reported by the model section; the plan fails anyway, so any default will do.
     padded = DEFAULT_PADDED_BATCHES.get(task, False) if isinstance(task, str) else False
-    filled_run = _JsonObject({**run, "padded_batches": padded})
-    filled_run.duplicates = getattr(run, "duplicates", ())
-    filled = _JsonObject({**data, "run": filled_run})
-    filled.duplicates = getattr(data, "duplicates", ())
-    return filled
+    out = _filled(data, ("run",), "padded_batches", padded)
+    out = _filled(out, ("run",), "cuda_alloc_conf", "")
+    out = _filled(out, ("run", "optimizer"), "weight_decay_mode", "window")
+    out = _filled(out, ("hardware",), "headroom_bytes", 0)
+    predictions = out.get("predictions")
+    if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported
+        out = _filled(out, ("predictions",), "host_peak_bytes", predictions["host_bytes"])
+    return out
+
+
+def _filled(data: dict, path: tuple[str, ...], key: str, value: object) -> dict:
+    """data with `key` set to `value` in the object at `path` when that object lacks it (copies along
+    the path keep the objects' record of repeated keys)."""
+    if not path:
+        if key in data:
+            return data
+        return _copy_object(data, {**data, key: value})
+    inner = data.get(path[0])
+    if not isinstance(inner, dict):
+        return data
+    filled = _filled(inner, path[1:], key, value)
+    return data if filled is inner else _copy_object(data, {**data, path[0]: filled})
+
+
+def _copy_object(original: dict, items: dict) -> _JsonObject:
+    out = _JsonObject(items)
+    out.duplicates = getattr(original, "duplicates", ())
+    return out
 
 
 def _check_keys(data: dict, known: list[str], path: str, problems: list[str]) -> None:
@@ -690,6 +729,7 @@ def _check_hardware(h: Hardware, p: str, problems: list[str]) -> None:
     for name in ("memory_total_bytes", "budget_bytes", "host_budget_bytes"):
         _need(getattr(h, name) > 0, problems, f"{p}.{name} must be > 0, got {getattr(h, name)}")
     _need(h.reserve_bytes >= 0, problems, f"{p}.reserve_bytes must be >= 0, got {h.reserve_bytes}")
+    _need(h.headroom_bytes >= 0, problems, f"{p}.headroom_bytes must be >= 0, got {h.headroom_bytes}")
     total = h.memory_total_bytes
     _need(
         h.budget_bytes <= total,
@@ -701,6 +741,12 @@ def _check_hardware(h: Hardware, p: str, problems: list[str]) -> None:
         h.reserve_bytes < h.budget_bytes,
         problems,
         f"{p}.reserve_bytes must be < budget_bytes = {h.budget_bytes}, got {h.reserve_bytes}",
+    )
+    _need(
+        h.reserve_bytes + h.headroom_bytes < h.budget_bytes,
+        problems,
+        f"{p}.reserve_bytes + headroom_bytes must be < budget_bytes = {h.budget_bytes}, "
+        f"got {h.reserve_bytes + h.headroom_bytes}",
     )
 
 
@@ -726,6 +772,21 @@ def _check_run(r: RunSettings, p: str, problems: list[str]) -> None:
         _need(
             o.max_grad_norm > 0, problems, f"{op}.max_grad_norm must be > 0 or null, got {o.max_grad_norm!r}"
         )
+    if o.weight_decay_mode == "compensated":
+        # SGD's weight decay is coupled (added to the gradient), so the decoupled compensation does not apply
+        _need(o.name == "adamw", problems, f"{op}.weight_decay_mode 'compensated' needs optimizer 'adamw'")
+        _need(
+            o.lr * o.weight_decay < 1.0,
+            problems,
+            f"{op}.weight_decay_mode 'compensated' needs lr * weight_decay < 1 (the factor (1 - lr * "
+            f"weight_decay) ** K must stay positive), got {o.lr * o.weight_decay!r}",
+        )
+    _need(
+        _alloc_conf_ok(r.cuda_alloc_conf),
+        problems,
+        f"{p}.cuda_alloc_conf must be empty or comma-separated key:value settings (e.g. "
+        f'"expandable_segments:True"), got {_describe(r.cuda_alloc_conf)}',
+    )
     s, sp = r.schedule, f"{p}.schedule"
     _need(s.warmup_steps >= 0, problems, f"{sp}.warmup_steps must be >= 0, got {s.warmup_steps}")
     _need(
@@ -742,6 +803,14 @@ def _check_run(r: RunSettings, p: str, problems: list[str]) -> None:
         problems,
         f"{sp}.total_steps must equal {p}.total_steps = {r.total_steps}, got {s.total_steps}",
     )
+
+
+def _alloc_conf_ok(conf: str) -> bool:
+    """PYTORCH_CUDA_ALLOC_CONF syntax: "" or "key:value[,key:value...]" without spaces."""
+    if conf == "":
+        return True
+    items = [item.split(":") for item in conf.split(",")]
+    return all(len(kv) == 2 and all(x and not any(c.isspace() for c in x) for x in kv) for kv in items)
 
 
 def _check_chunk_table(ct: ChunkTable, p: str, problems: list[str]) -> None:
@@ -863,6 +932,12 @@ def _check_prefetch(ops: tuple[PrefetchOp, ...], p: str, problems: list[str]) ->
 def _check_predictions(pr: Predictions, p: str, problems: list[str]) -> None:
     for name in ("peak_bytes", "reserve_bytes", "host_bytes"):
         _need(getattr(pr, name) >= 0, problems, f"{p}.{name} must be >= 0, got {getattr(pr, name)}")
+    _need(
+        pr.host_peak_bytes >= pr.host_bytes,
+        problems,
+        f"{p}.host_peak_bytes must be >= host_bytes = {pr.host_bytes} (it adds what a checkpoint "
+        f"holds), got {pr.host_peak_bytes}",
+    )
     for cat, b in pr.peak_by_category:
         _need(
             cat in CATEGORIES,
@@ -971,16 +1046,16 @@ def _cross_checks(v: dict[str, typing.Any], problems: list[str]) -> None:
             f"prefetch lists {len(ops)} copies but placement.prefetch is false",
         )
     if pr is not None and hw is not None:
-        used = pr.peak_bytes + pr.reserve_bytes
+        used = pr.peak_bytes + pr.reserve_bytes + hw.headroom_bytes
         _need(
             used <= hw.budget_bytes,
             problems,
-            f"predictions.peak_bytes + reserve_bytes = {used} must be <= hardware.budget_bytes = "
-            f"{hw.budget_bytes}: the plan does not fit; re-plan",
+            f"predictions.peak_bytes + reserve_bytes + hardware.headroom_bytes = {used} must be <= "
+            f"hardware.budget_bytes = {hw.budget_bytes}: the plan does not fit; re-plan",
         )
         _need(
-            pr.host_bytes <= hw.host_budget_bytes,
+            pr.host_peak_bytes <= hw.host_budget_bytes,
             problems,
-            f"predictions.host_bytes = {pr.host_bytes} must be <= hardware.host_budget_bytes = "
+            f"predictions.host_peak_bytes = {pr.host_peak_bytes} must be <= hardware.host_budget_bytes = "
             f"{hw.host_budget_bytes}",
         )

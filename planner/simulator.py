@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
+from executor.safetensors_stream import PIECE_BYTES
 from planner.costs import CostModel
 from planner.graph import StepNode, step_order
 from planner.profile_model import (
@@ -42,6 +43,23 @@ GIB = 2**30
 MIB = 2**20
 CUDA_CONTEXT_BYTES = 512 * MIB  # CUDA context + cuBLAS workspace, outside torch's allocated bytes
 FRAGMENTATION = 0.05  # caching-allocator slack, as a fraction of the allocated peak
+
+# The default safety margin on GPUs (--headroom), on top of peak + reserve; neither part was measured on
+# a GPU (none was available), so both are allowances for what is known to be unknown:
+# - HEADROOM_FRACTION of the predicted peak: the tested prediction bound. Predicted peaks are within 3%
+#   of a FakeTensor trace of the executor's own step for every tested window (BENCHMARKS.md), on CPU.
+# - HEADROOM_FIXED_BYTES for what no CPU trace sees and the reserve's two constants may not cover:
+#   cuBLAS/cuBLASLt workspaces (up to 32 MiB each per handle and stream on Hopper, allocated through
+#   torch's allocator), the granularity of expandable segments (2 MiB pages in the small pool, 20 MiB
+#   in the large one, per stream: compute and the copy stream), SDPA/flash-attention and cuDNN
+#   workspaces, a CUDA context larger than CUDA_CONTEXT_BYTES (it varies with the driver and lazy module
+#   loading). NCCL's buffers (hundreds of MiB) are absent: one process, one GPU. A multi-GPU plan is not
+#   replayed yet.
+# For the 8B plan on a 4090 the two add up to 0.89 GiB of 23.99 GiB: 7 more checkpointed layers and 2.5%
+# more time per step, against an OOM on the first real run (the plan without it left 40 MiB). The host
+# CPU gets none (planner.solver.NO_HEADROOM): no CUDA allocator, workspaces or context there.
+HEADROOM_FRACTION = 0.03
+HEADROOM_FIXED_BYTES = 256 * MIB
 
 
 @dataclass(frozen=True)
@@ -105,6 +123,8 @@ class Setup:
     seq_len: int
     context_bytes: int  # CUDA context per GPU (0 on the host CPU)
     fragmentation: float
+    headroom_fixed_bytes: int = 0  # safety margin per GPU: this many bytes ...
+    headroom_fraction: float = 0.0  # ... plus this fraction of the peak (see headroom_bytes)
 
 
 @dataclass(frozen=True)
@@ -136,13 +156,22 @@ class SimResult:
     step: StepSimulation  # the worst window's timeline (on the GPU with the highest peak)
     per_gpu_peak_bytes: tuple[int, ...]
     worst_window: int
-    budget_needed_bytes: int  # per GPU: peak + reserve of the worst GPU
+    budget_needed_bytes: int  # per GPU: peak + reserve + headroom of the worst GPU
     state_slot_bytes: int = 0
+    headroom_bytes: int = 0  # the safety margin inside budget_needed_bytes
+    host_peak_bytes: int = 0  # host_bytes + checkpoint_host_bytes
     notes: tuple[str, ...] = field(default=())
 
 
 def reserve_bytes(setup: Setup, peak: int) -> int:
     return setup.context_bytes + int(setup.fragmentation * peak)
+
+
+def headroom_bytes(setup: Setup, peak: int) -> int:
+    """The safety margin a plan keeps free on top of peak + reserve, because the peak is a prediction
+    (tested to 3% on CPU) and the reserve two unmeasured constants (HEADROOM_FRACTION, HEADROOM_FIXED_BYTES
+    say what the default covers)."""
+    return setup.headroom_fixed_bytes + int(setup.headroom_fraction * peak)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -173,6 +202,34 @@ def host_bytes(setup: Setup, cand: Candidate) -> int:
     total = sum(w.numel for w in cand.windows)
     state_bytes = DTYPE_BYTES[cand.host_state_dtype]
     return total * ((4 if master else 0) + states * state_bytes)
+
+
+def checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
+    """Host bytes a checkpoint (or the final export) adds on top of host_bytes, at its highest point.
+
+    The executor streams tensors to disk one at a time (executor/safetensors_stream.py), so a save holds
+    on the host:
+    - the weight bytes in flight from the GPU to the file: the largest single model tensor in its weight
+      dtype (a tied tensor is one parameter, counted once), at most the writer's reused PIECE_BYTES buffer;
+    - states on the host: the fp32 contents of the device state slots not yet written back to their
+      host stores, at most (2 with prefetch, else 1) slots x the largest window x the staged fp32 kinds
+      (master when the weights are not fp32; exp_avg and exp_avg_sq for AdamW, momentum_buffer for SGD
+      with momentum) x 4 bytes;
+    - states on the GPU: every window's states live in device stores (no slots), and the checkpoint
+      copies each of them to the host: every window x the same kinds x 4 bytes.
+    """
+    largest_tensor = min(max(s.numel * DTYPE_BYTES[s.dtype] for s in setup.structure.specs), PIECE_BYTES)
+    master, states = _state_kinds(setup)
+    kinds = (1 if master else 0) + states
+    if cand.states_on == "gpu":
+        return largest_tensor + sum(w.numel for w in cand.windows) * kinds * 4
+    slots = 2 if cand.prefetch else 1
+    return largest_tensor + slots * max(w.numel for w in cand.windows) * kinds * 4
+
+
+def host_peak_bytes(setup: Setup, cand: Candidate) -> int:
+    """What the host must hold at the worst moment of the run: the state stores plus a checkpoint."""
+    return host_bytes(setup, cand) + checkpoint_host_bytes(setup, cand)
 
 
 def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], int]:
@@ -669,12 +726,15 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         tokens_per_step=cand.micro_batch * cand.grad_accum * setup.seq_len,
         timeline_seconds=timeline_s,
     )
+    margin = headroom_bytes(setup, peak)
     return SimResult(
         step=sim,
         per_gpu_peak_bytes=tuple(per_gpu),
         worst_window=worst.index,
-        budget_needed_bytes=peak + reserve_bytes(setup, peak),
+        budget_needed_bytes=peak + reserve_bytes(setup, peak) + margin,
         state_slot_bytes=slot,
+        headroom_bytes=margin,
+        host_peak_bytes=host_peak_bytes(setup, cand),
     )
 
 
@@ -701,9 +761,10 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         optimizer=run.optimizer.name,
         sgd_momentum=run.optimizer.momentum > 0,
         seq_len=run.seq_len,
-        # The plan stores the reserve the solver computed (context + fragmentation of its peak).
+        # The plan stores the reserve and headroom the solver computed (fractions of its peak included).
         context_bytes=p.hardware.reserve_bytes,  # type: ignore[attr-defined]
         fragmentation=0.0,
+        headroom_fixed_bytes=p.hardware.headroom_bytes,  # type: ignore[attr-defined]
     )
     ct = p.chunk_table  # type: ignore[attr-defined]
     pl = p.placement  # type: ignore[attr-defined]

@@ -1,8 +1,9 @@
 """The solver: enumerate ChunkFT settings, simulate each, keep the fastest that fits; baselines alike.
 
-Objective: least predicted seconds per trained token subject to (per GPU) allocated peak + reserve <=
-budget and host bytes <= host budget. Every number comes from planner/simulator.py, so the solver and
-the simulator cannot disagree; the plan written is re-simulated from the plan file itself before saving.
+Objective: least predicted seconds per trained token subject to (per GPU) allocated peak + reserve +
+headroom <= budget and host peak bytes (state stores plus a checkpoint) <= host budget. Every number
+comes from planner/simulator.py, so the solver and the simulator cannot disagree; the plan written is
+re-simulated from the plan file itself before saving.
 
 Search space: K in powers of two (as many as the rows allow), activation checkpointing none / all /
 the first n blocks (n found by bisection: the bottom blocks are the ones only bottom windows
@@ -28,12 +29,13 @@ from planner.profile_model import (
     chunked_loss_supported,
 )
 from planner.simulator import (
+    HEADROOM_FIXED_BYTES,
+    HEADROOM_FRACTION,
     Candidate,
     Setup,
     SimResult,
     forward_seconds_per_token,
     hiding_interval,
-    host_bytes,
     simulate,
     windows_of,
 )
@@ -44,15 +46,47 @@ from planner.simulator import (
 # 2.769 (dense AdamW: 2.566). Adam's moments need a few steps on a window before its updates are good.
 VISIT_STEPS = 10
 MIN_CYCLES = 2  # every window is visited at least this often in the run
+# What the plan asks chunkft-run to set as PYTORCH_CUDA_ALLOC_CONF on GPUs: expandable segments grow a
+# segment in place instead of caching fixed-size ones, so freed activations and the state slots' turnover
+# do not leave fragments between segments (less of the reserve's FRAGMENTATION is lost that way).
+CUDA_ALLOC_CONF = "expandable_segments:True"
 CHUNKED_CE_MIN_SHARE = 0.01  # auto: chunked cross-entropy is tried when full logits are >= 1% of the budget
 K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+@dataclass(frozen=True)
+class Headroom:
+    """A safety margin per GPU: fixed bytes plus a fraction of each candidate's predicted peak."""
+
+    fixed_bytes: int = 0
+    fraction: float = 0.0
+
+    def text(self) -> str:
+        """As --headroom takes it: "3%+256MiB", "5%", "1GiB", "0"."""
+        parts = []
+        if self.fraction:
+            parts.append(f"{self.fraction * 100:g}%")
+        if self.fixed_bytes or not parts:
+            parts.append(_size_text(self.fixed_bytes))
+        return "+".join(parts)
+
+
+def _size_text(n: int) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+DEFAULT_HEADROOM = Headroom(HEADROOM_FIXED_BYTES, HEADROOM_FRACTION)  # on GPUs; why: planner/simulator.py
+NO_HEADROOM = Headroom()  # --gpu cpu: the host CPU has no CUDA allocator, workspaces or context
 
 
 @dataclass(frozen=True)
 class Limits:
     """What a plan must fit in (per GPU)."""
 
-    gpu_budget_bytes: int  # per GPU, what peak + reserve may reach
+    gpu_budget_bytes: int  # per GPU, what peak + reserve + headroom may reach
     host_budget_bytes: int
 
 
@@ -256,7 +290,7 @@ class Solver:
         cand, res = self._simulated[cand]
         ok = (
             res.budget_needed_bytes <= self.limits.gpu_budget_bytes
-            and host_bytes(self.setup, cand) <= self.limits.host_budget_bytes
+            and res.host_peak_bytes <= self.limits.host_budget_bytes
         )
         return Option(label, cand, res, len(cand.windows), ok, self.num_layers)
 
@@ -427,9 +461,14 @@ def make_setup(
     on_gpu: bool,
     context_bytes: int | None = None,
     fragmentation: float | None = None,
+    headroom: Headroom | None = None,
 ) -> Setup:
+    """The request's shared simulator inputs; None takes the default reserve and headroom (on a GPU:
+    CUDA_CONTEXT_BYTES + FRAGMENTATION of the peak, DEFAULT_HEADROOM; none on the host CPU)."""
     from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
 
+    if headroom is None:
+        headroom = DEFAULT_HEADROOM if on_gpu else NO_HEADROOM
     if weight_dtype not in DTYPE_BYTES:
         raise ValueError(f"unknown weight dtype {weight_dtype}")
     return Setup(
@@ -441,6 +480,8 @@ def make_setup(
         seq_len=seq_len,
         context_bytes=(CUDA_CONTEXT_BYTES if on_gpu else 0) if context_bytes is None else context_bytes,
         fragmentation=(FRAGMENTATION if on_gpu else 0.0) if fragmentation is None else fragmentation,
+        headroom_fixed_bytes=headroom.fixed_bytes,
+        headroom_fraction=headroom.fraction,
     )
 
 
@@ -493,7 +534,8 @@ def build_plan(
         weight_decay=req.weight_decay,
         momentum=0.9 if req.optimizer == "sgd" else 0.0,
         nesterov=False,
-        max_grad_norm=1.0,
+        max_grad_norm=req.max_grad_norm,
+        weight_decay_mode=req.weight_decay_mode,
     )
     run = P.RunSettings(
         seq_len=req.seq_len,
@@ -510,6 +552,7 @@ def build_plan(
         schedule=P.ScheduleSettings(req.schedule, req.warmup_steps, req.steps, 0.0),
         eval_every=0,
         checkpoint_every=0,
+        cuda_alloc_conf=CUDA_ALLOC_CONF if gpu.pcie_gen is not None else "",
         # what the activation profiles were traced with (chunkft-plan resolves None to the task's default)
         padded_batches=default_padded(preset.task) if req.padded_batches is None else req.padded_batches,
     )
@@ -547,6 +590,7 @@ def build_plan(
             budget_bytes=budget,
             reserve_bytes=step.reserve_bytes,
             host_budget_bytes=host_budget,
+            headroom_bytes=res.headroom_bytes,
         ),
         run=run,
         chunk_table=P.ChunkTable("rows", 8 if req.optimizer == "adamw" else 4, structure.specs, chunks),
@@ -569,6 +613,7 @@ def build_plan(
             step_seconds=step.step_seconds,
             tokens_per_second=step.tokens_per_second,
             compute_efficiency=setup.cost.efficiency,
+            host_peak_bytes=res.host_peak_bytes,
         ),
         alternatives=alts,
     )

@@ -1,8 +1,9 @@
 """The one place that talks to the NVIDIA driver through NVML (pynvml).
 
 `--gpu auto` needs the card's name (to pick its profile) and its real total and free memory (the
-spec-sheet figure is not what a planner should fit into). pynvml is imported inside the functions so
-that the package imports, and every other GPU name works, on machines without a driver.
+spec-sheet figure is not what a planner should fit into: a display or another process holds some, and
+chunkft-plan budgets from what is free). pynvml is imported inside the functions so that the package
+imports, and every other GPU name works, on machines without a driver.
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def probe_all() -> list[NvmlDevice]:
         devices = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            # .free is the figure torch.cuda.mem_get_info() reports (cudaMemGetInfo: memory no process
+            # holds), read without creating a CUDA context in the planner's process (which would itself
+            # take a few hundred MiB of it, and needs torch built with CUDA).
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             devices.append(
                 NvmlDevice(

@@ -31,7 +31,7 @@ class SweepPoint:
     gpu: str
     budget_bytes: int
     k: int | None
-    peak_bytes: int  # allocated peak plus reserve: what is compared with the budget
+    peak_bytes: int  # allocated peak plus reserve and headroom: what is compared with the budget
     step_seconds: float
     feasible: bool
     checkpointing: str = ""  # the solver's choice there: "none" | "selected" | "all" ("" when unknown)
@@ -75,6 +75,7 @@ class ReportData:
     sweep: tuple[SweepPoint, ...] = ()
     run: RunRecord | None = None
     notes: tuple[str, ...] = ()  # what the report could not show and why
+    headroom_bytes: int = 0  # the plan's safety margin, kept free on top of peak + reserve
 
 
 def drawn_step_seconds(sim: StepSimulation) -> float:

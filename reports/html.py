@@ -32,8 +32,8 @@ def render_html(data: ReportData, figures: list[tuple[str, str, bytes]]) -> str:
     e = html.escape
     sim = data.simulation
     total = sim.peak_bytes + sim.reserve_bytes
-    headroom = data.budget_bytes - total
-    fits = headroom >= 0
+    left = data.budget_bytes - total - data.headroom_bytes
+    fits = left >= 0
     rows = [
         ("Model", e(data.model_name)),
         ("GPU", e(data.gpu_name) + f" ({fmt_bytes(data.memory_total_bytes)})"),
@@ -48,7 +48,8 @@ def render_html(data: ReportData, figures: list[tuple[str, str, bytes]]) -> str:
         ),
         (
             "Headroom",
-            f"<span class='{'ok' if fits else 'bad'}'>{fmt_bytes(headroom)}"
+            f"{fmt_bytes(data.headroom_bytes)} kept free as a safety margin; "
+            f"<span class='{'ok' if fits else 'bad'}'>{fmt_bytes(left)} left beyond it"
             f"{'' if fits else ' — does NOT fit'}</span>",
         ),
         ("Chunks K", str(data.num_chunks)),

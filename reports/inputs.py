@@ -75,6 +75,7 @@ def report_data(
         gpu_name=gpu_label,
         budget_bytes=hw.budget_bytes,
         reserve_bytes=hw.reserve_bytes,
+        headroom_bytes=hw.headroom_bytes,
         memory_total_bytes=hw.memory_total_bytes * hw.num_gpus,
         num_chunks=ct.num_chunks,
         checkpointing=checkpointing_text(plan),

@@ -45,7 +45,7 @@ def solver_sweep(
     from planner.costs import cost_model
     from planner.profile_model import activation_profile, model_structure
     from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
-    from planner.solver import Space, make_setup, sweep
+    from planner.solver import DEFAULT_HEADROOM, NO_HEADROOM, Headroom, Space, make_setup, sweep
 
     run, hw = plan.run, plan.hardware
     preset = profiles.load_model(plan.model.path or plan.model.name, task=plan.model.task)
@@ -65,6 +65,8 @@ def solver_sweep(
     default_reserve = (
         CUDA_CONTEXT_BYTES + int(FRAGMENTATION * pred.peak_bytes) if plan_on_gpu else 0
     ) == hw.reserve_bytes
+    default = DEFAULT_HEADROOM if plan_on_gpu else NO_HEADROOM
+    default_headroom = hw.headroom_bytes == default.fixed_bytes + int(default.fraction * pred.peak_bytes)
     weights = sum(s.numel * _dtype_bytes(s.dtype) for s in structure.specs)
     setups, budgets = [], {}
     for key in dict.fromkeys([hw.gpu, *gpus]):
@@ -82,6 +84,8 @@ def solver_sweep(
             # A reserve the user fixed stays fixed on every GPU; the default one is each GPU's default.
             context_bytes=None if default_reserve else hw.reserve_bytes,
             fragmentation=None if default_reserve else 0.0,
+            # Likewise the headroom: each GPU's default, or the plan's bytes when the user chose them.
+            headroom=None if default_headroom else Headroom(hw.headroom_bytes),
         )
         setups.append((label, setup))
         grid = budget_grid(weights // hw.num_gpus, gpu.memory_total_bytes, points_per_gpu)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -12,10 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_model
+from tiny_models import tiny_bert, tiny_llama
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from executor.checkpoint import (
+    CheckpointDiskFull,
     CheckpointError,
     CheckpointMeta,
+    export_safetensors,
     latest_checkpoint,
     load_checkpoint,
     read_meta,
@@ -150,3 +158,72 @@ def test_sigkill_mid_write_leaves_a_complete_checkpoint(tmp_path: Path) -> None:
         {"driver": {}, "rng": rng_state()},
     )
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if ".tmp-" in p.name]
+
+
+# ---------------------------------------------------------------------------- streamed weights, export
+
+
+def test_checkpoint_weights_are_the_file_save_model_wrote(tmp_path: Path) -> None:
+    """The streamed model.safetensors holds what safetensors.torch.save_model stored (tied once, same
+    names) and records the dropped names the same way, plus format=pt."""
+    model = tiny_llama(torch.bfloat16, tied=True)
+    path = save_checkpoint(tmp_path, _meta(1), model, {"driver": {}, "rng": rng_state()})
+    save_model(model, str(tmp_path / "ref.safetensors"))
+    new, ref = load_file(path / "model.safetensors"), load_file(tmp_path / "ref.safetensors")
+    assert set(new) == set(ref) and all(torch.equal(new[k], ref[k]) for k in ref)
+    with safe_open(path / "model.safetensors", "pt") as a, safe_open(tmp_path / "ref.safetensors", "pt") as b:
+        assert a.metadata() == {"format": "pt", **b.metadata()}
+    fresh = tiny_llama(torch.bfloat16, tied=True)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()
+    load_checkpoint(path, fresh, model_fingerprint="fp-a", plan_sha256="plan-a")
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), fresh.state_dict().values(), strict=True)
+    )
+    assert fresh.lm_head.weight is fresh.model.embed_tokens.weight
+
+
+def test_weights_over_the_file_size_limit_keep_the_previous_checkpoint(tmp_path: Path) -> None:
+    """The weights file itself fails mid-stream (EFBIG from RLIMIT_FSIZE; Python ignores SIGXFSZ): the
+    partial directory goes, CheckpointDiskFull names the previous checkpoint, which still loads."""
+    small = torch.nn.Linear(16, 16)
+    first = save_checkpoint(tmp_path, _meta(2), small, {"driver": {}, "rng": rng_state()})
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, hard))  # the 1 MiB weights cannot be written
+    try:
+        with pytest.raises(CheckpointDiskFull, match="the previous checkpoint step-000002 is intact"):
+            save_checkpoint(tmp_path, _meta(4), torch.nn.Linear(512, 512), {"driver": {}, "rng": rng_state()})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-000002"]
+    assert latest_checkpoint(tmp_path) == first
+    load_checkpoint(first, torch.nn.Linear(16, 16), model_fingerprint="fp-a", plan_sha256="plan-a")
+
+
+@pytest.mark.parametrize("kind", ["llama-tied-bf16", "llama", "bert"])
+def test_export_is_what_save_pretrained_writes_and_loads_back(tmp_path: Path, kind: str) -> None:
+    model = {
+        "llama-tied-bf16": lambda: tiny_llama(torch.bfloat16, tied=True),
+        "llama": tiny_llama,
+        "bert": tiny_bert,
+    }[kind]()
+    with torch.no_grad():  # trained weights: not what the config's initialisation would give
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model.save_pretrained(str(tmp_path / "ref"))
+    assert export_safetensors(model, tmp_path / "new") == tmp_path / "new"
+    new, ref = tmp_path / "new", tmp_path / "ref"
+    assert sorted(p.name for p in new.iterdir()) == sorted(p.name for p in ref.iterdir())
+    assert (new / "model.safetensors").read_bytes() == (ref / "model.safetensors").read_bytes()
+    for name in ("config.json", "generation_config.json"):
+        if (ref / name).exists():
+            assert json.loads((new / name).read_text()) == json.loads((ref / name).read_text())
+    auto = AutoModelForSequenceClassification if kind == "bert" else AutoModelForCausalLM
+    loaded = auto.from_pretrained(new)
+    assert loaded.dtype == model.dtype
+    for (name, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    if kind == "llama-tied-bf16":
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

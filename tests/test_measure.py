@@ -90,7 +90,7 @@ def test_model_called_again_at_top_level_inside_the_span() -> None:
     _tracked_step(tracker, model, ids)
     model.zero_grad(set_to_none=True)
     step_peak = tracker.peak_bytes()
-    with tracker.phase("excluded"), torch.no_grad():
+    with tracker.phase("evaluation"), torch.no_grad():
         for _ in range(3):
             model(input_ids=torch.randint(0, 256, (4, SEQ)), labels=ids.expand(4, SEQ))
     _tracked_step(tracker, model, ids)

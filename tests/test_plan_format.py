@@ -81,7 +81,9 @@ def make_plan(specs: list[ParamSpec], k: int = 3) -> Plan:
             106_816,
             fingerprint(specs),
         ),
-        hardware=Hardware("rtx4090", "NVIDIA GeForce RTX 4090", 1, 25_757_220_864, 20 * 2**30, 2**30, 2**35),
+        hardware=Hardware(
+            "rtx4090", "NVIDIA GeForce RTX 4090", 1, 25_757_220_864, 20 * 2**30, 2**30, 2**35, 3 * 2**20
+        ),
         run=RunSettings(
             seq_len=128,
             micro_batch_size=1,
@@ -93,10 +95,13 @@ def make_plan(specs: list[ParamSpec], k: int = 3) -> Plan:
             master_dtype="float32",
             attn_implementation="eager",
             chunked_cross_entropy=False,
-            optimizer=OptimizerSettings("adamw", 3e-4, (0.9, 0.999), 1e-8, 0.1, 0.0, False, None),
+            optimizer=OptimizerSettings(
+                "adamw", 3e-4, (0.9, 0.999), 1e-8, 0.1, 0.0, False, None, "compensated"
+            ),
             schedule=ScheduleSettings("linear", 2, 7, 0.0),
             eval_every=0,
             checkpoint_every=0,
+            cuda_alloc_conf="expandable_segments:True,garbage_collection_threshold:0.8",
         ),
         chunk_table=ChunkTable("rows", 8, tuple(specs), chunks),
         rotation=Rotation("random", 5, 2, tuple(reversed(range(k)))),
@@ -104,7 +109,7 @@ def make_plan(specs: list[ParamSpec], k: int = 3) -> Plan:
         checkpointing=Checkpointing("selected", (1,)),
         prefetch=(PrefetchOp(1, "step start", "update chunk 1", 285_184),),
         predictions=Predictions(
-            sum(b for _, b in cats), cats, "bwd layers.1", 2**30, 10**6, 0.1, 1 / 3, 0.1 + 0.2
+            sum(b for _, b in cats), cats, "bwd layers.1", 2**30, 10**6, 0.1, 1 / 3, 0.1 + 0.2, 10**6 + 7
         ),
         alternatives=(Alternative("K=2", 2, "none", "states gpu", 9, 2.5e-05, 1e300, False),),
     )
@@ -277,7 +282,8 @@ def test_every_structural_problem_is_reported_at_once(specs: list[ParamSpec]) ->
         "hardware.num_gpus must be an integer, got 1.5",
         "run.seq_length is not a known field (known: seq_len, micro_batch_size, grad_accum_steps, "
         "total_steps, seed, weight_dtype, compute_dtype, master_dtype, attn_implementation, "
-        "chunked_cross_entropy, optimizer, schedule, eval_every, checkpoint_every, padded_batches)",
+        "chunked_cross_entropy, optimizer, schedule, eval_every, checkpoint_every, cuda_alloc_conf, "
+        "padded_batches)",
         "run.seq_len is missing",
         'run.micro_batch_size must be an integer, got "2"',
         "run.grad_accum_steps must be an integer, got true",
@@ -363,14 +369,14 @@ def test_semantic_and_cross_section_problems(specs: list[ParamSpec]) -> None:
 
 def test_plan_that_does_not_fit_its_budget_is_refused(specs: list[ParamSpec]) -> None:
     data = plan_to_dict(make_plan(specs))
-    data["hardware"]["budget_bytes"] = 2**30 + 1_000_000
+    data["hardware"]["budget_bytes"] = 2**30 + 4 * 2**20  # room for reserve + headroom, not the peak too
     data["placement"]["prefetch"] = False
     data["rotation"]["order"] = "bottom-up"
     assert problems_of(data) == [
         "rotation.sequence must be 0..2 in order for 'bottom-up'",
         "prefetch lists 1 copies but placement.prefetch is false",
-        f"predictions.peak_bytes + reserve_bytes = {1_498_816 + 2**30} must be <= hardware.budget_bytes = "
-        f"{2**30 + 1_000_000}: the plan does not fit; re-plan",
+        f"predictions.peak_bytes + reserve_bytes + hardware.headroom_bytes = {1_498_816 + 2**30 + 3 * 2**20} "
+        f"must be <= hardware.budget_bytes = {2**30 + 4 * 2**20}: the plan does not fit; re-plan",
     ]
 
 
@@ -413,7 +419,7 @@ def test_truncated_or_malformed_json_reports_line_and_column() -> None:
     with pytest.raises(PlanError) as err:
         plan_from_json(cut, source="plan.json")
     line, column = cut.count("\n") + 1, len(cut.rsplit("\n", 1)[1]) + 1
-    assert (line, column) == (121, 15)
+    assert (line, column) == (124, 15)
     assert str(err.value).startswith(
         f"plan.json is not valid JSON (Expecting value at line {line} column {column})"
     )
@@ -462,3 +468,81 @@ def test_plan_for_another_model_is_refused(specs: list[ParamSpec]) -> None:
     assert msg.endswith("): re-plan with chunkft-plan models/tiny3")
     with pytest.raises(PlanError, match="made for a different model .*float32"):
         check_model(plan, tiny_llama_specs(dtype=torch.float32))
+
+
+# --- fields added to v1 later --------------------------------------------------------------------------
+
+ADDED_LATER = (
+    ',\n    "headroom_bytes": 0\n',
+    ',\n      "weight_decay_mode": "window"\n',
+    '\n    "cuda_alloc_conf": "",',
+    ',\n    "host_peak_bytes": 1424896\n',
+)
+
+
+def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_path: Path) -> None:
+    text = GOLDEN.read_text(encoding="utf-8")
+    old = text
+    for spelled in ADDED_LATER:
+        assert spelled in old, spelled
+        old = old.replace(spelled, "\n" if spelled.endswith("\n") else "")
+    for name in ("headroom_bytes", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes"):
+        assert name not in old
+    path = tmp_path / "old.json"
+    path.write_text(old, encoding="utf-8")
+    plan = load_plan(path)
+    assert plan == load_plan(GOLDEN)
+    assert plan.hardware.headroom_bytes == 0 and plan.run.cuda_alloc_conf == ""
+    assert plan.run.optimizer.weight_decay_mode == "window"
+    assert plan.predictions.host_peak_bytes == plan.predictions.host_bytes == 1424896
+    assert plan_to_json(plan) == text  # rewritten with the fields spelled out
+
+
+def test_an_old_file_keeps_its_repeated_key_problems_while_fields_are_filled(specs: list[ParamSpec]) -> None:
+    data = plan_to_dict(make_plan(specs))
+    del data["run"]["optimizer"]["weight_decay_mode"], data["hardware"]["headroom_bytes"]
+    text = json.dumps(data).replace('"eps": 1e-08,', '"eps": 1e-08, "eps": 1e-07,', 1)
+    with pytest.raises(PlanError) as err:
+        plan_from_json(text)
+    assert err.value.problems == ["run.optimizer.eps is given more than once"]
+
+
+def test_added_fields_are_validated_with_their_paths(specs: list[ParamSpec]) -> None:
+    data = plan_to_dict(make_plan(specs))
+    data["hardware"]["headroom_bytes"] = -1
+    data["run"]["cuda_alloc_conf"] = "expandable_segments True"
+    data["run"]["optimizer"]["weight_decay_mode"] = "dense"
+    data["predictions"]["host_peak_bytes"] = 10**6 - 1  # less than host_bytes
+    assert problems_of(data) == [
+        "hardware.headroom_bytes must be >= 0, got -1",
+        "run.optimizer.weight_decay_mode must be one of 'window', 'compensated', got \"dense\"",
+        "predictions.host_peak_bytes must be >= host_bytes = 1000000 (it adds what a checkpoint holds), "
+        "got 999999",
+    ]
+    data["run"]["optimizer"]["weight_decay_mode"] = "compensated"
+    data["predictions"]["host_peak_bytes"] = 2**35 + 1  # more than the host budget
+    data["hardware"]["headroom_bytes"] = 20 * 2**30 - 2**30  # with the reserve: all of the budget
+    assert problems_of(data) == [
+        f"hardware.reserve_bytes + headroom_bytes must be < budget_bytes = {20 * 2**30}, got {20 * 2**30}",
+        'run.cuda_alloc_conf must be empty or comma-separated key:value settings (e.g. '
+        '"expandable_segments:True"), got "expandable_segments True"',
+        "predictions.peak_bytes + reserve_bytes + hardware.headroom_bytes = "
+        f"{1_498_816 + 20 * 2**30} must be <= hardware.budget_bytes = {20 * 2**30}: the plan does not fit; "
+        "re-plan",
+        f"predictions.host_peak_bytes = {2**35 + 1} must be <= hardware.host_budget_bytes = {2**35}",
+    ]
+
+
+def test_compensated_weight_decay_needs_adamw_and_a_positive_factor(specs: list[ParamSpec]) -> None:
+    data = plan_to_dict(make_plan(specs))
+    assert data["run"]["optimizer"]["weight_decay_mode"] == "compensated"
+    data["run"]["optimizer"]["weight_decay"] = 4000.0  # lr 3e-4: lr * wd = 1.2
+    assert problems_of(data) == [
+        "run.optimizer.weight_decay_mode 'compensated' needs lr * weight_decay < 1 (the factor "
+        "(1 - lr * weight_decay) ** K must stay positive), got 1.2",
+    ]
+    data["run"]["optimizer"].update(name="sgd", weight_decay=0.1, momentum=0.9)
+    data["chunk_table"]["state_bytes_per_element"] = 4
+    assert problems_of(data) == ["run.optimizer.weight_decay_mode 'compensated' needs optimizer 'adamw'"]
+    data["run"]["optimizer"]["weight_decay_mode"] = "window"
+    assert validate_plan_dict(data) == []

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from planner.cli import main, parse_size
+from planner.cli import main, parse_headroom, parse_size
 from planner.plan import load_plan
 from planner.simulator import simulate_plan
 
@@ -90,6 +90,17 @@ BASE = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--host-mem", "4GiB"]
         ([*BASE, "--host-mem", "0"], "--host-mem must be more than 0 bytes"),
         (["tiny-llama", "--gpu", "4090", "--budget", "30GiB"], "is more than the NVIDIA GeForce RTX 4090's"),
         ([*BASE, "--budget", "1GiB", "--reserve", "1GiB"], "--reserve 1.00 GiB leaves nothing"),
+        (
+            [*BASE, "--budget", "1GiB", "--reserve", "0.5GiB", "--headroom", "0.5GiB"],
+            "--headroom 0.50 GiB (with",
+        ),
+        ([*BASE, "--headroom", "lots"], "cannot read headroom 'lots'"),
+        ([*BASE, "--headroom", "80%"], "keeps over 50% of the peak free"),
+        ([*BASE, "--headroom", "1%+2%"], "cannot read headroom '1%+2%'"),
+        ([*BASE, "--max-grad-norm", "0"], "must be a number > 0, or 'none'"),
+        ([*BASE, "--max-grad-norm", "off"], "'off' is not a number or 'none'"),
+        ([*BASE, "--optimizer", "sgd", "--weight-decay-mode", "compensated"], "is for --optimizer adamw"),
+        ([*BASE, "--lr", "0.5", "--weight-decay", "2", "--weight-decay-mode", "compensated"], "< 1, got 1"),
         (["tiny-llama", "--gpu", "cpu", "--seq-len", "0"], "'--seq-len': 0 is not in the range x>=1"),
         (["tiny-llama", "--gpu", "cpu", "--seq-len", "-5"], "'--seq-len': -5 is not in the range x>=1"),
         (["tiny-llama", "--gpu", "cpu", "--seq-len", "4096"], "beyond tiny-llama's 1024 positions"),
@@ -178,8 +189,10 @@ def test_llama3_8b_fits_a_4090(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "--host-mem", "128GiB", "-o", str(out)])
     assert r.exit_code == 0, r.output
     plan = load_plan(out)
-    pr = plan.predictions
-    assert pr.peak_bytes + pr.reserve_bytes <= plan.hardware.budget_bytes <= 24 * 2**30
+    pr, hw = plan.predictions, plan.hardware
+    assert pr.peak_bytes + pr.reserve_bytes + hw.headroom_bytes <= hw.budget_bytes <= 24 * 2**30
+    assert hw.headroom_bytes == 256 * 2**20 + int(0.03 * pr.peak_bytes)  # the default margin
+    assert plan.run.cuda_alloc_conf == "expandable_segments:True"
     assert "predicted GPU peak" in r.output
 
 
@@ -193,8 +206,8 @@ def test_the_readme_main_job_plans_without_host_mem(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     plan = load_plan(out)
     assert plan.model.fingerprint and plan.chunk_table.num_chunks > 1
-    need = plan.predictions.host_bytes
-    assert plan.hardware.host_budget_bytes >= need
+    need = plan.predictions.host_peak_bytes  # the states and a checkpoint
+    assert need > plan.predictions.host_bytes and plan.hardware.host_budget_bytes >= need
     assert ("optimizer states in host memory" in r.output) == (need > available_host_bytes())
 
 
@@ -203,3 +216,119 @@ def test_an_explicit_host_mem_is_a_hard_limit(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "--host-mem", "8GiB", "-o", str(out)])
     assert r.exit_code == 2
     assert "host memory: needs" in r.output and not out.exists()
+
+
+def test_headroom_sizes() -> None:
+    from planner.solver import Headroom
+
+    assert parse_headroom("3%+256MiB") == Headroom(256 * 2**20, 0.03)
+    assert parse_headroom("256MiB + 3%") == Headroom(256 * 2**20, 0.03)
+    assert parse_headroom("5%") == Headroom(0, 0.05)
+    assert parse_headroom("1GiB") == Headroom(2**30, 0.0)
+    assert parse_headroom("0") == Headroom()
+    assert [Headroom(256 * 2**20, 0.03).text(), Headroom(0, 0.05).text(), Headroom().text()] == [
+        "3%+256MiB",
+        "5%",
+        "0",
+    ]
+    for bad in ("", "5", "%", "1GiB+1GiB", "3%+", "-1%"):
+        with pytest.raises(ValueError, match="cannot read"):
+            parse_headroom(bad if bad != "5" else "5%%")
+
+
+def _plan(tmp_path: Path, *args: str) -> tuple:  # type: ignore[type-arg]
+    out = tmp_path / "plan.json"
+    r = CliRunner().invoke(main, [*args, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    return load_plan(out), r.output
+
+
+def test_headroom_default_choice_and_what_the_output_says(tmp_path: Path) -> None:
+    gpu = ["tiny-llama", "--gpu", "4090", "--seq-len", "64", "--host-mem", "4GiB", "--chunks", "2"]
+    plan, text = _plan(tmp_path, *gpu)
+    pr, hw = plan.predictions, plan.hardware
+    assert hw.headroom_bytes == 256 * 2**20 + int(0.03 * pr.peak_bytes)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("headroom"))
+    assert "(prediction error +-3% of the peak, 256 MiB for untested GPU allocator behaviour)" in line
+    total = f"{(pr.peak_bytes + pr.reserve_bytes + hw.headroom_bytes) / 2**30:.2f} GiB of"
+    assert total in text
+    assert "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in text
+    plan, text = _plan(tmp_path, *gpu, "--headroom", "1GiB")
+    assert plan.hardware.headroom_bytes == 2**30 and "(--headroom 1GiB)" in text
+    plan, text = _plan(tmp_path, *gpu, "--headroom", "0")
+    assert plan.hardware.headroom_bytes == 0 and "(--headroom 0: no safety margin)" in text
+    plan, text = _plan(tmp_path, *BASE)  # the host CPU: no allocator to guard against
+    assert plan.hardware.headroom_bytes == 0 and plan.run.cuda_alloc_conf == ""
+    assert "none on the host CPU" in text and "PYTORCH_CUDA_ALLOC_CONF" not in text
+    plan, _ = _plan(tmp_path, *BASE, "--headroom", "5%")
+    assert plan.hardware.headroom_bytes == int(0.05 * plan.predictions.peak_bytes) > 0
+
+
+def test_headroom_changes_what_fits(tmp_path: Path) -> None:
+    """A budget that the bare plan fills exactly leaves no room for a margin: the solver must choose
+    differently (or report nothing fits), never write a plan whose peak + reserve + headroom overflows."""
+    args = [*BASE, "--chunks", "4", "--checkpointing", "none", "--headroom", "0"]
+    bare, _ = _plan(tmp_path, *args)
+    need = bare.predictions.peak_bytes + bare.predictions.reserve_bytes
+    out = tmp_path / "tight.json"
+    r = CliRunner().invoke(
+        main, [*args[:-1], "64KiB", "--budget", str(need), "-o", str(out)]
+    )  # the same plan no longer fits
+    assert r.exit_code == 2 and not out.exists(), r.output
+    assert "smallest budget that fits" in r.output and "headroom 0.00 GiB" in r.output
+
+
+def test_clipping_and_weight_decay_are_plan_choices(tmp_path: Path) -> None:
+    plan, text = _plan(tmp_path, *BASE)
+    o = plan.run.optimizer
+    assert (o.max_grad_norm, o.weight_decay_mode) == (1.0, "window")
+    assert "clip the window's gradient norm at 1" in text
+    plan, text = _plan(tmp_path, *BASE, "--max-grad-norm", "none", "--weight-decay", "0.1")
+    assert plan.run.optimizer.max_grad_norm is None and "no clipping" in text
+    assert "weight decay 0.1 (active window only)" in text
+    plan, text = _plan(
+        tmp_path,
+        *BASE,
+        "--max-grad-norm",
+        "0.5",
+        "--weight-decay",
+        "0.1",
+        "--weight-decay-mode",
+        "compensated",
+    )
+    o = plan.run.optimizer
+    assert (o.max_grad_norm, o.weight_decay, o.weight_decay_mode) == (0.5, 0.1, "compensated")
+    assert "(compensated: (1 - lr*wd)**K per step)" in text
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    assert "active window's own" in " ".join(help_text.split())
+
+
+def test_gpu_auto_budgets_from_the_free_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A display or another process holds part of the card: --gpu auto plans for what NVML says is free."""
+    from profiles import nvml
+
+    total, free = 25_757_220_864, 20 * 2**30
+    card = nvml.NvmlDevice(0, "NVIDIA GeForce RTX 4090", total, free)
+    monkeypatch.setattr(nvml, "probe_all", lambda: [card])
+    args = ["tiny-llama", "--gpu", "auto", "--seq-len", "64", "--host-mem", "4GiB", "--chunks", "2"]
+    plan, text = _plan(tmp_path, *args)
+    assert plan.hardware.gpu == "rtx-4090"
+    assert (plan.hardware.budget_bytes, plan.hardware.memory_total_bytes) == (free, total)
+    assert "budget 20.00 GiB (free of 23.99 GiB, NVML) per GPU" in text
+    plan, _ = _plan(tmp_path, *args, "--budget", "22GiB")  # an explicit budget may exceed what is free now
+    assert plan.hardware.budget_bytes == 22 * 2**30
+
+
+def test_the_host_budget_must_hold_a_checkpoint_too(tmp_path: Path) -> None:
+    plan, text = _plan(tmp_path, *BASE, "--chunks", "2")
+    pr = plan.predictions
+    assert pr.host_peak_bytes > pr.host_bytes
+    at = (
+        f"{pr.host_bytes / 2**30:.2f} GiB states + {(pr.host_peak_bytes - pr.host_bytes) / 2**30:.2f} GiB at "
+    )
+    assert at + "checkpoints" in text
+    out = tmp_path / "small.json"
+    host = str(pr.host_bytes)  # the states fit, a checkpoint on top does not
+    r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "--host-mem", host, "-o", str(out)])
+    assert r.exit_code == 2 and not out.exists(), r.output
+    assert "host memory: needs" in r.output and "+ a checkpoint" in r.output

@@ -174,3 +174,69 @@ def test_update_interval_amortises_exposed_copies() -> None:
         simulate(setup, gpu, act).step.step_seconds
         == simulate(setup, replace(gpu, update_interval=10), act).step.step_seconds
     )
+
+
+def _hand_made(weight_dtype: str, optimizer: str = "adamw", momentum: bool = False) -> tuple:
+    """A three-tensor model (embedding 100x8, one block weight 30x8, a norm of 8) cut by hand into two
+    windows of 500 and 548 elements."""
+    from executor.chunks import ParamSpec
+    from planner.costs import CostModel
+    from planner.profile_model import ModelStructure
+    from planner.simulator import Setup, Window
+
+    specs = (
+        ParamSpec("embed", (100, 8), weight_dtype),
+        ParamSpec("layers.0.w", (30, 8), weight_dtype),
+        ParamSpec("norm", (8,), weight_dtype),
+    )
+    st = ModelStructure("llama", "causal-lm", 1, 8, 100, 1, 8, "layers.", specs, (-1, 0, 1), True)
+    cost = CostModel(10**12, 0.5, 10**12, 10**10, 10**10, 10**10)
+    setup = Setup(st, cost, weight_dtype, optimizer, momentum, 16, 0, 0.0)
+    windows = (
+        Window(0, 500, -1, -1, 500, ((-1, 500),)),
+        Window(1, 548, -1, 1, 300, ((-1, 300), (0, 240), (1, 8))),
+    )
+    return setup, windows
+
+
+@pytest.mark.parametrize(
+    ("weight_dtype", "optimizer", "momentum", "states_on", "prefetch", "expected"),
+    [
+        # largest tensor: the 100x8 embedding; staged fp32 kinds: master + exp_avg + exp_avg_sq = 3
+        ("bfloat16", "adamw", False, "host", False, 1600 + 1 * 548 * 3 * 4),  # one slot, largest window
+        ("bfloat16", "adamw", False, "host", True, 1600 + 2 * 548 * 3 * 4),  # two slots with prefetch
+        ("bfloat16", "adamw", False, "gpu", False, 1600 + (500 + 548) * 3 * 4),  # every device store
+        ("float32", "adamw", False, "host", False, 3200 + 548 * 2 * 4),  # fp32 weights: no master
+        ("float32", "sgd", True, "host", True, 3200 + 2 * 548 * 1 * 4),  # momentum_buffer only
+        ("float32", "sgd", False, "host", False, 3200),  # plain SGD: no states, only the tensor in flight
+    ],
+)
+def test_checkpoint_host_bytes_on_a_hand_made_case(
+    weight_dtype: str, optimizer: str, momentum: bool, states_on: str, prefetch: bool, expected: int
+) -> None:
+    from planner.simulator import checkpoint_host_bytes, host_bytes, host_peak_bytes
+
+    setup, windows = _hand_made(weight_dtype, optimizer, momentum)
+    cand = Candidate(windows, (0, 1), (), 1, 1, states_on, "float32", prefetch)
+    assert checkpoint_host_bytes(setup, cand) == expected
+    assert host_peak_bytes(setup, cand) == host_bytes(setup, cand) + expected
+
+
+def test_headroom_is_counted_in_the_budget_needed_and_a_share_of_the_peak() -> None:
+    from dataclasses import replace
+
+    from planner.simulator import headroom_bytes
+
+    _, _, setup, _, cand, act = _case(4)
+    bare = simulate(setup, cand, act)
+    assert bare.headroom_bytes == 0 and bare.budget_needed_bytes == bare.step.peak_bytes  # cpu: no reserve
+    margin = replace(setup, headroom_fixed_bytes=1000, headroom_fraction=0.1)
+    res = simulate(margin, cand, act)
+    assert res.step.peak_bytes == bare.step.peak_bytes  # the margin changes what fits, not the peak
+    assert (
+        res.headroom_bytes
+        == headroom_bytes(margin, res.step.peak_bytes)
+        == 1000 + int(0.1 * res.step.peak_bytes)
+    )
+    assert res.budget_needed_bytes == bare.budget_needed_bytes + res.headroom_bytes
+    assert res.host_peak_bytes > res.step.host_bytes > 0

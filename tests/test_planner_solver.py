@@ -124,3 +124,36 @@ def test_update_interval_rule() -> None:
     assert choose_update_interval(4, 40, 1) == 40 // (4 * MIN_CYCLES)  # short run: windows revisited
     assert choose_update_interval(64, 10, 1) == 1
     assert choose_update_interval(4, 0, 3) == max(3, VISIT_STEPS)  # run length unknown
+
+
+def test_headroom_is_kept_free_on_top_of_peak_and_reserve(tiny) -> None:  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    preset, setup = tiny
+    bare = replace(setup, headroom_fixed_bytes=0, headroom_fraction=0.0)
+    slack = _solve((preset, bare), 64 * GIB).best
+    budget = slack.result.budget_needed_bytes - 1  # binding: memory savers needed
+    tight = _solve((preset, bare), budget).best
+    assert tight is not None
+    exact = tight.result.budget_needed_bytes  # fits with nothing to spare
+    assert _solve((preset, bare), exact).best.candidate == tight.candidate
+    margin = replace(setup, headroom_fixed_bytes=64 << 10, headroom_fraction=0.02)
+    kept = _solve((preset, margin), exact).best
+    assert kept is None or kept.candidate != tight.candidate  # the same choice no longer fits
+    if kept is not None:
+        r = kept.result
+        assert r.headroom_bytes == (64 << 10) + int(0.02 * r.step.peak_bytes)
+        assert r.step.peak_bytes + r.step.reserve_bytes + r.headroom_bytes == r.budget_needed_bytes <= exact
+
+
+def test_the_host_budget_covers_a_checkpoint_not_only_the_state_stores(tiny) -> None:  # type: ignore[no-untyped-def]
+    preset, setup = tiny
+    best = _solve(tiny, 64 * GIB).best
+    states = best.result.step.host_bytes
+    assert best.result.host_peak_bytes > states
+    sp = Space(global_batch=2, num_chunks=best.num_chunks)
+    act = lambda mb: activation_profile(preset.config, preset.task, mb, 256, "float32")  # noqa: E731
+    for host, fits in ((best.result.host_peak_bytes, True), (best.result.host_peak_bytes - 1, False)):
+        sol = Solver(setup, Limits(64 * GIB, host), act, sp).solve()
+        ok = [o.candidate for o in (sol.best, *sol.runners_up) if o is not None]
+        assert (best.candidate in ok) == fits

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
+import types
 from importlib import resources
 
 import pytest
@@ -154,6 +156,72 @@ def test_auto_takes_the_measured_memory_of_device_0() -> None:
     assert gpu.memory_total_bytes == device.memory_total_bytes
     assert 0 < gpu.memory_free_bytes <= gpu.memory_total_bytes
     assert "NVML" in gpu.sources["memory_total_bytes"]
+
+
+class _FakeNvml:
+    """pynvml with one card, so the NVML path runs without a driver: records calls, hands out memory."""
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, name: bytes, total: int, free: int, fail_at: str = "") -> None:
+        self.name, self.total, self.free, self.fail_at = name, total, free, fail_at
+        self.calls: list[str] = []
+
+    def _call(self, what: str) -> None:
+        self.calls.append(what)
+        if what == self.fail_at:
+            raise self.NVMLError(f"{what} failed")
+
+    def nvmlInit(self) -> None:
+        self._call("init")
+
+    def nvmlShutdown(self) -> None:
+        self._call("shutdown")
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._call("count")
+        return 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        self._call("handle")
+        return index
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+        self._call("memory")
+        return types.SimpleNamespace(total=self.total, free=self.free, used=self.total - self.free)
+
+    def nvmlDeviceGetName(self, handle: int) -> bytes:
+        self._call("name")
+        return self.name  # older pynvml releases return bytes
+
+
+def test_auto_reads_the_free_memory_through_nvml_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVML's free memory is what torch.cuda.mem_get_info reports; reading it creates no CUDA context."""
+    total, free = 25_757_220_864, 21 * 2**30  # a display holds the rest
+    fake = _FakeNvml(b"NVIDIA GeForce RTX 4090", total, free)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    gpu = load_gpu("auto")
+    assert gpu.key == "rtx-4090" and gpu.flops_per_s == load_gpu("4090").flops_per_s
+    assert (gpu.memory_total_bytes, gpu.memory_free_bytes) == (total, free)
+    assert "NVML" in gpu.sources["memory_free_bytes"]
+    assert fake.calls[0] == "init" and fake.calls[-1] == "shutdown" and "memory" in fake.calls
+    assert not torch.cuda.is_initialized()
+
+
+def test_an_nvml_failure_is_one_line_and_still_shuts_nvml_down(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = _FakeNvml(b"NVIDIA GeForce RTX 4090", 2**34, 2**33, fail_at="memory")
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    with pytest.raises(ProfileError) as err:
+        load_gpu("auto")
+    assert str(err.value) == (
+        "no NVIDIA GPU found through NVML (memory failed); pass --gpu NAME, e.g. --gpu 4090"
+    )
+    assert fake.calls[-1] == "shutdown"
+    unknown = _FakeNvml(b"Quantum Accelerator 9000", 2**34, 2**33)
+    monkeypatch.setitem(sys.modules, "pynvml", unknown)
+    with pytest.raises(ProfileError, match="'Quantum Accelerator 9000', has no profile"):
+        load_gpu("auto")
 
 
 def test_gpu_file_validation_names_the_problem() -> None:
