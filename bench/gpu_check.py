@@ -81,6 +81,8 @@ from unittest import mock
 
 import torch
 
+from executor.streams import PinnedMemoryError
+
 GIB = 2**30
 CAP_BYTES = 25_757_220_864  # the RTX 4090 profile's memory (23.99 GiB, "24 GB"): what the cap stands in for
 PAPER_BUDGET = "13.72GiB"  # the ChunkFT paper's Llama-2-7B peak at 1K tokens
@@ -462,6 +464,9 @@ def check_case(case: Case, a: argparse.Namespace, device: torch.device, work: Pa
         else:
             train_and_compare(case, plan, plan_path, a, device, work, cap, row)
             row.status = "ok"
+    except PinnedMemoryError as e:
+        row.status = "pinning-failed"
+        row.message = " ".join(str(e).split())
     except Exception as e:
         if is_out_of_memory(e):
             row.status = "missed"
@@ -674,6 +679,11 @@ def main(argv: list[str] | None = None) -> int:
             meta["wall_seconds"] = time.perf_counter() - started
             write_results(a.out, rows, meta, [c.name for c in todo[i + 1:]])
             print(f"gpu_check: {case.name}: {row.status} in {row.wall_seconds or 0:.0f} s", flush=True)
+            if row.status == "pinning-failed":
+                # A failed cudaHostRegister leaves its CUDA error pending: every later case in this process
+                # would fail on it. The rows so far are written; the rest need a new process.
+                print(f"gpu_check: stopping: {row.message}", file=sys.stderr)
+                return 1
     print(a.out.with_suffix(".md").read_text())
     return 0
 

@@ -676,7 +676,10 @@ def _host_stores(runner: Runner) -> list[torch.Tensor]:
 
 
 def _host_store_bytes(runner: Runner) -> int:
-    return sum(t.numel() * t.element_size() for t in _host_stores(runner))
+    """Bytes of the storages behind the host stores, as the tracker counts them (the stores are views of
+    one page-aligned block, executor/streams.py host_block, so its padding counts too)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _host_stores(runner)}
+    return sum(storages.values())
 
 
 def _tracked_module(runner: Runner) -> nn.Module:

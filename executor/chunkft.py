@@ -96,7 +96,7 @@ class ChunkFT:
         host_state_dtype: HostStateDtype = "float32",
         states_on: StatesOn = "host",
         max_grad_norm: float | None = None,
-        device: torch.device | None = None,
+        device: torch.device | str | None = None,
         prefetch_order: Sequence[int] | None = None,
         state_slots: int = 1,
         weight_decay_mode: WeightDecayMode = "window",

@@ -31,7 +31,10 @@ class CudaInfo:
     def probe() -> CudaInfo:
         if not torch.cuda.is_available():
             return CudaInfo(False, 0, 0)
-        return CudaInfo(True, torch.cuda.device_count(), torch.cuda.current_device())
+        # current_device() would start CUDA, and the allocator's settings (configure_allocator) are read
+        # when it starts: before that the current device is 0 (set_device starts CUDA itself).
+        current = torch.cuda.current_device() if torch.cuda.is_initialized() else 0
+        return CudaInfo(True, torch.cuda.device_count(), current)
 
 
 def resolve_device(spec: str | torch.device | None, cuda: CudaInfo | None = None) -> torch.device:

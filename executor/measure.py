@@ -307,8 +307,9 @@ class CudaPeak:
     checkpoints and the export, each on its own line.
 
     The allocator's counters are host-side bookkeeping of allocations as the host issues them, so no
-    synchronization is needed. `allocator` is torch.cuda, or a stand-in with the same four functions
-    (the CPU tests)."""
+    synchronization is needed. The reserved peak after an evaluation or checkpoint starts from what the
+    allocator still caches from it: memory the following steps really run beside. `allocator` is
+    torch.cuda, or a stand-in with the same four functions (the CPU tests)."""
 
     def __init__(self, device: torch.device, allocator: Any = None) -> None:
         self.device = device

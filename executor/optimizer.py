@@ -122,12 +122,10 @@ def sgd_update_(
     *,
     lr: float,
     hp: SGDHparams,
-    decay_steps: int = 1,
 ) -> None:
-    """One SGD update in place. A zero momentum buffer gives exactly torch's first step (buf = grad).
-    SGD's weight decay is an L2 term in the gradient; decay_steps scales it (a first-order compensation)."""
+    """One SGD update in place. A zero momentum buffer gives exactly torch's first step (buf = grad)."""
     if hp.weight_decay != 0:
-        grad = grad.add(param, alpha=hp.weight_decay * decay_steps)
+        grad = grad.add(param, alpha=hp.weight_decay)
     if momentum_buffer is not None:
         momentum_buffer.mul_(hp.momentum).add_(grad)
         grad = grad.add(momentum_buffer, alpha=hp.momentum) if hp.nesterov else momentum_buffer
@@ -196,6 +194,9 @@ class ChunkedOptimizer:
             raise ValueError(f"states_on {states_on!r} is unknown; use one of {', '.join(STATES_ON)}")
         if decay_steps < 1:
             raise ValueError(f"decay_steps must be >= 1, got {decay_steps}")
+        if decay_steps > 1 and not isinstance(hparams, AdamWHparams):
+            # SGD's weight decay is an L2 term in the gradient, not a decoupled decay to compensate
+            raise ValueError("compensated weight decay needs AdamW; SGD's weight decay is in its gradient")
         self.hparams = hparams
         self.host_state_dtype = host_state_dtype
         self.decay_steps = decay_steps
@@ -260,7 +261,7 @@ class ChunkedOptimizer:
                 )
             else:
                 buf = t["momentum_buffer"][s.offset : s.offset + s.numel] if "momentum_buffer" in t else None
-                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams, decay_steps=self.decay_steps)
+                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams)
             if self.needs_master:
                 self._rows(s).copy_(master)
         return fetched.wait_s

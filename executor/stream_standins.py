@@ -21,12 +21,12 @@ Both are FIFO within the side stream, as CUDA is.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from executor.streams import CompleteEvent, Event
+from executor.streams import CompleteEvent, Event, host_block
 
 
 def _key(t: Tensor) -> int:
@@ -50,8 +50,6 @@ class _QueuedEvent:
 class LateStreams:
     """Side-stream work as late as the waits allow (see the module docstring)."""
 
-    asynchronous = True
-
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self._queue: list[Callable[[], None]] = []
@@ -68,8 +66,8 @@ class LateStreams:
             self._queue[self.ran] = _ran  # drop references to finished copies' tensors
             self.ran += 1
 
-    def host_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(numel, dtype=dtype)
+    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        return host_block(pieces)[1]  # host writes are synchronous: never a race
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
         return torch.zeros(numel, dtype=dtype)
@@ -114,16 +112,14 @@ class _SnapshotEvent(CompleteEvent):
 class EarlyStreams:
     """Side-stream work as early as the waits allow (see the module docstring)."""
 
-    asynchronous = True
-
     def __init__(self) -> None:
         self.device = torch.device("cpu")
         self._device_buffers: dict[int, Tensor] = {}  # storage -> a tensor of it (views share versions)
         self._seen: dict[int, int] = {}  # storage -> the version the side stream is ordered after
         self.races: list[str] = []
 
-    def host_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(numel, dtype=dtype)
+    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        return host_block(pieces)[1]  # host writes are synchronous: never a race
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
         t = torch.zeros(numel, dtype=dtype)

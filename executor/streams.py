@@ -10,20 +10,25 @@ One small protocol (`Streams`), three kinds of implementation:
   the engine's asynchronous protocol as adversarially as a GPU may: side-stream copies as late as the
   engine's waits allow, or as early as they allow.
 
-The transfer engine has one code path for all of them, so the CPU suite runs every line a GPU run does
-except the bodies of CudaStreams' methods, and a missing wait shows up on the CPU as a wrong result.
+The transfer engine has one code path for all of them, so the CPU suite runs the engine's GPU logic (every
+wait, every copy it issues) and a missing wait shows up on the CPU as a wrong result. What the stand-ins
+cannot show: the bodies of CudaStreams' methods, and hazards no CPU order models (the allocator reusing
+memory across streams, a side-stream write landing while the compute stream still reads the same buffer).
 """
 
 from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 GIB = 2**30
+PAGE_BYTES = 4096  # host pages: a page-locked block shares none with any other allocation
+PIECE_ALIGN = 512  # every store in a host block starts at a multiple of this (any dtype, DMA-friendly)
 
 
 class Event(Protocol):
@@ -42,10 +47,10 @@ class Streams(Protocol):
     """What the transfer engine and the step clock need from a device (see the module docstring)."""
 
     device: torch.device
-    asynchronous: bool  # False: every copy has finished when the call that issued it returns
 
-    def host_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        """A zeroed host buffer the device can copy from and to asynchronously (page-locked on CUDA)."""
+    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        """Zeroed host buffers of (numel, dtype) the device can copy from and to asynchronously: views of
+        one block (page-locked once on CUDA)."""
         ...
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
@@ -105,16 +110,35 @@ class CompleteEvent:
         return None
 
 
+def host_block(pieces: Sequence[tuple[int, torch.dtype]]) -> tuple[Tensor, list[Tensor]]:
+    """One zeroed, page-aligned host block of whole pages and a view of it per (numel, dtype) piece.
+
+    Why one block: cudaHostRegister works on whole pages and refuses a range overlapping one already
+    registered, so stores allocated one by one (small ones share pages on the heap) cannot each be
+    registered; one block is registered once and shares no page with any other allocation."""
+    offsets, end = [], 0
+    for numel, dtype in pieces:
+        offsets.append(end)
+        end += -(-numel * dtype.itemsize // PIECE_ALIGN) * PIECE_ALIGN
+    size = -(-end // PAGE_BYTES) * PAGE_BYTES
+    raw = torch.zeros(size + PAGE_BYTES, dtype=torch.uint8)
+    start = -raw.data_ptr() % PAGE_BYTES
+    block = raw[start : start + size]
+    views = [
+        block[o : o + numel * dtype.itemsize].view(dtype)
+        for o, (numel, dtype) in zip(offsets, pieces, strict=True)
+    ]
+    return block, views
+
+
 class SyncStreams:
     """The CPU: every operation runs when it is issued, so no wait ever has anything to wait for."""
-
-    asynchronous = False
 
     def __init__(self, device: torch.device | None = None) -> None:
         self.device = device if device is not None else torch.device("cpu")
 
-    def host_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(numel, dtype=dtype)
+    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        return host_block(pieces)[1]
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
         return torch.zeros(numel, dtype=dtype, device=self.device)
@@ -150,20 +174,21 @@ class SyncStreams:
 class CudaStreams:
     """One side stream for the state copies of one transfer engine, next to the compute stream."""
 
-    asynchronous = True
-
     def __init__(self, device: torch.device, cudart: Any = None) -> None:
         self.device = device
         self._side = torch.cuda.Stream(device)
         self._cudart = cudart  # None: torch.cuda.cudart(), looked up when a host store is pinned
+        self._blocks: list[Tensor] = []  # pinned for as long as these streams (their engine) live
 
     def _compute(self) -> torch.cuda.Stream:
         return torch.cuda.current_stream(self.device)
 
-    def host_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        t = torch.zeros(numel, dtype=dtype)
-        pin_in_place(t, self._cudart if self._cudart is not None else torch.cuda.cudart())
-        return t
+    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
+        block, views = host_block(pieces)
+        if block.numel():
+            pin_in_place(block, self._cudart if self._cudart is not None else torch.cuda.cudart())
+            self._blocks.append(block)
+        return views
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
         return torch.zeros(numel, dtype=dtype, device=self.device)
@@ -216,7 +241,8 @@ def pin_in_place(t: Tensor, cudart: Any) -> None:
 
     torch.empty(..., pin_memory=True) goes through the caching host allocator, which rounds every block
     up to a power of two: an 8B model's 90 GiB of host states could take up to twice that. Registering the
-    exact pageable allocation costs its own size only; it is unregistered when the tensor is collected.
+    exact pageable allocation costs its own size only; it is unregistered when the tensor is collected
+    (views of it that outlive it, e.g. in a saved state dict, stay valid, pageable memory).
 
     A failed cudaHostRegister leaves its error pending in the CUDA runtime until cudaGetLastError, which
     torch's Python bindings do not expose: the next kernel launch check would then raise it as an

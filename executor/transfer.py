@@ -13,9 +13,11 @@ step earlier (more slack on a slow link) for one more window of device memory.
 
 Ordering: every copy runs on one side stream, so host->device and device->host copies are FIFO among
 themselves; that single fact is what keeps stores and slots consistent (a write-back of chunk c finishes
-before any later fetch of c or reuse of its slot starts). Across streams there are exactly three waits,
+before any later fetch of c or reuse of its slot starts). Across streams there are exactly four waits,
 each a method below so the tests can remove one and watch the results go wrong:
 
+- `_side_waits_for_allocation`: a new slot's first fill starts after the compute stream's work so far
+  (device stores are zeroed there; the allocator may hand out memory the compute stream just used);
 - `_side_waits_for_update`: a write-back reads the slot only after the update that wrote it;
 - `_host_waits_for_fill`: the update reads a slot only after its fill finished (the host blocks on the
   fill's event, which is also the transfer wait a step reports);
@@ -98,8 +100,19 @@ class TransferEngine:
         self._slot_survives_write_back = all(
             k.store != "none" and k.store_dtype == torch.float32 for k in self._staged
         )
+        # Every host store is a view of one block, page-locked once on CUDA (streams.host_block says why).
+        host = iter(
+            self.streams.host_zeros(
+                [(n, k.store_dtype) for n in self.chunk_numels for k in kinds if k.store == "host"]
+            )
+        )
         self._stores: list[dict[str, Tensor]] = [
-            {k.name: self._new_store(k, n) for k in kinds if k.store != "none"} for n in self.chunk_numels
+            {
+                k.name: next(host) if k.store == "host" else self.streams.device_zeros(n, k.store_dtype)
+                for k in kinds
+                if k.store != "none"
+            }
+            for n in self.chunk_numels
         ]
         self._slots: list[_Slot] = []
         self._slot_numel = max(self.chunk_numels, default=0)
@@ -178,7 +191,12 @@ class TransferEngine:
         if not self._slot_survives_write_back:
             slot.chunk = None  # lossy or dropped states: the next visit must refetch from the store
 
-    # ----- the three waits (see the module docstring) ---------------------------------------------------
+    # ----- the four waits (see the module docstring) ----------------------------------------------------
+    def _side_waits_for_allocation(self) -> None:
+        """The first fill into a new slot must start after the compute stream's work so far: the zeros of
+        device stores it may read, and whatever last used the memory the allocator just handed out."""
+        self.streams.side_waits(self.streams.compute_event())
+
     def _side_waits_for_update(self) -> None:
         """The write-back about to be issued must read the slot only after the update that wrote it."""
         self.streams.side_waits(self.streams.compute_event())
@@ -252,11 +270,6 @@ class TransferEngine:
         self.synchronize()
 
     # ----- internals -----------------------------------------------------------------------------------
-    def _new_store(self, kind: KindSpec, numel: int) -> Tensor:
-        if kind.store == "device":
-            return self.streams.device_zeros(numel, kind.store_dtype)
-        return self.streams.host_zeros(numel, kind.store_dtype)  # page-locked on CUDA
-
     def _slot_of(self, chunk: int) -> _Slot | None:
         return next((s for s in self._slots if s.chunk == chunk), None)
 
@@ -267,9 +280,7 @@ class TransferEngine:
                 return slot
         if len(self._slots) < self.max_slots:
             tensors = {k.name: self.streams.slot_empty(self._slot_numel) for k in self._staged}
-            # The side stream's fills of the new slot start after the compute stream's work so far (the
-            # zeros of device stores, memory the allocator reused).
-            self.streams.side_waits(self.streams.compute_event())
+            self._side_waits_for_allocation()
             self._slots.append(_Slot(tensors))
             return self._slots[-1]
         for slot in self._slots:

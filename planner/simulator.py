@@ -211,8 +211,8 @@ def checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
     on the host:
     - the weight bytes in flight from the GPU to the file: the largest single model tensor in its weight
       dtype (a tied tensor is one parameter, counted once), at most the writer's reused PIECE_BYTES buffer;
-    - states on the host: the fp32 contents of the device state slots not yet written back to their
-      host stores, at most (2 with prefetch, else 1) slots x the largest window x the staged fp32 kinds
+    - states on the host: the fp32 contents of the device state slot not yet written back to its host
+      stores (the active window's; a prefetched slot is clean): the largest window x the staged fp32 kinds
       (master when the weights are not fp32; exp_avg and exp_avg_sq for AdamW, momentum_buffer for SGD
       with momentum) x 4 bytes;
     - states on the GPU: every window's states live in device stores (no slots), and the checkpoint
@@ -223,8 +223,9 @@ def checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
     kinds = (1 if master else 0) + states
     if cand.states_on == "gpu":
         return largest_tensor + sum(w.numel for w in cand.windows) * kinds * 4
-    slots = 2 if cand.prefetch else 1
-    return largest_tensor + slots * max(w.numel for w in cand.windows) * kinds * 4
+    # Only the active window's slot can hold updates not yet written back: a prefetched second slot is
+    # clean (its store has the same values), and TransferEngine.state_dict copies dirty slots only.
+    return largest_tensor + max(w.numel for w in cand.windows) * kinds * 4
 
 
 def host_peak_bytes(setup: Setup, cand: Candidate) -> int:

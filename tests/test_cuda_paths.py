@@ -155,6 +155,15 @@ def bf16_plan(tmp_path_factory) -> Path:
     )  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def rotation_plan(tmp_path_factory) -> Path:
+    """bf16_plan without evaluations (the stand-in runs compare training, five times over)."""
+    return _cpu_plan(
+        tmp_path_factory.mktemp("plan"), "--dtype", "bf16", "--update-interval", "2", "--steps", "17",
+        "--checkpoint-every", "6",
+    )  # fmt: skip
+
+
 def test_host_memory_is_checked_before_pinning_with_the_numbers_and_the_command(bf16_plan):
     plan = load_plan(bf16_plan)
     need, gpu = plan.predictions.host_peak_bytes, torch.device("cuda", 0)
@@ -182,18 +191,18 @@ def _run(plan: Path, out: Path, **kw) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
-def test_chunkft_run_on_stand_in_streams_equals_the_synchronous_run(bf16_plan, tmp_path):
-    ref_doc, ref_weights = _run(bf16_plan, tmp_path / "sync")
+def test_chunkft_run_on_stand_in_streams_equals_the_synchronous_run(rotation_plan, tmp_path):
+    ref_doc, ref_weights = _run(rotation_plan, tmp_path / "sync")
     assert ref_doc["steps"] == 17
     for name in ("late", "early"):
-        doc, weights = _run(bf16_plan, tmp_path / name, streams=name)
+        doc, weights = _run(rotation_plan, tmp_path / name, streams=name)
         assert doc["losses"] == ref_doc["losses"], name
         assert weights.keys() == ref_weights.keys()
         assert all(torch.equal(weights[k], ref_weights[k]) for k in weights), name
     # resumed from the step-12 checkpoint on late streams: the same again
     resumed = tmp_path / "resumed"
-    _run(bf16_plan, resumed, streams="late", max_steps=12)
-    doc, weights = _run(bf16_plan, resumed, streams="late", resume=True)
+    _run(rotation_plan, resumed, streams="late", max_steps=12)
+    doc, weights = _run(rotation_plan, resumed, streams="late", resume=True)
     assert doc["losses"]["train"] == ref_doc["losses"]["train"]
     assert all(torch.equal(weights[k], ref_weights[k]) for k in weights)
 
@@ -301,3 +310,35 @@ def test_accumulated_padded_micro_batches_give_the_gradient_of_one_big_batch(chu
     assert not all(torch.allclose(a, b, rtol=1e-3) for a, b in zip(old, reference, strict=True))
     assert step_micro_batches(micro[:1], "causal-lm") == [(micro[0], 1.0)]
     assert [s for _, s in step_micro_batches(micro, "sequence-classification")] == [0.5, 0.5]
+
+
+def test_the_planned_checkpoint_host_bytes_are_what_a_checkpoint_holds(bf16_plan):
+    """planner.simulator.checkpoint_host_bytes against the driver's own state_dict in the middle of a
+    visit (the active window's slot updated, not written back): the copies it makes beside the host
+    stores are the planned bytes less the weight piece in flight (none for a CPU model)."""
+    from executor.safetensors_stream import PIECE_BYTES
+    from executor.train import build_driver, build_model
+    from planner.simulator import checkpoint_host_bytes, setup_and_candidate
+
+    plan = load_plan(bf16_plan)
+    assert plan.rotation.update_interval == 2
+    setup, cand, _ = setup_and_candidate(plan)
+    in_flight = min(max(s.numel * 2 for s in plan.chunk_table.params), PIECE_BYTES)  # bf16 weights
+    model, _ = build_model(plan, torch.device("cpu"))
+    driver = build_driver(model, plan, torch.device("cpu"))
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    copies = []
+    for _ in range(3):
+        driver.backward(model(input_ids=ids, labels=ids).loss)
+        driver.step()
+        state = driver.state_dict()["optimizer"]["engine"]
+        copies.append(
+            sum(t.numel() * t.element_size() for s in state["live_slots"] for t in s["tensors"].values())
+        )
+    driver.close()
+    assert (
+        copies[0] > 0 and copies[1] == 0
+    )  # mid-visit: the slot is live; after the window change: written back
+    largest_window = max(copies)
+    assert checkpoint_host_bytes(setup, cand) - in_flight >= largest_window
+    assert checkpoint_host_bytes(setup, cand) - in_flight == max(w.numel for w in cand.windows) * 3 * 4

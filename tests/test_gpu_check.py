@@ -201,3 +201,24 @@ def test_cuda_verdicts() -> None:
     assert paper["allocated peak <= 13.72 GiB (paper, Llama-2-7B at 1K tokens)"] == "met"
     assert paper["reserved + context <= the plan's budget 13.72 GiB"] == "MISSED"
     assert paper["every window written back and fetched again (>= 2 visits each)"] == "met"
+
+
+def test_a_pinning_failure_stops_the_check_after_writing_its_row(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed cudaHostRegister leaves its CUDA error pending, so no later case could run in this process:
+    the check writes the row and stops with exit 1."""
+    import executor.train
+    from executor.streams import PinnedMemoryError
+
+    def train(opts: Any, log: Any = sys.stderr) -> Any:
+        raise PinnedMemoryError("page-locking 1.00 GiB of host memory for optimizer states failed (injected)")
+
+    monkeypatch.setattr(executor.train, "train", train)
+    monkeypatch.setattr(gpu_check, "train", train, raising=False)
+    out = tmp_path / "gpu_check.json"
+    args = ["--device", "cpu", "--model", "tiny-llama", "--seq-len", "64", "--out", str(out),
+            "--data", str(_data(tmp_path)), "--only", "k1-vs-adamw", "--only", "cuda-vs-cpu"]  # fmt: skip
+    assert gpu_check.main(args) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["status"] for r in rows] == ["pinning-failed"]  # the second case never ran

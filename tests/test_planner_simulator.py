@@ -204,10 +204,10 @@ def _hand_made(weight_dtype: str, optimizer: str = "adamw", momentum: bool = Fal
     [
         # largest tensor: the 100x8 embedding; staged fp32 kinds: master + exp_avg + exp_avg_sq = 3
         ("bfloat16", "adamw", False, "host", False, 1600 + 1 * 548 * 3 * 4),  # one slot, largest window
-        ("bfloat16", "adamw", False, "host", True, 1600 + 2 * 548 * 3 * 4),  # two slots with prefetch
+        ("bfloat16", "adamw", False, "host", True, 1600 + 1 * 548 * 3 * 4),  # a prefetched slot is clean
         ("bfloat16", "adamw", False, "gpu", False, 1600 + (500 + 548) * 3 * 4),  # every device store
         ("float32", "adamw", False, "host", False, 3200 + 548 * 2 * 4),  # fp32 weights: no master
-        ("float32", "sgd", True, "host", True, 3200 + 2 * 548 * 1 * 4),  # momentum_buffer only
+        ("float32", "sgd", True, "host", True, 3200 + 548 * 1 * 4),  # momentum_buffer only
         ("float32", "sgd", False, "host", False, 3200),  # plain SGD: no states, only the tensor in flight
     ],
 )

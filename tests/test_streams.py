@@ -1,7 +1,7 @@
 """The transfer engine's asynchronous path on the CPU, with stand-in streams as adversarial as a GPU.
 
 A run with LateStreams (side-stream copies as late as the waits allow) and with EarlyStreams (as early as
-they allow) must equal the synchronous run bit for bit; and removing any one of the engine's three waits
+they allow) must equal the synchronous run bit for bit; and removing any one of the engine's four waits
 must make one of them differ, so these tests are not vacuous.
 """
 
@@ -18,8 +18,8 @@ from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, 
 from executor.chunks import param_specs, partition
 from executor.measure import StepClock
 from executor.stream_standins import EarlyStreams, LateStreams, standin_streams
-from executor.streams import PinnedMemoryError, SyncStreams, pin_in_place
-from executor.transfer import TransferEngine
+from executor.streams import PAGE_BYTES, PinnedMemoryError, SyncStreams, host_block, pin_in_place
+from executor.transfer import KindSpec, TransferEngine
 
 K = 4
 
@@ -30,8 +30,11 @@ def batches(n: int) -> list[dict[str, torch.Tensor]]:
     return [{"input_ids": x, "labels": x} for x in ids]
 
 
-def new_driver(streams, *, slots: int, host_dtype: str, interval: int, order: str, hparams=None):
-    model = tiny_llama(torch.bfloat16)  # bf16 weights: the fp32 master rows travel through the slots too
+def new_driver(
+    streams, *, slots: int, host_dtype: str, interval: int, order: str, hparams=None, states_on: str = "host"
+):
+    # bf16 weights: the fp32 master rows travel through the slots too
+    model = tiny_llama(torch.bfloat16).to(streams.device)
     driver = ChunkFT(
         model,
         partition(param_specs(model), num_chunks=K),
@@ -39,6 +42,7 @@ def new_driver(streams, *, slots: int, host_dtype: str, interval: int, order: st
         schedule=ScheduleSpec("cosine", warmup_steps=2, total_steps=40),
         rotation=RotationSpec(order, update_interval=interval, seed=5),
         host_state_dtype=host_dtype,
+        states_on=states_on,
         max_grad_norm=1.0,
         state_slots=slots,
         streams=streams,
@@ -52,6 +56,7 @@ def train(make_streams, *, steps: int, resume_at: int | None = None, **config):
     model, driver = new_driver(make_streams(), **config)
     losses = []
     for i, batch in enumerate(batches(steps)):
+        batch = {k: v.to(model.device) for k, v in batch.items()}
         if i == resume_at:
             state, weights = driver.state_dict(), {k: v.clone() for k, v in model.state_dict().items()}
             model, driver = new_driver(make_streams(), **config)
@@ -62,7 +67,7 @@ def train(make_streams, *, steps: int, resume_at: int | None = None, **config):
         driver.step()
         losses.append(float(loss.detach()))
     driver.close()
-    return losses, {k: v.clone() for k, v in model.state_dict().items()}
+    return losses, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
 def same_run(a, b) -> bool:
@@ -75,6 +80,9 @@ CONFIGS = [
     for s, d, u, o in itertools.product(
         (1, 2), ("float32", "bfloat16", "reset"), (1, 3), ("bottom-up", "random")
     )
+] + [  # states kept on the device: fp32 ones are used in place, bf16 ones are staged through the slots
+    dict(slots=s, host_dtype=d, interval=2, order="random", states_on="gpu")
+    for s, d in itertools.product((1, 2), ("float32", "bfloat16"))
 ]
 
 
@@ -123,6 +131,16 @@ def test_without_the_write_back_wait_early_streams_race(monkeypatch):
     config = dict(slots=1, host_dtype="float32", interval=1, order="bottom-up")
     reference = train(SyncStreams, steps=9, **config)
     monkeypatch.setattr(TransferEngine, "_side_waits_for_update", lambda self: None)
+    streams = EarlyStreams()
+    run = train(lambda: streams, steps=9, **config)
+    assert streams.races and not same_run(run, reference)
+
+
+def test_without_the_allocation_wait_early_streams_race(monkeypatch):
+    """A new slot's first fill reads device stores the compute stream zeroed: it must wait for that."""
+    config = dict(slots=1, host_dtype="bfloat16", interval=1, order="bottom-up", states_on="gpu")
+    reference = train(SyncStreams, steps=9, **config)
+    monkeypatch.setattr(TransferEngine, "_side_waits_for_allocation", lambda self: None)
     streams = EarlyStreams()
     run = train(lambda: streams, steps=9, **config)
     assert streams.races and not same_run(run, reference)
@@ -193,6 +211,25 @@ class FakeCudart:
         return "out of memory"
 
 
+def test_host_stores_are_views_of_one_page_aligned_block_pinned_once():
+    """cudaHostRegister refuses a range sharing a page with a registered one: small stores allocated one by
+    one share heap pages, so all of an engine's host stores are carved from one block of whole pages."""
+    pieces = [(3, torch.float32), (1000, torch.bfloat16), (0, torch.float32), (7, torch.float32)]
+    block, views = host_block(pieces)
+    assert block.data_ptr() % PAGE_BYTES == 0 and block.numel() % PAGE_BYTES == 0
+    spans = sorted((v.data_ptr(), v.data_ptr() + v.numel() * v.element_size()) for v in views)
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:], strict=False))  # no two views overlap
+    assert [(v.numel(), v.dtype) for v in views] == pieces and all(not v.any() for v in views)
+    assert all(v.data_ptr() % 512 == 0 for v in views if v.numel())
+    cudart = FakeCudart(0)
+    pin_in_place(block, cudart)
+    assert cudart.registered == [(block.data_ptr(), block.numel())]
+    engine = TransferEngine([5, 9], [KindSpec("a", "host"), KindSpec("b", "host", torch.bfloat16)],
+                            device=torch.device("cpu"))  # fmt: skip
+    stores = engine.store_tensors("host")
+    assert len({t.untyped_storage().data_ptr() for t in stores}) == 1  # one block for the whole engine
+
+
 def test_pinning_registers_exactly_the_tensor_and_unregisters_when_it_is_collected():
     cudart = FakeCudart(0)
     t = torch.zeros(1000)
@@ -206,3 +243,20 @@ def test_pinning_registers_exactly_the_tensor_and_unregisters_when_it_is_collect
 def test_a_failed_pin_raises_in_words_instead_of_leaving_a_cuda_error_pending():
     with pytest.raises(PinnedMemoryError, match=r"page-locking 0\.00 GiB .* \(out of memory\).*--host-mem"):
         pin_in_place(torch.zeros(10), FakeCudart(2))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[-1], dict(slots=2, host_dtype="bfloat16", interval=1,
+                                    order="random")], ids=["1-slot", "gpu-bf16", "2-slots-bf16"])  # fmt: skip
+def test_cuda_streams_equal_synchronous_copies_on_the_gpu(config):
+    """The real side stream, events and pinned stores against synchronous copies on the same GPU (the
+    kernels are the same; only the copies' timing differs). `pytest -m gpu` on a machine with a GPU."""
+    from executor.streams import CudaStreams
+
+    gpu = torch.device("cuda", torch.cuda.current_device())
+    reference = train(lambda: SyncStreams(gpu), steps=steps_for(config), **config)
+    run = train(lambda: CudaStreams(gpu), steps=steps_for(config), **config)
+    torch.testing.assert_close(run[0], reference[0], rtol=1e-4, atol=0)  # a missed wait is O(1)
+    for k in reference[1]:
+        torch.testing.assert_close(run[1][k], reference[1][k], rtol=1e-2, atol=1e-3, msg=k)
