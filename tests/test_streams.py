@@ -126,21 +126,21 @@ def test_sgd_with_momentum_on_stand_in_streams():
 # ----- each wait is necessary ----------------------------------------------------------------------------
 
 
-def test_without_the_write_back_wait_early_streams_race(monkeypatch):
-    """compute -> side before a write-back: the copy would read the slot while the update writes it."""
-    config = dict(slots=1, host_dtype="float32", interval=1, order="bottom-up")
+@pytest.mark.parametrize(
+    ("wait", "config"),
+    [
+        # compute -> side before a write-back: the copy would read the slot while the update writes it
+        ("_side_waits_for_update", dict(slots=1, host_dtype="float32", interval=1, order="bottom-up")),
+        # a new slot's first fill reads device stores the compute stream zeroed: it must wait for that
+        (
+            "_side_waits_for_allocation",
+            dict(slots=1, host_dtype="bfloat16", interval=1, order="bottom-up", states_on="gpu"),
+        ),
+    ],
+)
+def test_without_a_side_stream_wait_early_streams_race(monkeypatch, wait, config):
     reference = train(SyncStreams, steps=9, **config)
-    monkeypatch.setattr(TransferEngine, "_side_waits_for_update", lambda self: None)
-    streams = EarlyStreams()
-    run = train(lambda: streams, steps=9, **config)
-    assert streams.races and not same_run(run, reference)
-
-
-def test_without_the_allocation_wait_early_streams_race(monkeypatch):
-    """A new slot's first fill reads device stores the compute stream zeroed: it must wait for that."""
-    config = dict(slots=1, host_dtype="bfloat16", interval=1, order="bottom-up", states_on="gpu")
-    reference = train(SyncStreams, steps=9, **config)
-    monkeypatch.setattr(TransferEngine, "_side_waits_for_allocation", lambda self: None)
+    monkeypatch.setattr(TransferEngine, wait, lambda self: None)
     streams = EarlyStreams()
     run = train(lambda: streams, steps=9, **config)
     assert streams.races and not same_run(run, reference)
