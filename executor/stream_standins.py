@@ -15,18 +15,19 @@ stream's work happens within what those orderings allow:
   compute stream wrote since the side stream last waited for a compute event is a race, and it writes
   NaN (`races` says where). Host buffers are exempt: the host writes them synchronously.
 
-Both are FIFO within the side stream, as CUDA is.
+Both are FIFO within the side stream, as CUDA is, and take what the CPU needs no stand-in for (host
+blocks, compute-stream events with a timestamp) from SyncStreams.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from executor.streams import CompleteEvent, Event, host_block
+from executor.streams import CompleteEvent, Event, SyncStreams
 
 
 def _key(t: Tensor) -> int:
@@ -47,11 +48,16 @@ class _QueuedEvent:
         self._streams.run_until(self._position)
 
 
-class LateStreams:
+def _garbage(numel: int) -> Tensor:
+    """An uninitialised device slot: NaN until a fill reaches it, so reading it early cannot go unseen."""
+    return torch.full((numel,), math.nan)
+
+
+class LateStreams(SyncStreams):
     """Side-stream work as late as the waits allow (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.device = torch.device("cpu")
+        super().__init__()
         self._queue: list[Callable[[], None]] = []
         self.ran = 0  # queued operations that have run
 
@@ -66,14 +72,8 @@ class LateStreams:
             self._queue[self.ran] = _ran  # drop references to finished copies' tensors
             self.ran += 1
 
-    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
-        return host_block(pieces)[1]  # host writes are synchronous: never a race
-
-    def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        return torch.zeros(numel, dtype=dtype)
-
     def slot_empty(self, numel: int) -> Tensor:
-        return torch.full((numel,), math.nan)  # uninitialised memory: garbage until filled
+        return _garbage(numel)
 
     def copy(self, dst: Tensor, src: Tensor) -> None:
         self._queue.append(lambda: dst.copy_(src))
@@ -84,17 +84,11 @@ class LateStreams:
     def side_event(self) -> Event:
         return _QueuedEvent(self, len(self._queue))
 
-    def compute_event(self, timing: bool = False) -> Event:
-        return CompleteEvent()  # compute work runs eagerly: done when issued
-
-    def side_waits(self, event: Event) -> None:
-        return None  # queued work runs after everything compute did so far anyway
+    # compute_event and side_waits as SyncStreams: compute work runs eagerly (done when issued), and
+    # queued side work runs after everything compute did so far anyway
 
     def synchronize(self) -> None:
         self.run_until(len(self._queue))
-
-    def elapsed_s(self, start: Event, end: Event) -> float:
-        return end.time - start.time  # type: ignore[attr-defined]
 
 
 def _ran() -> None:
@@ -109,25 +103,24 @@ class _SnapshotEvent(CompleteEvent):
         self.versions = versions
 
 
-class EarlyStreams:
+class EarlyStreams(SyncStreams):
     """Side-stream work as early as the waits allow (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.device = torch.device("cpu")
+        super().__init__()
         self._device_buffers: dict[int, Tensor] = {}  # storage -> a tensor of it (views share versions)
         self._seen: dict[int, int] = {}  # storage -> the version the side stream is ordered after
         self.races: list[str] = []
 
-    def host_zeros(self, pieces: Sequence[tuple[int, torch.dtype]]) -> list[Tensor]:
-        return host_block(pieces)[1]  # host writes are synchronous: never a race
+    # host_zeros as SyncStreams: the host writes host buffers synchronously, never a race
 
     def device_zeros(self, numel: int, dtype: torch.dtype) -> Tensor:
-        t = torch.zeros(numel, dtype=dtype)
+        t = super().device_zeros(numel, dtype)
         self._device_buffers[_key(t)] = t  # the zeros are compute-stream work: not seen yet
         return t
 
     def slot_empty(self, numel: int) -> Tensor:
-        t = torch.full((numel,), math.nan)
+        t = _garbage(numel)
         self._device_buffers[_key(t)] = t
         self._seen[_key(t)] = t._version  # nothing on the compute stream wrote it
         return t
@@ -151,8 +144,7 @@ class EarlyStreams:
     def zero(self, dst: Tensor) -> None:
         self._write(dst, dst.zero_, f"zero of {tuple(dst.shape)}")
 
-    def side_event(self) -> Event:
-        return CompleteEvent()
+    # side_event and synchronize as SyncStreams: side work is done when issued
 
     def compute_event(self, timing: bool = False) -> Event:
         return _SnapshotEvent({k: t._version for k, t in self._device_buffers.items()})
@@ -160,12 +152,6 @@ class EarlyStreams:
     def side_waits(self, event: Event) -> None:
         for k, v in getattr(event, "versions", {}).items():
             self._seen[k] = max(self._seen.get(k, -1), v)
-
-    def synchronize(self) -> None:
-        return None
-
-    def elapsed_s(self, start: Event, end: Event) -> float:
-        return end.time - start.time  # type: ignore[attr-defined]
 
 
 def standin_streams(name: str) -> LateStreams | EarlyStreams:
