@@ -230,6 +230,7 @@ def sink_checkpoint(counted: list[int]) -> Any:
     """A stand-in for executor.checkpoint.save_checkpoint that does its GPU-side work and writes nothing:
     the weights go through the real streaming writer (one tensor's host staging at a time) into /dev/null,
     the trainer state (driver.state_dict(): every window's host states, already gathered) is counted."""
+    from executor.checkpoint import tensor_bytes
     from executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
 
     def save(
@@ -237,20 +238,10 @@ def sink_checkpoint(counted: list[int]) -> Any:
     ) -> Path:
         tensors, metadata = model_tensors_for_save(model)
         save_safetensors_streaming(tensors, os.devnull, metadata)
-        counted.append(sum(t.numel() * t.element_size() for t in tensors.values()) + tensor_bytes(trainer))
+        counted.append(tensor_bytes(tensors) + tensor_bytes(trainer))
         return Path(output_dir) / "checkpoints" / "not-written"
 
     return save
-
-
-def tensor_bytes(obj: Any) -> int:
-    if torch.is_tensor(obj):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(v) for v in obj)
-    return 0
 
 
 def run_plan(

@@ -124,7 +124,7 @@ def save_checkpoint(
     _remove_stale_temporaries(root)
     final = root / checkpoint_name(meta.step)
     tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
-    need, free = _tensor_bytes(model.state_dict()) + _tensor_bytes(trainer), shutil.disk_usage(root).free
+    need, free = tensor_bytes(model.state_dict()) + tensor_bytes(trainer), shutil.disk_usage(root).free
     if need > free:  # a lower bound of the files' size: this write cannot succeed, do not start it
         raise CheckpointDiskFull(meta.step, _pointer(root), f"needs over {need:,} bytes, {free:,} free")
     try:
@@ -275,7 +275,7 @@ def load_checkpoint(
     return Checkpoint(path=path, meta=meta, trainer=trainer)
 
 
-def _tensor_bytes(obj: Any) -> int:
+def tensor_bytes(obj: Any) -> int:
     """Bytes of the distinct tensors in a nested state (a tied tensor counts once, as saved)."""
     seen: dict[tuple[int, int], int] = {}
     stack = [obj]
