@@ -28,7 +28,7 @@ from executor.checkpoint import CheckpointDiskFull, CheckpointError, latest_chec
 from executor.data import DataError
 from executor.streams import PinnedMemoryError
 from executor.train import RunError, RunOptions, TrainingInterrupted, train
-from planner.cli import OneLineErrors
+from planner.cli_conventions import OneLineErrors
 
 MAX_STEPS = 10**8
 GIB = 2**30

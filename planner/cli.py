@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from planner.cli_conventions import OneLineErrors
+
 if TYPE_CHECKING:
     from planner.solver import Headroom
 
@@ -137,41 +139,6 @@ def available_host_bytes() -> int:
 
 def gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
-
-
-class OneLineErrors(click.Command):
-    """A click command whose every error is one line `PROG: error: ...` on stderr and a chosen exit code.
-
-    click wraps a usage error in the usage text and a 'Try --help' line, and turns Ctrl-C into 'Aborted!'
-    with exit 1; a user scanning a log needs the one line. Only the standalone (console-script) path is
-    changed: callers that pass standalone_mode=False (bench/) still get click's exceptions.
-    """
-
-    def __init__(self, *args: Any, usage_exit_code: int = 1, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.usage_exit_code = usage_exit_code
-
-    def main(  # type: ignore[override]
-        self,
-        args: Any = None,
-        prog_name: str | None = None,
-        complete_var: str | None = None,
-        standalone_mode: bool = True,
-        **extra: Any,
-    ) -> Any:
-        if not standalone_mode:
-            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        prog = prog_name or self.name or "chunkft"
-        try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
-        except click.exceptions.Abort:  # Ctrl-C outside a training loop: nothing was being written
-            click.echo(f"{prog}: interrupted", err=True)
-            sys.exit(130)
-        except click.ClickException as e:
-            message = " ".join(e.format_message().split())
-            click.echo(f"{prog}: error: {message}", err=True)
-            sys.exit(self.usage_exit_code if isinstance(e, click.UsageError) else e.exit_code)
-        sys.exit(code if isinstance(code, int) else 0)
 
 
 # Beyond these a value is a typo (an extra zero, bytes for GiB), or so large the solver would search for

@@ -1,0 +1,34 @@
+"""Files chunkft writes honour the user's umask.
+
+tempfile.mkstemp/mkdtemp create 0600 files and 0700 directories, and an atomic write renames that
+temporary into place: without a chmod the plan, the checkpoints and the exported model would be private
+to their owner whatever the umask says, unlike every other file the user creates.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask (os.umask can only be read by setting it; set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: str | os.PathLike[str]) -> None:
+    """Give a file 0666 & ~umask and a directory tree 0777 & ~umask (files in it 0666 & ~umask), as if
+    they had been created with open()/mkdir() instead of mkstemp()/mkdtemp()."""
+    mask = current_umask()
+    root = Path(path)
+    if not root.is_dir():
+        os.chmod(root, 0o666 & ~mask)
+        return
+    os.chmod(root, 0o777 & ~mask)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
+        for f in filenames:
+            os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
