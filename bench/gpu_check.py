@@ -180,6 +180,7 @@ def plan_case(case: Case, a: argparse.Namespace, out: Path, row: Row) -> Any:
     import click
 
     from planner.cli import main as plan_main
+    from planner.cli_conventions import EXIT_NO_FIT
     from planner.plan import load_plan
 
     args = [case.model, "--gpu", "4090", "--dtype", "bf16", "--seq-len", str(a.seq_len),
@@ -198,7 +199,7 @@ def plan_case(case: Case, a: argparse.Namespace, out: Path, row: Row) -> Any:
         raise CheckError(f"chunkft-plan: {e.format_message()}") from None
     text = buf.getvalue().rstrip()
     print(text)
-    if code == 2:  # nothing fits: the planner's line says what budget would
+    if code == EXIT_NO_FIT:  # nothing fits: the planner's line says what budget would
         row.message = next((ln for ln in text.splitlines() if "does not fit" in ln), text.splitlines()[-1])
         return None
     if code not in (0, None):

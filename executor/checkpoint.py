@@ -21,6 +21,9 @@ checkpoint and pointer intact; stale temporary directories are removed by the ne
 CheckpointDiskFull naming the previous checkpoint, which is untouched: old checkpoints are pruned only
 after the new one and its pointer are in place. Loading verifies every file's size and digest and the
 identity of the model and the plan.
+
+Resuming (find_resume_point) takes `latest` when it names an intact checkpoint, else the newest intact
+one, with a note saying why; state.json files written before a field existed load with its default.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 
 from executor.safetensors_stream import hf_tied_names, model_tensors_for_save, save_safetensors_streaming
+from planner.files import honour_umask
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -47,6 +52,7 @@ STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
 TMP_MARK = ".tmp-"
+_STEP_DIR = re.compile(r"step-[0-9]+")
 
 
 class CheckpointError(ValueError):
@@ -81,6 +87,9 @@ class CheckpointMeta:
     data_epoch: int
     data_index: int
     consecutive_bad_steps: int = 0
+    # the training data file's sha256 and size (None: written before chunkft recorded them)
+    data_sha256: str | None = None
+    data_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,7 @@ def save_checkpoint(
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
         _fsync_file(tmp / STATE_FILE)
         _fsync_dir(tmp)
+        honour_umask(tmp)  # as if created by mkdir/open, whatever the writers used
         if final.exists():  # a re-save of the same step: move the old copy aside, never delete it first
             aside = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
             os.replace(final, aside)
@@ -196,21 +206,135 @@ def export_safetensors(model: torch.nn.Module, directory: Path) -> Path:
 
 
 def latest_checkpoint(output_dir: Path) -> Path:
-    """The directory `latest` points at; CheckpointError when there is none."""
+    """The directory `latest` points at; CheckpointError (what is wrong with the pointer) otherwise."""
     root = Path(output_dir) / CHECKPOINTS
     pointer = root / LATEST
     if not pointer.is_file():
-        raise CheckpointError(
-            f"{output_dir}: no checkpoint to resume from ({pointer} is missing); run without "
-            "--resume to start fresh"
-        )
+        raise CheckpointError(f"{output_dir}: no checkpoint to resume from ({pointer} is missing)")
     name = pointer.read_text().strip()
     if not name.startswith("step-") or "/" in name or not (root / name).is_dir():
-        raise CheckpointError(
-            f"{pointer}: points at {name!r}, which is not a checkpoint directory; the "
-            "checkpoint is corrupt, start fresh without --resume"
-        )
+        raise CheckpointError(f"{pointer}: points at {name!r}, which is not a checkpoint directory")
     return root / name
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    """The checkpoint directories under output_dir, newest (highest step) first; temporaries excluded.
+    Complete means renamed into place, which happens only after every file is written: not verified."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    return sorted(found, key=lambda p: int(p.name.removeprefix("step-")), reverse=True)
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """The checkpoint a resumed run starts from, verified, and why it is not `latest` when it is not."""
+
+    path: Path
+    meta: CheckpointMeta
+    note: str | None = None
+
+
+class NoCheckpoint(CheckpointError):
+    """There is no checkpoint at all to resume from (the run stopped before writing its first)."""
+
+
+class NoIntactCheckpoint(CheckpointError):
+    """Checkpoints exist, none is intact (or the one asked for is not): `newest` is the best other choice."""
+
+    def __init__(self, message: str, newest: str | None) -> None:
+        self.newest = newest
+        super().__init__(message)
+
+
+def find_resume_point(output_dir: Path, choice: str | None = None) -> ResumePoint:
+    """The checkpoint to resume from: `choice` (step-N, or a checkpoint directory's path) when given,
+    else the one `latest` names, else (latest missing, dangling or corrupt) the newest intact one.
+    Every candidate is verified with read_meta (sizes and sha256 of every file)."""
+    if choice is not None:
+        return _chosen(Path(output_dir), choice)
+    candidates = complete_checkpoints(output_dir)
+    if not candidates:
+        raise NoCheckpoint(f"--output {output_dir} has no checkpoints to resume from")
+    try:
+        latest = latest_checkpoint(output_dir)
+    except CheckpointError:
+        latest, why = None, _pointer_problem(Path(output_dir) / CHECKPOINTS)
+    if latest is not None:
+        try:
+            return ResumePoint(latest, read_meta(latest))
+        except CheckpointError as e:
+            why = f"{CHECKPOINTS}/{latest.name} (the latest) is corrupt ({_corruption(e)})"
+    problems = [why]
+    for path in candidates:
+        if latest is not None and path == latest:
+            continue
+        try:
+            meta = read_meta(path)
+        except CheckpointError as e:
+            problems.append(f"{path.name} is corrupt ({_corruption(e)})")
+            continue
+        why = "; ".join(problems)
+        return ResumePoint(path, meta, f"{why}; resuming from {path.name}, the newest intact checkpoint")
+    raise NoIntactCheckpoint(
+        f"{Path(output_dir) / CHECKPOINTS} holds no intact checkpoint: {'; '.join(problems)}", None
+    )
+
+
+def _chosen(output_dir: Path, choice: str) -> ResumePoint:
+    """--resume-from: a step-N name under output_dir's checkpoints, or a checkpoint directory's path."""
+    root = output_dir / CHECKPOINTS
+    if _STEP_DIR.fullmatch(choice) or choice.isdigit():
+        path = root / checkpoint_name(int(choice.removeprefix("step-")))
+    else:
+        path = Path(choice)
+    if not (path / STATE_FILE).is_file():
+        raise NoIntactCheckpoint(
+            f"--resume-from {choice}: {path} is not a checkpoint (no {STATE_FILE}); "
+            f"{_listing(output_dir)}",
+            _newest_intact(output_dir),
+        )
+    try:
+        return ResumePoint(path, read_meta(path))
+    except CheckpointError as e:
+        raise NoIntactCheckpoint(
+            f"--resume-from {choice}: {path.name} is corrupt ({_corruption(e)})", _newest_intact(output_dir)
+        ) from None
+
+
+def _listing(output_dir: Path) -> str:
+    names = [p.name for p in complete_checkpoints(output_dir)]
+    return f"{output_dir / CHECKPOINTS} holds {', '.join(names)}" if names else "there are no checkpoints"
+
+
+def _newest_intact(output_dir: Path) -> str | None:
+    for path in complete_checkpoints(output_dir):
+        try:
+            read_meta(path)
+        except CheckpointError:
+            continue
+        return path.name
+    return None
+
+
+def _pointer_problem(root: Path) -> str:
+    """Why `latest` names no checkpoint, in a few words."""
+    pointer = root / LATEST
+    if not pointer.is_file():
+        return f"{CHECKPOINTS}/{LATEST} is missing"
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return f"{CHECKPOINTS}/{LATEST} is unreadable"
+    return f"{CHECKPOINTS}/{LATEST} points at {name!r}, which is not a checkpoint directory"
+
+
+def _corruption(e: CheckpointError) -> str:
+    """read_meta's message without the path it starts with: what is wrong with the files."""
+    text = str(e)
+    head, _, rest = text.partition(": ")
+    return f"{Path(head).name}: {rest}" if rest else text
 
 
 def read_meta(path: Path) -> CheckpointMeta:
@@ -223,26 +347,28 @@ def read_meta(path: Path) -> CheckpointMeta:
         meta = CheckpointMeta(**state)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(
-            f"{state_path}: unreadable checkpoint state ({type(e).__name__}); the checkpoint "
-            "is corrupt, resume from an older one or start fresh"
+            f"{state_path}: unreadable checkpoint state ({type(e).__name__}); the checkpoint is corrupt"
         ) from None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {version}, this chunkft reads {FORMAT_VERSION}")
     for name, info in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
-            raise CheckpointError(
-                f"{f}: missing or does not match its recorded size/sha256; the checkpoint is "
-                "corrupt, resume from an older one or start fresh"
-            )
+            raise CheckpointError(f"{f}: missing or does not match its recorded size/sha256")
     return meta
 
 
 def load_checkpoint(
-    path: Path, model: torch.nn.Module, *, model_fingerprint: str, plan_sha256: str
+    path: Path,
+    model: torch.nn.Module,
+    *,
+    model_fingerprint: str,
+    plan_sha256: str,
+    meta: CheckpointMeta | None = None,
 ) -> Checkpoint:
-    """Verify a checkpoint against this model and plan, load its weights into the model, return the rest."""
-    meta = read_meta(path)
+    """Verify a checkpoint against this model and plan, load its weights into the model, return the rest.
+    meta: read_meta(path) already done (find_resume_point), so the files are not hashed twice."""
+    meta = read_meta(path) if meta is None else meta
     if meta.model_fingerprint != model_fingerprint:
         raise CheckpointError(
             f"{path}: belongs to another model (fingerprint {meta.model_fingerprint[:12]}, "

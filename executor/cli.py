@@ -1,11 +1,12 @@
 """chunkft-run: replay a plan to fine-tune a model for real (see executor/train.py for the loop).
 
-Every failure is one line on stderr (`chunkft-run: error: ...`, a traceback only with --debug) that says
-what is wrong and what to do. Exit codes:
+Every failure is one line on stderr (`chunkft-run: error: ...`; with --debug the traceback first, the exit
+code unchanged) that says what is wrong and what to do: where that is a command, the complete command
+(executor/replan.py builds them). Exit codes:
 
     0    done: the model is exported and run.json written
-    2    bad input (plan, data, output directory, checkpoint to resume, options) or the run stopped after
-         repeated non-finite losses; nothing half-written
+    2    bad input (plan, data, output directory or one in use by another run, checkpoint to resume,
+         options) or the run stopped after repeated non-finite losses; nothing half-written
     1    the run failed while training (disk full, CUDA out of memory, an internal error); the last
          complete checkpoint is intact and the line gives the command to continue or to re-plan
     130  SIGINT, 143 SIGTERM: the current step finished, a checkpoint was written, the line gives the
@@ -18,17 +19,23 @@ import errno
 import re
 import shlex
 import signal
-import sys
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 import click
 
-from executor.checkpoint import CheckpointDiskFull, CheckpointError, latest_checkpoint
+from executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_checkpoints
 from executor.data import DataError
+from executor.replan import replan_command, rerun_command, resume_command, smaller_budget
 from executor.streams import PinnedMemoryError
 from executor.train import RunError, RunOptions, TrainingInterrupted, train
-from planner.cli_conventions import OneLineErrors
+from planner.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
+
+# the recovery commands live in executor/replan.py; importable from here as before
+__all__ = [
+    "main", "out_of_memory_message", "replan_command", "rerun_command",
+    "resume_command", "smaller_budget",
+]
 
 MAX_STEPS = 10**8
 GIB = 2**30
@@ -46,7 +53,8 @@ GIB = 2**30
     "data",
     required=True,
     type=click.Path(path_type=Path),
-    help="Training data: .txt, .jsonl (text or instruction), .tsv/.csv (text,label).",
+    help="Training data: .txt, .jsonl (text or instruction), .tsv/.csv (text,label). Tokenized with the "
+    "model directory's own tokenizer, or the byte-level one for presets and tokenizer-less --random-init.",
 )
 @click.option(
     "--output",
@@ -62,20 +70,44 @@ GIB = 2**30
     default=None,
     help="Optimizer steps to run in total (overrides the plan's; the LR schedule stays the plan's).",
 )
-@click.option("--resume", is_flag=True, help="Continue from the output directory's latest checkpoint.")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Continue from the output directory's latest checkpoint; if `latest` is missing or that checkpoint "
+    "is corrupt, from the newest intact one (a note says which and why).",
+)
+@click.option(
+    "--resume-from",
+    "resume_from",
+    default=None,
+    metavar="CHECKPOINT",
+    help="Continue from this checkpoint: step-N (under --output's checkpoints/) or a checkpoint directory. "
+    "Implies --resume.",
+)
+@click.option(
+    "--allow-data-change",
+    is_flag=True,
+    help="Resume on a --data file other than the one the checkpoint was trained on (refused otherwise).",
+)
 @click.option(
     "--device",
     default=None,
     help="cpu, cuda (the current GPU) or cuda:N [default: the current GPU if there is one, else cpu].",
 )
-@click.option("--quiet", is_flag=True, help="No progress line.")
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option(
+    "--quiet",
+    is_flag=True,
+    help="No progress output (neither chunkft's nor transformers'/huggingface_hub's progress bars).",
+)
+@click.option("--debug", is_flag=True, help="Print the traceback before the one-line error (same exit code).")
 def main(
     plan: Path,
     data: Path,
     output: Path | None,
     max_steps: int | None,
     resume: bool,
+    resume_from: str | None,
+    allow_data_change: bool,
     device: str | None,
     quiet: bool,
     debug: bool,
@@ -87,16 +119,19 @@ def main(
     from profiles import ProfileError
 
     if not plan.is_file():
-        _fail(f"plan {plan} not found; make one with chunkft-plan MODEL -o {plan}")
+        _fail(f"plan {plan} not found; make one with chunkft-plan MODEL -o {plan}", EXIT_BAD_INPUT, debug)
     if max_steps is not None and max_steps > MAX_STEPS:
-        _fail(f"--max-steps {max_steps} is absurdly large (at most {MAX_STEPS:,}); check the number")
+        _fail(f"--max-steps {max_steps} is absurdly large (at most {MAX_STEPS:,}); check the number",
+              EXIT_BAD_INPUT, debug)
     out = output if output is not None else Path("runs") / plan.stem
     opts = RunOptions(
         plan_path=plan,
         data_path=data,
         output_dir=out,
         max_steps=max_steps,
-        resume=resume,
+        resume=resume or resume_from is not None,
+        resume_from=resume_from,
+        allow_data_change=allow_data_change,
         progress=not quiet,
         device=device,
     )
@@ -105,45 +140,30 @@ def main(
     except TrainingInterrupted as e:
         click.echo(f"chunkft-run: {e}", err=True)
         click.echo(f"resume with: {resume_command(opts)}", err=True)
-        sys.exit(128 + e.signum)  # 130 for SIGINT, 143 for SIGTERM
+        raise SystemExit(128 + e.signum) from None  # 130 for SIGINT, 143 for SIGTERM
     except CheckpointDiskFull as e:
-        if debug:
-            raise
         then = f"resume with: {resume_command(opts)}" if e.previous else f"run again: {rerun_command(opts)}"
-        _fail(f"{e}; free space and {then}", code=1)
+        _fail(f"{e}; free space and {then}", EXIT_FAILED, debug)
     except torch.OutOfMemoryError as e:
-        if debug:
-            raise
-        _fail(out_of_memory_message(opts, e, _cuda_peaks()), code=1)
+        _fail(out_of_memory_message(opts, e, _cuda_peaks()), EXIT_FAILED, debug)
     except (RunError, DataError, CheckpointError, PlanError, ProfileError) as e:
-        if debug:
-            raise
-        _fail(str(e))
+        _fail(str(e), EXIT_BAD_INPUT, debug)
     except PinnedMemoryError as e:
-        if debug:
-            raise
-        _fail(f"{e}; {_after_failure(opts)}", code=1)
+        _fail(f"{e}; {_after_failure(opts)}", EXIT_FAILED, debug)
     except ValueError as e:  # the driver refusing the plan's chunks for this model (e.g. unsupported module)
-        if debug:
-            raise
-        _fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}")
+        _fail(f"{str(e).splitlines()[0] if str(e) else type(e).__name__}", EXIT_BAD_INPUT, debug)
     except OSError as e:
-        if debug:
-            raise
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            _fail(f"disk full writing {e.filename or out}; {_after_failure(opts)}", code=1)
-        _fail(f"{e.filename or out}: {e.strerror or e}; check the path and free space")
+            _fail(f"disk full writing {e.filename or out}; {_after_failure(opts)}", EXIT_FAILED, debug)
+        _fail(f"{e.filename or out}: {e.strerror or e}; check the path and free space", EXIT_BAD_INPUT, debug)
     except Exception as e:
-        if debug:
-            raise
         first = str(e).splitlines()[0] if str(e) else ""
-        _fail(
-            f"internal error {type(e).__name__}: {first}; {_after_failure(opts)} "
-            "(rerun with --debug for the traceback)",
-            code=1,
-        )
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        _fail(f"internal error {type(e).__name__}: {first}; {_after_failure(opts)}{hint}", EXIT_FAILED, debug)
     ev = result.evals[-1] if result.evals else None
-    summary = f"done: {result.steps} steps, final train loss {result.train_losses[-1]:.4f}"
+    final = result.train_losses[-1] if result.train_losses else None
+    final_text = "not finite" if final is None else f"{final:.4f}"
+    summary = f"done: {result.steps} steps, final train loss {final_text}"
     if ev is not None:
         summary += f", eval loss {ev[1]:.4f}" + (f", eval accuracy {ev[2]:.4f}" if ev[2] is not None else "")
     summary += f", {result.skipped_steps} skipped (non-finite) steps" if result.skipped_steps else ""
@@ -155,35 +175,15 @@ def main(
 # ------------------------------------------------------------------------------- recovery commands
 
 
-def _run_args(opts: RunOptions) -> list[str]:
-    args = ["chunkft-run", str(opts.plan_path), "--data", str(opts.data_path)]
-    args += ["--output", str(opts.output_dir)] + (["--device", opts.device] if opts.device else [])
-    return args + (["--max-steps", str(opts.max_steps)] if opts.max_steps is not None else [])
-
-
-def resume_command(opts: RunOptions) -> str:
-    """The command that continues this run from its latest checkpoint (same plan, data and output)."""
-    return shlex.join([*_run_args(opts), "--resume"])
-
-
-def rerun_command(opts: RunOptions) -> str:
-    """The command as given (a run that failed before its first checkpoint starts over)."""
-    return shlex.join(_run_args(opts) + (["--resume"] if opts.resume else []))
-
-
-def _latest_name(opts: RunOptions) -> str | None:
-    try:
-        return latest_checkpoint(opts.output_dir).name
-    except (CheckpointError, OSError):
-        return None
-
-
 def _after_failure(opts: RunOptions) -> str:
-    """What survives a failure mid-run and how to continue."""
-    name = _latest_name(opts)
-    if name is None:
+    """What survives a failure mid-run and how to continue (--resume finds the newest intact one)."""
+    try:
+        held = complete_checkpoints(opts.output_dir)
+    except OSError:
+        held = []
+    if not held:
         return f"no checkpoint was written yet; run again: {rerun_command(opts)}"
-    return f"the last checkpoint {name} is intact; resume with: {resume_command(opts)}"
+    return f"the last checkpoint {held[0].name} is intact; resume with: {resume_command(opts)}"
 
 
 def _cuda_peaks() -> tuple[int, int] | None:
@@ -197,69 +197,6 @@ def _cuda_peaks() -> tuple[int, int] | None:
 
 _TRIED = re.compile(r"Tried to allocate ([0-9.]+) (B|KiB|MiB|GiB|TiB)")
 _UNIT = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
-
-
-def smaller_budget(budget_bytes: int, peak_reserved_bytes: int | None, tried_bytes: int) -> int:
-    """A budget the re-plan should fit under: the plan's, less what the failed allocation overshot the
-    card by (measured peak reserved + the allocation that failed - budget), and at least 10% less;
-    rounded down to MiB."""
-    over = 0 if peak_reserved_bytes is None else peak_reserved_bytes + tried_bytes - budget_bytes
-    smaller = budget_bytes - max(over, budget_bytes // 10)
-    return max(smaller, 2**20) // 2**20 * 2**20
-
-
-def replan_command(plan: Any, budget_bytes: int, host_mem_bytes: int | None = None) -> str:
-    """chunkft-plan with the plan's own choices and a new --budget (and --host-mem; K, checkpointing and
-    the batch split are left to the solver: choosing them for the smaller budget is the point)."""
-    run, hw = plan.run, plan.hardware
-    dtype = {"bfloat16": "bf16", "float32": "fp32"}[run.weight_dtype]
-    args = [
-        "chunkft-plan",
-        plan.model.path or plan.model.name,
-        "--gpu",
-        hw.gpu,
-        "--budget",
-        f"{budget_bytes // 2**20}MiB",
-        "--seq-len",
-        str(run.seq_len),
-        "--batch-size",
-        str(run.micro_batch_size * run.grad_accum_steps),
-        "--steps",
-        str(run.total_steps),
-        "--optimizer",
-        run.optimizer.name,
-        "--lr",
-        f"{run.optimizer.lr:g}",
-        "--schedule",
-        run.schedule.kind,
-        "--dtype",
-        dtype,
-        "--task",
-        plan.model.task,
-        "--weight-decay",
-        f"{run.optimizer.weight_decay:g}",
-        "--rotation",
-        plan.rotation.order,
-        "--attn",
-        run.attn_implementation,
-        "--host-mem",
-        f"{(hw.host_budget_bytes if host_mem_bytes is None else host_mem_bytes) // 2**20}MiB",
-    ]
-    if hw.num_gpus > 1:
-        args += ["--num-gpus", str(hw.num_gpus)]
-    if run.schedule.warmup_steps:
-        args += ["--warmup-steps", str(run.schedule.warmup_steps)]
-    if run.eval_every:
-        args += ["--eval-every", str(run.eval_every)]
-    if run.checkpoint_every:
-        args += ["--checkpoint-every", str(run.checkpoint_every)]
-    o = run.optimizer
-    args += ["--max-grad-norm", "none" if o.max_grad_norm is None else f"{o.max_grad_norm:g}"]
-    if o.weight_decay_mode != "window":
-        args += ["--weight-decay-mode", o.weight_decay_mode]
-    if run.padded_batches != (plan.model.task != "causal-lm"):  # not the task's default
-        args += ["--padded-batches" if run.padded_batches else "--unpadded-batches"]
-    return shlex.join(args)
 
 
 def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[int, int] | None) -> str:
@@ -287,9 +224,9 @@ def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[i
     )
 
 
-def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"chunkft-run: error: {' '.join(message.split())}", err=True)
-    sys.exit(code)
+def _fail(message: str, code: int, debug: bool) -> NoReturn:
+    """One line and the exit code; with --debug the traceback first (planner.cli_conventions.fail)."""
+    fail("chunkft-run", message, code, debug=debug)
 
 
 if __name__ == "__main__":

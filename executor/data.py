@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -36,6 +36,7 @@ TABLE_SUFFIXES = (".tsv", ".csv")
 TEXT_COLUMNS = ("text", "sentence")
 PROMPT_KEYS = ("instruction", "prompt")
 RESPONSE_KEYS = ("output", "response")
+BOM = "\ufeff"  # the UTF-8 byte-order mark, stripped from the start of every data file
 
 
 class DataError(ValueError):
@@ -68,6 +69,7 @@ class ByteTokenizer:
     eos_id = 257
     pad_id = 258
     vocab_size = 259
+    SPECIAL_TOKENS = ("<|bos|>", "<|eos|>", "<|pad|>")  # ids 256, 257, 258 in an exported tokenizer.json
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -79,8 +81,22 @@ class ByteTokenizer:
         return [self.bos_id, *self.encode(text), self.eos_id]
 
     def save(self, directory: Path) -> None:
-        """Describe the tokenizer next to an exported model, so the ids can be decoded later."""
-        spec = {
+        """Write this tokenizer as a Hugging Face one (tokenizer.json, tokenizer_config.json), so the exported
+        model loads with AutoTokenizer and can be planned and fine-tuned again with the very same ids."""
+        directory = Path(directory)
+        _byte_level_tokenizer(self).save(str(directory / "tokenizer.json"))
+        bos, eos, pad = self.SPECIAL_TOKENS
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": bos,
+            "eos_token": eos,
+            "pad_token": pad,
+            "split_special_tokens": True,  # "<|eos|>" in the text stays bytes, as ByteTokenizer encodes it
+            "clean_up_tokenization_spaces": False,
+            "model_max_length": 10**30,  # no length of its own: the plan's seq_len cuts the blocks
+        }
+        (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        spec = {  # the id scheme in plain words, for readers without the tokenizers library
             "kind": "chunkft-bytes",
             "description": "UTF-8 bytes 0..255 are ids 0..255; specials follow",
             "bos_id": self.bos_id,
@@ -89,6 +105,61 @@ class ByteTokenizer:
             "vocab_size": self.vocab_size,
         }
         (directory / "chunkft_tokenizer.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which the tokenizers ByteLevel pre-tokenizer maps bytes
+    through (a copy, so that no transformers internals are needed)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1)]
+    printable += range(ord("\xae"), ord("\xff") + 1)
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_tokenizer(byte_tok: ByteTokenizer) -> Any:
+    """A tokenizers.Tokenizer that gives exactly ByteTokenizer's ids: a merge-free byte-level BPE whose
+    token for byte b is id b, then the specials, wrapped as bos ... eos like encode_wrapped."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+
+    vocab = {char: b for b, char in _bytes_to_unicode().items()}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    bos, eos, pad = byte_tok.SPECIAL_TOKENS
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (bos, eos, pad)])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A {eos}",
+        pair=f"{bos} $A {eos} $B {eos}",
+        special_tokens=[(bos, byte_tok.bos_id), (eos, byte_tok.eos_id)],
+    )
+    return tok
+
+
+# Files a Hugging Face tokenizer is read from (one of them is needed besides tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt", "vocab.json", "spiece.model")
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+class NoTokenizerError(DataError):
+    """A model directory without tokenizer files (transformers would build an empty tokenizer)."""
+
+
+def _no_tokenizer(directory: str | os.PathLike[str]) -> NoTokenizerError:
+    return NoTokenizerError(
+        f"{directory} has no tokenizer files ({', '.join(TOKENIZER_FILES)} ...); copy them in from the "
+        "base model"
+    )
+
+
+def _has_tokenizer_files(directory: str | os.PathLike[str]) -> bool:
+    d = Path(directory)
+    return any((d / f).is_file() for f in TOKENIZER_FILES) or any(d.glob("*.tiktoken"))
 
 
 class HFTokenizer:
@@ -100,9 +171,15 @@ class HFTokenizer:
         try:
             self.hf = AutoTokenizer.from_pretrained(str(directory))
         except (OSError, ValueError) as e:
+            if Path(directory).is_dir() and not _has_tokenizer_files(directory):
+                raise _no_tokenizer(directory) from None
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise DataError(
-                f"{directory}: cannot load the model's tokenizer ({e}); the directory needs tokenizer files"
+                f"{directory}: cannot load the model's tokenizer ({first}); "
+                "the directory needs tokenizer files"
             ) from None
+        if not _usable(self.hf):
+            raise _no_tokenizer(directory)
         eos = self.hf.eos_token_id if self.hf.eos_token_id is not None else self.hf.sep_token_id
         pad = self.hf.pad_token_id if self.hf.pad_token_id is not None else eos
         if eos is None or pad is None:
@@ -118,6 +195,25 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.hf.save_pretrained(str(directory))
+
+
+def fresh_model_tokenizer(directory: str | None) -> Tokenizer:
+    """The tokenizer of a randomly initialised model: the directory's own when it has tokenizer files, else
+    (presets, config-only directories) the byte-level one: a fresh model learns whatever ids it is given."""
+    if directory is None:
+        return ByteTokenizer()
+    try:
+        return HFTokenizer(directory)
+    except NoTokenizerError:
+        return ByteTokenizer()
+
+
+def _usable(hf: Any) -> bool:
+    """Whether plain English becomes ordinary tokens: without tokenizer files transformers builds a tokenizer
+    of special tokens only, which turns any text into nothing (or all [UNK]) and the data into 0 blocks."""
+    ids = hf.encode(_PROBE_TEXT, add_special_tokens=False)
+    special = set(hf.all_special_ids)
+    return any(i not in special for i in ids)
 
 
 # ------------------------------------------------------------------------------------------- datasets
@@ -217,16 +313,20 @@ def _read_text(p: Path) -> str:
     if not p.is_file():
         raise DataError(f"{p}: is not a regular file; give a data file")
     raw = p.read_bytes()
-    if not raw.strip():
-        raise DataError(f"{p}: data file is empty")
     if b"\x00" in raw:
         line = raw[: raw.index(b"\x00")].count(b"\n") + 1
         raise DataError(f"{p}:{line}: binary data (NUL byte); give a UTF-8 text file")
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(f"{p}:{line}: not valid UTF-8 (byte {e.start}); give a UTF-8 text file") from None
+    # Spreadsheets and Windows editors start UTF-8 exports with a byte-order mark: it is no text (it would
+    # be trained on, break the first JSON record and rename the first column '\ufeffsentence').
+    text = text.removeprefix(BOM)
+    if not text.strip():
+        raise DataError(f"{p}: data file is empty")
+    return text
 
 
 def _pack(p: Path, ids: list[int], tokenizer: Tokenizer, seq_len: int) -> TokenData:

@@ -8,9 +8,15 @@ step count, so warmup lasted K times longer and linear decay ended near lr*(1-1/
 avoids both. Skipped steps (non-finite gradient norm) do not advance the schedule.
 
 A consequence worth knowing: with K windows visited in turn, window k sees the learning rates at steps
-k, k+K, k+2K, ... . The formulas are those of Hugging Face's `get_*_schedule_with_warmup` (the factor is
-step/warmup_steps during warmup, so step 0 has factor 0 when warmup_steps > 0), plus a floor
-`min_lr_ratio` for the decaying kinds, so learning-rate intuition carries over from dense training.
+k, k+K, k+2K, ... . The decay formulas are those of Hugging Face's `get_*_schedule_with_warmup`, plus a
+floor `min_lr_ratio` for the decaying kinds, so learning-rate intuition carries over from dense training.
+
+Warm-up differs from Hugging Face's on purpose: warm-up step i (0-based) uses the factor (i+1)/warmup_steps,
+so the first step trains at lr/warmup_steps and the last warm-up step at the full rate. Hugging Face's
+i/warmup_steps gives the first step the learning rate 0: a whole forward/backward (and, under rotation, a
+window's whole visit) that changes nothing. The price is one extra step at the peak (the last warm-up
+step and the first decay step both have factor 1). Past total_steps the decaying kinds stay at
+min_lr_ratio (0 by default); chunkft-run refuses to run steps there (executor/train.py).
 """
 
 from __future__ import annotations
@@ -57,7 +63,7 @@ def lr_factor(spec: ScheduleSpec, step: int) -> float:
     if step < 0:
         raise ValueError(f"schedule step must be >= 0, got {step}")
     if step < spec.warmup_steps:
-        return step / spec.warmup_steps
+        return (step + 1) / spec.warmup_steps
     if spec.kind == "constant":
         return 1.0
     decay_steps = spec.total_steps - spec.warmup_steps

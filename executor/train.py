@@ -6,14 +6,20 @@
 
 Everything a run writes goes under the output directory: metrics.jsonl (one line per step and per
 evaluation), checkpoints/ (see executor/checkpoint.py), model/ (a Hugging Face directory) and run.json
-(measured figures beside the plan's predictions). Every input is validated before anything is written.
+(measured figures beside the plan's predictions). Every input is validated before anything is written,
+and before the model is built (its identity is checked on the meta device). One run at a time holds the
+output directory (executor/lock.py).
 `--max-steps` changes how many steps run, never the learning-rate schedule (the plan's), so a run stopped
-at step 7 and resumed to 15 takes exactly the steps of an uninterrupted 15-step run.
+at step 7 and resumed to 15 takes exactly the steps of an uninterrupted 15-step run; running past the end
+of a schedule that decays to 0 is refused (those steps would train at learning rate 0).
+A step whose loss or gradient norm is not finite is skipped (no weights or states change) and logged
+with skipped true; JSON never holds NaN or infinity (null instead).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -21,11 +27,13 @@ import math
 import os
 import platform
 import resource
+import shlex
 import shutil
 import signal
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +44,12 @@ import torch
 from executor.checkpoint import (
     CheckpointError,
     CheckpointMeta,
+    NoCheckpoint,
+    NoIntactCheckpoint,
+    ResumePoint,
+    complete_checkpoints,
     export_safetensors,
-    latest_checkpoint,
+    find_resume_point,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -57,6 +69,7 @@ from executor.data import (
     load_dataset,
 )
 from executor.devices import DeviceError, configure_allocator, resolve_device
+from executor.lock import OutputInUse, OutputLock
 from executor.loss import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
@@ -72,6 +85,15 @@ from executor.measure import (
     driver_tensors,
     measured_steps,
 )
+from executor.replan import (
+    elsewhere_command,
+    free_sibling,
+    fresh_command,
+    replan_command,
+    resume_command,
+    run_args,
+)
+from planner.files import honour_umask
 
 GIB = 2**30
 MAX_EVAL_EXAMPLES = 256  # the first examples of the held-out split; bounds eval time on large files
@@ -98,6 +120,8 @@ class RunOptions:
     output_dir: Path
     max_steps: int | None = None  # None: the plan's run.total_steps
     resume: bool = False
+    resume_from: str | None = None  # step-N or a checkpoint directory (implies resume); None: the newest
+    allow_data_change: bool = False  # resume on a --data file other than the checkpoint's
     progress: bool = True
     keep_checkpoints: int = 2
     max_bad_steps: int = MAX_BAD_STEPS
@@ -111,7 +135,7 @@ class RunOptions:
 class RunResult:
     output_dir: Path
     steps: int  # optimizer steps completed in total
-    train_losses: tuple[float, ...]  # per step, over the whole run including resumed parts
+    train_losses: tuple[float | None, ...]  # per step, whole run including resumed parts; None: not finite
     evals: tuple[tuple[int, float, float | None], ...]  # (step, eval loss, eval accuracy)
     skipped_steps: int
     memory: MemoryMeasurement | None
@@ -155,9 +179,8 @@ def _check_padding(plan: Any, dataset: Dataset, opts: RunOptions, log: TextIO) -
     mask = dataset.train.attention_mask
     padded_rows = int((mask == 0).any(dim=1).sum())
     if padded_rows and not plan.run.padded_batches:
-        from executor.cli import replan_command
-
-        command = replan_command(plan, plan.hardware.budget_bytes)
+        # the same K, batch split and checkpointing: only the padding (and so the predicted peak) changes
+        command = replan_command(plan, plan.hardware.budget_bytes, keep_choices=True)
         target = opts.plan_path.with_name(f"{opts.plan_path.stem}-padded.json")
         raise RunError(
             f"{opts.data_path}: {_PADDED_KIND.get(dataset.format, 'rows')} are padded ({padded_rows} of "
@@ -193,18 +216,22 @@ def available_host_bytes() -> int:
     return probe()
 
 
+def host_bytes_needed(plan: Any, device: torch.device) -> tuple[int, int]:
+    """(host bytes the run needs at its peak, of which the model's weights): the inactive windows'
+    states and a checkpoint's extra, plus on the CPU the weights themselves."""
+    weights = plan.model.num_params * DTYPE_BYTES[plan.run.weight_dtype] if device.type == "cpu" else 0
+    return int(plan.predictions.host_peak_bytes) + weights, weights
+
+
 def check_host_memory(plan: Any, available: int, device: torch.device) -> None:
     """Refuse before building anything: the inactive windows' states (and a checkpoint's extra; on the CPU
     the model's weights too) must fit in the host memory available now, or the machine swaps or the
     kernel kills the run hours in."""
     pred = plan.predictions
     stores = int(pred.host_bytes)
-    weights = plan.model.num_params * DTYPE_BYTES[plan.run.weight_dtype] if device.type == "cpu" else 0
-    need = int(pred.host_peak_bytes) + weights
+    need, weights = host_bytes_needed(plan, device)
     if need <= available:
         return
-    from executor.cli import replan_command
-
     extra = f" plus {(pred.host_peak_bytes - stores) / GIB:.2f} GiB while a checkpoint is written"
     on_cpu = f" and, on the CPU, {weights / GIB:.2f} GiB of weights" if weights else ""
     raise RunError(
@@ -215,15 +242,135 @@ def check_host_memory(plan: Any, available: int, device: torch.device) -> None:
     )
 
 
+def check_device(plan: Any, opts: RunOptions, device: torch.device) -> None:
+    """Refuse a GPU plan that would fall back to the CPU because this machine has no GPU: it would build
+    the model in host memory and train orders of magnitude slower, silently. --device cpu says it is meant."""
+    if opts.device is not None or device.type != "cpu" or plan.hardware.gpu == "cpu":
+        return
+    need, _ = host_bytes_needed(plan, device)
+    cpu_run = shlex.join([*run_args(dataclasses.replace(opts, device="cpu")), *_resume_flags(opts)])
+    raise RunError(
+        f"{opts.plan_path} was made for {plan.hardware.num_gpus} x {plan.hardware.gpu_name} and this machine "
+        f"has no GPU (torch sees no CUDA device); run on that machine, or for a deliberate CPU run (needs "
+        f"{need / GIB:.2f} GiB host memory): {cpu_run}"
+    )
+
+
+def _resume_flags(opts: RunOptions) -> list[str]:
+    flags = ["--resume-from", opts.resume_from] if opts.resume_from else ["--resume"] if opts.resume else []
+    return flags + (["--allow-data-change"] if opts.allow_data_change else [])
+
+
+def check_trainable(plan: Any, opts: RunOptions) -> None:
+    """Refuse a plan whose rows give no training signal (hand-edited or older plans): a causal LM
+    predicts each next token, so a row of seq_len 1 has no target and every loss is NaN."""
+    if plan.model.task == "causal-lm" and plan.run.seq_len < 2:
+        raise RunError(
+            f"{opts.plan_path}: run.seq_len is {plan.run.seq_len}, and a causal LM learns by predicting "
+            "each next token, so rows of 1 token have no targets (the loss would be NaN on every step); "
+            f"re-plan with chunkft-plan {plan.model.path or plan.model.name} --seq-len 2 or more (e.g. 512)"
+        )
+
+
+def check_schedule_end(plan: Any, opts: RunOptions, total_steps: int, log: TextIO) -> None:
+    """--max-steps past the schedule's end: refused where the rate decays to 0 (every further step would
+    train at lr 0, changing nothing at full cost), a note where it stays at a floor (min_lr_ratio > 0),
+    nothing for a constant schedule (the rate stays what it was)."""
+    s = plan.run.schedule
+    if total_steps <= s.total_steps or s.kind == "constant":
+        return
+    if s.min_lr_ratio > 0:
+        log.write(
+            f"chunkft-run: note: --max-steps {total_steps} runs past the end of the plan's {s.kind} schedule "
+            f"(step {s.total_steps}); steps after it train at the floor, lr "
+            f"{plan.run.optimizer.lr * s.min_lr_ratio:g}\n"
+        )
+        return
+    raise RunError(
+        f"--max-steps {total_steps} runs past the end of the plan's {s.kind} schedule (step "
+        f"{s.total_steps}), where the learning rate is 0: those steps would change nothing; keep "
+        f"--max-steps at most {s.total_steps}, or re-plan for {total_steps} steps and run that plan (it "
+        f"starts from step 0): {longer_run_command(plan, opts, total_steps)}"
+    )
+
+
+def longer_run_command(plan: Any, opts: RunOptions, steps: int) -> str:
+    """`chunkft-plan ... --steps N -o PLAN-Nsteps.json && chunkft-run PLAN-Nsteps.json ...` into a new
+    output directory: a schedule for N steps (a new plan, so a new run: checkpoints belong to one plan)."""
+    target = opts.plan_path.with_name(f"{opts.plan_path.stem}-{steps}steps.json")
+    replan = replan_command(plan, plan.hardware.budget_bytes, keep_choices=True, steps=steps)
+    fresh = dataclasses.replace(opts, plan_path=target, max_steps=None)
+    run = run_args(fresh, output=free_sibling(Path(opts.output_dir)))
+    return f"{replan} -o {shlex.quote(str(target))} && {shlex.join(run)}"
+
+
+def check_identity(plan: Any, opts: RunOptions) -> None:
+    """Refuse a plan made for another model before building it: the fingerprint comes from the model
+    built on the meta device (no memory, a second for 8B), exactly as chunkft-plan computes it."""
+    from planner.plan import check_model
+    from profiles import build_model as build_hf_model
+    from profiles import load_model
+
+    preset = load_model(plan.model.path or plan.model.name, task=plan.model.task)
+    if plan.model.task == "sequence-classification" and plan.model.num_labels:
+        preset.config.num_labels = plan.model.num_labels
+    model = build_hf_model(preset, device="meta", dtype=getattr(torch, plan.run.weight_dtype))
+    check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
+
+
+def data_fingerprint(path: Path) -> tuple[str, int]:
+    """(sha256 hex, size in bytes) of the data file, what a checkpoint records to catch another --data."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def check_same_data(point: ResumePoint, data: tuple[str, int], opts: RunOptions, log: TextIO) -> None:
+    """Refuse resuming on another data file than the checkpoint's (the shuffle position would index a
+    different dataset) unless --allow-data-change; checkpoints from before the fingerprint get a note."""
+    name, meta = point.path.name, point.meta
+    if meta.data_sha256 is None:
+        log.write(
+            f"chunkft-run: note: checkpoint {name} predates data fingerprints; cannot check that "
+            f"{opts.data_path} is the data it was trained on\n"
+        )
+        return
+    if (meta.data_sha256, meta.data_bytes) == data:
+        return
+    differs = (
+        f"{opts.data_path} (sha256 {data[0][:12]}, {data[1]:,} bytes) is not the data checkpoint {name} was "
+        f"trained on (sha256 {meta.data_sha256[:12]}, {meta.data_bytes:,} bytes)"
+    )
+    if opts.allow_data_change:
+        log.write(f"chunkft-run: note: {differs}; continuing on it (--allow-data-change)\n")
+        return
+    allow = shlex.join([*run_args(opts), *_resume_flags(opts), "--allow-data-change"])
+    raise RunError(f"{differs}; resume with the original --data, or continue on this file: {allow}")
+
+
 def chunk_tokens_for(plan: Any) -> int | None:
     """Tokens per chunked cross-entropy piece, or None for the plain loss. The plan format has no field for
     the piece size yet, so a plan that asks for chunking gets executor/loss.py's DEFAULT_CHUNK_TOKENS."""
     return DEFAULT_CHUNK_TOKENS if plan.run.chunked_cross_entropy else None
 
 
-def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
+def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
     """Run the plan. Raises RunError/DataError/CheckpointError/PlanError/ProfileError on bad input (nothing
-    written), TrainingInterrupted after a signal (checkpoint written)."""
+    written), TrainingInterrupted after a signal (checkpoint written). Holds the output directory's lock
+    from before its checkpoints are read until run.json is written. log: notes and progress (stderr)."""
+    log = sys.stderr if log is None else log  # looked up per call: a caller may have replaced stderr
+    lock = OutputLock(Path(opts.output_dir))
+    try:
+        with _hub_progress_bars(opts.progress):
+            return _train(opts, log, lock)
+    finally:
+        lock.release()
+
+
+def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # ---- plan, device, model, data: all validated before anything is written
     from planner.plan import check_model, load_plan, plan_to_json
 
@@ -233,15 +380,25 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
         device = resolve_device(opts.device)
     except DeviceError as e:
         raise RunError(str(e)) from None
+    check_device(plan, opts, device)
     streams = _streams_for(opts, device)
     configure_allocator(plan.run.cuda_alloc_conf, device, log)  # a no-op off CUDA
     total_steps = plan.run.total_steps if opts.max_steps is None else opts.max_steps
     if total_steps < 1:
         raise RunError(f"--max-steps must be >= 1, got {total_steps}")
     _check_replayable(plan)
+    check_trainable(plan, opts)
+    check_schedule_end(plan, opts, total_steps, log)
     out = Path(opts.output_dir)
-    _check_output_dir(out, opts.resume)
+    if out.is_dir():
+        _lock_output(lock, log)  # before reading its checkpoints: another run may be writing them
+    _check_output_dir(out, opts, total_steps)
+    data_id = data_fingerprint(opts.data_path) if opts.data_path.is_file() else None  # else load_dataset says
+    point = _resume_point(plan, out, opts, total_steps, log) if opts.resume or opts.resume_from else None
+    if point is not None and data_id is not None:
+        check_same_data(point, data_id, opts, log)
     check_host_memory(plan, available_host_bytes(), device)  # before the model is built and states pinned
+    check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM
 
     model, tokenizer = build_model(plan, device)
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
@@ -268,24 +425,26 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     driver = build_driver(model, plan, device, streams)
 
     start_step, bad_in_a_row = 0, 0
-    if opts.resume:
+    if point is not None:
         ckpt = load_checkpoint(
-            latest_checkpoint(out), model, model_fingerprint=plan.model.fingerprint, plan_sha256=plan_sha
+            point.path,
+            model,
+            model_fingerprint=plan.model.fingerprint,
+            plan_sha256=plan_sha,
+            meta=point.meta,  # verified by find_resume_point: not hashed again
         )
         driver.load_state_dict(ckpt.trainer["driver"])
         set_rng_state(ckpt.trainer["rng"])
-        batches.seek(DataPosition(ckpt.meta.data_epoch, ckpt.meta.data_index))
+        _seek(batches, ckpt.meta, opts, log)
         start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
         del ckpt  # the driver holds its own copies now
-        if start_step >= total_steps:
-            raise RunError(
-                f"the checkpoint is at step {start_step}, --max-steps is {total_steps}; raise "
-                "--max-steps to continue"
-            )
 
     # ---- from here on the run writes into the output directory
     out.mkdir(parents=True, exist_ok=True)
-    metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if opts.resume else None)
+    if not lock.held:
+        _lock_output(lock, log)
+        _check_output_dir(out, opts, total_steps)  # a run may have come and gone here while this one built
+    metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if point else None)
     autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
 
     def save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
@@ -301,6 +460,8 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
             data_epoch=position.epoch,
             data_index=position.index,
             consecutive_bad_steps=bad_in_a_row,
+            data_sha256=data_id[0] if data_id else None,
+            data_bytes=data_id[1] if data_id else None,
         )
         trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
@@ -330,7 +491,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
     span = range(start_step + span.start, start_step + span.stop)
     tracker: MemoryTracker | CudaPeak = MemoryTracker(model) if device.type == "cpu" else CudaPeak(device)
     clock = StepClock(driver.engine.streams)
-    progress = _Progress(log if opts.progress else None, total_steps)
+    progress = _Progress(log if opts.progress else None, total_steps, start=start_step)
     stop = _StopSignals()
 
     try:
@@ -367,16 +528,18 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                         with contextlib.suppress(Exception):  # the last checkpoint stays if this fails
                             save(step, *at_step_start)
                     raise
-                with tracker.phase("optimizer"):
-                    stats = driver.step()
+                if math.isfinite(loss_sum):
+                    with tracker.phase("optimizer"):
+                        stats = driver.step()
+                else:
+                    stats = _skip_step(driver)
                 seconds = clock.stop(tokens, stats.transfer_wait_s, exclude=measuring or step == start_step)
                 if measuring:
                     tracker.note_step(step)
                 if step + 1 == span.stop:
                     tracker.stop()
 
-                bad = stats.skipped or not math.isfinite(loss_sum)
-                bad_in_a_row = bad_in_a_row + 1 if bad else 0
+                bad_in_a_row = bad_in_a_row + 1 if stats.skipped else 0
                 done = step + 1
                 metrics.write(
                     {
@@ -392,7 +555,7 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
                         "skipped": stats.skipped,
                     }
                 )
-                progress.show(done, loss_sum, tokens / seconds, _memory_now(device, tracker))
+                progress.show(done, loss_sum, tokens / seconds, *_memory_now(device))
                 if bad_in_a_row >= opts.max_bad_steps:
                     raise RunError(
                         f"loss or gradients were not finite for {bad_in_a_row} steps in a row (up to "
@@ -430,8 +593,10 @@ def train(opts: RunOptions, log: TextIO = sys.stderr) -> RunResult:
 
 
 def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
-    """The plan's model on the device, randomly initialised from the plan's seed (presets) or loaded
-    (directories), and the tokenizer that goes with it."""
+    """The plan's model on the device, randomly initialised from the plan's seed (presets, and directories
+    planned with --random-init: source "hf-config") or loaded (directories), and the tokenizer that goes
+    with it: the directory's own, else the byte-level one (presets, config-only directories)."""
+    from executor.data import fresh_model_tokenizer
     from profiles import build_model as build_hf_model
     from profiles import load_model
 
@@ -440,18 +605,27 @@ def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Token
     if plan.model.task == "sequence-classification" and plan.model.num_labels:
         preset.config.num_labels = plan.model.num_labels
     preset.config._attn_implementation = plan.run.attn_implementation
-    torch.manual_seed(plan.run.seed)  # the preset's random init and any fresh head
-    if plan.model.source == "preset":
+    if plan.model.source in ("preset", "hf-config"):
+        tokenizer = fresh_model_tokenizer(preset.path if plan.model.source == "hf-config" else None)
+        torch.manual_seed(plan.run.seed)  # the random init
         model = build_hf_model(preset, device="cpu", dtype=dtype)
-        tokenizer: Tokenizer = ByteTokenizer()
         vocab = int(getattr(model.config, "vocab_size", 0))
-        if vocab < ByteTokenizer.vocab_size:
+        if isinstance(tokenizer, ByteTokenizer) and vocab < ByteTokenizer.vocab_size:
+            what, fix = f"preset {plan.model.name}", ""
+            if preset.path is not None:
+                what, fix = f"{preset.path} (no tokenizer files)", "; copy the base model's tokenizer in"
             raise RunError(
-                f"preset {plan.model.name} has a {vocab}-token vocabulary; the byte tokenizer needs "
-                f"{ByteTokenizer.vocab_size}"
+                f"{what} has a {vocab}-token vocabulary; the byte tokenizer needs "
+                f"{ByteTokenizer.vocab_size}{fix}"
             )
     else:
+        if preset.source == "hf-dir" and not preset.has_weights:
+            raise RunError(
+                f"{preset.path} has config.json but no weights (*.safetensors, pytorch_model.bin); copy the "
+                "weights in, or re-plan with chunkft-plan --random-init to train from a random initialisation"
+            )
         tokenizer = HFTokenizer(preset.path or plan.model.name)
+        torch.manual_seed(plan.run.seed)  # any fresh head
         model = build_hf_model(preset, device="cpu", dtype=dtype, load_weights=True)
     if plan.model.task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_id  # classifiers on decoders find the last real token
@@ -568,6 +742,7 @@ def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> 
     try:
         export_safetensors(model, tmp)
         tokenizer.save(tmp)
+        honour_umask(tmp)  # mkdtemp made it 0700: give it the modes mkdir/open would
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -580,8 +755,9 @@ def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> 
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _check_output_dir(out: Path, resume: bool) -> None:
-    """Refuse an unwritable directory, and a fresh run into one that already holds a run."""
+def _check_output_dir(out: Path, opts: RunOptions, total_steps: int) -> None:
+    """Refuse an unwritable directory, and a fresh run into one that holds a run (a checkpoint: one that
+    died before its first checkpoint holds nothing to continue, so a fresh run may replace it)."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--output {out} is a file; give a directory")
     probe_dir = out
@@ -589,12 +765,132 @@ def _check_output_dir(out: Path, resume: bool) -> None:
         probe_dir = probe_dir.parent
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise RunError(f"--output {out}: {probe_dir} is not writable; choose another --output")
-    if not resume and (out / "checkpoints").exists():
+    held = complete_checkpoints(out)
+    if opts.resume or opts.resume_from or not held:
+        return
+    step = _peek_step(held[0])
+    if step is not None and step >= total_steps:
         raise RunError(
-            f"--output {out} already holds a run; add --resume to continue it or choose another --output"
+            f"--output {out} already holds a run, finished at step {step} (its model is in {out / 'model'}); "
+            f"start over in a new directory: {elsewhere_command(opts)}"
         )
-    if resume and not (out / "checkpoints").exists():
-        raise CheckpointError(f"--output {out} has no checkpoints to resume from; run without --resume")
+    raise RunError(
+        f"--output {out} already holds a run (checkpoint {held[0].name}); continue it: "
+        f"{resume_command(opts)}, or start over in a new directory: {elsewhere_command(opts)}"
+    )
+
+
+def _peek_step(path: Path) -> int | None:
+    """The step a checkpoint's state.json records, unverified (for advice only; resuming verifies)."""
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _lock_output(lock: OutputLock, log: TextIO) -> None:
+    try:
+        locked = lock.acquire()
+    except OutputInUse as e:
+        raise RunError(str(e)) from None
+    if not locked:
+        log.write(
+            f"chunkft-run: note: cannot lock --output {lock.output_dir} (the filesystem does not support "
+            "flock); make sure no other chunkft-run writes there\n"
+        )
+
+
+def _resume_point(plan: Any, out: Path, opts: RunOptions, total_steps: int, log: TextIO) -> ResumePoint:
+    """The verified checkpoint to resume from (a note when it is not `latest`), or one line whose advice
+    is a command that works: start without --resume, resume from another one, or start elsewhere."""
+    try:
+        point = find_resume_point(out, opts.resume_from)
+    except NoCheckpoint as e:
+        why = "the run stopped before its first" if out.is_dir() else "nothing has run there"
+        message = f"{e} ({why}); start it without --resume: {fresh_command(opts)}"
+        raise CheckpointError(message) from None
+    except NoIntactCheckpoint as e:
+        if e.newest is not None:
+            newest = shlex.join([*run_args(opts), "--resume-from", e.newest])
+            raise CheckpointError(f"{e}; resume from the newest intact one: {newest}") from None
+        raise CheckpointError(f"{e}; start over in a new directory: {elsewhere_command(opts)}") from None
+    if point.note:
+        log.write(f"chunkft-run: note: {point.note}\n")
+    if point.meta.step >= total_steps:
+        raise RunError(_nothing_left(point, plan, opts, total_steps))
+    return point
+
+
+def _nothing_left(point: ResumePoint, plan: Any, opts: RunOptions, total_steps: int) -> str:
+    """The checkpoint is at or past --max-steps: the command that goes on (to the plan's end, further
+    where the rate stays useful, or a longer plan where it has decayed to 0)."""
+    step, s = point.meta.step, plan.run.schedule
+    at = f"checkpoint {point.path.name} is at step {step} and --max-steps is {total_steps}"
+    mine = dataclasses.replace(opts, resume_from=None)
+    if plan.run.total_steps > step:
+        more = resume_command(dataclasses.replace(mine, max_steps=None))
+        return f"{at}; continue to the plan's {plan.run.total_steps} steps: {more}"
+    done = f"{at}: the run is complete (its model is in {Path(opts.output_dir) / 'model'})"
+    if s.kind == "constant" or s.min_lr_ratio > 0:
+        more = resume_command(dataclasses.replace(mine, max_steps=step + plan.run.total_steps))
+        return f"{done}; to train {plan.run.total_steps} steps more: {more}"
+    longer = longer_run_command(plan, opts, 2 * step)
+    return f"{done}; its {s.kind} schedule has ended at lr 0; to train longer, re-plan and run anew: {longer}"
+
+
+def _seek(batches: Batches, meta: CheckpointMeta, opts: RunOptions, log: TextIO) -> None:
+    """Restore the data position; on changed data (--allow-data-change) a position past its end starts
+    the next epoch of the new data instead."""
+    position = DataPosition(meta.data_epoch, meta.data_index)
+    if opts.allow_data_change and position.index > len(batches.data):
+        position = DataPosition(meta.data_epoch + 1, 0)
+        log.write(
+            f"chunkft-run: note: the checkpoint's data position is past the end of {opts.data_path}; "
+            f"continuing at the start of epoch {position.epoch}\n"
+        )
+    batches.seek(position)
+
+
+def _skip_step(driver: Any) -> Any:
+    """A step whose loss is not finite: nothing to learn from, so no update, the same window, the
+    schedule not advanced (what the driver does for a non-finite gradient norm)."""
+    from executor.chunkft import StepStats
+
+    driver.discard_grads()
+    return StepStats(driver.active_chunk.index, driver.lr(), math.nan, True, 0.0)
+
+
+@contextlib.contextmanager
+def _hub_progress_bars(enabled: bool) -> Iterator[None]:
+    """Without progress output (--quiet) transformers' and huggingface_hub's bars (loading weights,
+    downloading a tokenizer) are off too; restored afterwards."""
+    if enabled:
+        yield
+        return
+    import huggingface_hub.utils as hub
+    from transformers.utils import logging as hf_logging
+
+    was_hf, was_hub = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
+    hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was_hf:
+            hf_logging.enable_progress_bar()
+        if was_hub:
+            hub.enable_progress_bars()
+
+
+def json_safe(value: Any) -> Any:
+    """value with every NaN or infinity replaced by None (JSON has neither; strict parsers refuse them)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _head(data: TokenData, n: int) -> TokenData:
@@ -607,10 +903,11 @@ def _autocast(device: torch.device, weight_dtype: str, compute_dtype: str) -> An
     return torch.autocast(device.type, dtype=getattr(torch, compute_dtype))
 
 
-def _memory_now(device: torch.device, tracker: Any) -> int:
+def _memory_now(device: torch.device) -> tuple[str, int]:
+    """(label, bytes) for the progress line: what the figure is, since neither is the tracked peak."""
     if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+        return "cuda alloc", int(torch.cuda.memory_allocated(device))
+    return "rss peak", int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
 class _MetricsLog:
@@ -632,13 +929,20 @@ class _MetricsLog:
         self._f = open(path, "a", buffering=1)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
 
     def close(self) -> None:
         self._f.close()
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(ln) for ln in self.path.read_text().splitlines() if ln.strip()]
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
 
 
 def _line_step(line: str) -> int:
@@ -648,23 +952,44 @@ def _line_step(line: str) -> int:
         return 1 << 62  # an unreadable (half-written) line is dropped
 
 
-class _Progress:
-    """One `\\r`-rewritten line on stderr: step, loss, tokens/s, memory."""
+PROGRESS_LINES = 20  # plain lines per run when the log is not a terminal
+PROGRESS_SECONDS = 60.0  # ... and at least one a minute however long a step takes
 
-    def __init__(self, stream: TextIO | None, total: int) -> None:
+
+class _Progress:
+    """Progress on stderr: step, loss, tokens/s, memory. On a terminal one `\\r`-rewritten line; in a log
+    file (not a tty) plain lines, one every max(1, steps // PROGRESS_LINES) steps, after a minute without
+    one, and at the last step: a log gets about 20 readable lines instead of one joined by `\\r`."""
+
+    def __init__(
+        self,
+        stream: TextIO | None,
+        total: int,
+        start: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.stream = stream
         self.total = total
+        self.tty = stream is not None and _isatty(stream)
+        self.every = max(1, (total - start) // PROGRESS_LINES)
+        self._clock = clock
+        self._last = clock()
         self._open = False
 
-    def show(self, step: int, loss: float, tokens_per_s: float, memory_bytes: int) -> None:
+    def show(self, step: int, loss: float, tokens_per_s: float, memory_label: str, memory_bytes: int) -> None:
         if self.stream is None:
             return
-        self.stream.write(
-            f"\rstep {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
-            f"mem {memory_bytes / 2**20:,.1f} MiB "
+        text = (
+            f"step {step}/{self.total}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  "
+            f"{memory_label} {memory_bytes / 2**20:,.1f} MiB"
         )
+        if self.tty:
+            self.stream.write(f"\r{text} ")
+            self._open = True
+        elif step % self.every == 0 or step == self.total or self._clock() - self._last >= PROGRESS_SECONDS:
+            self.stream.write(text + "\n")
+            self._last = self._clock()
         self.stream.flush()
-        self._open = True
 
     def end(self) -> None:
         if self.stream is not None and self._open:
@@ -780,7 +1105,7 @@ def _write_run_json(
     }
     path = out / "run.json"
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(doc), indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
     return RunResult(
         output_dir=out,

@@ -1,10 +1,13 @@
 """chunkft-plan: will this fine-tuning fit, and how fast will it run? Writes a plan the executor replays.
 
-Exit codes: 0 plan written; 1 bad input (one line on stderr, `chunkft-plan: error: ...`; a traceback only
-with --debug); 2 nothing fits the budget (the line says the smallest budget that would, and with which
-settings); 3 the plan was written but --report failed (the plan stays; the line says how to redo the
-report). Nothing is written unless every input is valid, a plan fits and the simulator, re-run from the
-plan itself, agrees with the solver.
+Exit codes (planner/cli_conventions.py, shared with chunkft-run and chunkft-report): 0 plan written;
+1 failed while working (an internal error, or the disk refused the plan); 2 bad input: an option, a
+profile, a path that cannot be written (nothing written); 3 nothing fits the budget (the line says the
+smallest budget that would, or, when none on this card would, what to change); 4 the plan was written
+but --report failed (the plan stays; the line says how to redo the report). Every error is one line on
+stderr, `chunkft-plan: error: WHAT; WHAT TO DO`; --debug prints the traceback first and keeps the code.
+Nothing is written unless every input is valid, a plan fits and the simulator, re-run from the plan
+itself, agrees with the solver.
 """
 
 from __future__ import annotations
@@ -19,11 +22,20 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from planner.cli_conventions import OneLineErrors
+from planner.cli_conventions import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_NO_FIT,
+    EXIT_OK,
+    EXIT_REPORT_FAILED,
+    OneLineErrors,
+    fail,
+)
 
 if TYPE_CHECKING:
     from planner.solver import Headroom
 
+PROG = "chunkft-plan"
 GIB = 2**30
 _UNITS = {
     "": 1,
@@ -141,18 +153,45 @@ def gib(n: int | float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def gib_up(n: int) -> str:
+    """A size to pass back as an option: rounded up, so that the printed figure is itself enough."""
+    return f"{math.ceil(n * 100 / GIB) / 100:.2f} GiB"
+
+
+def _stderr_line(text: str) -> None:
+    """One line on stderr after everything already printed on stdout: with the two merged (2>&1, a CI
+    log) an unflushed stdout would otherwise land after it, or the line in the middle of another."""
+    sys.stdout.flush()
+    click.echo(" ".join(text.split()), err=True)
+    sys.stderr.flush()
+
+
+def error_line(message: str) -> None:
+    """`chunkft-plan: error: ...` for a failure that still returns its own exit code (no fit, report)."""
+    _stderr_line(f"{PROG}: error: {message}")
+
+
+def warning_line(message: str) -> None:
+    _stderr_line(f"{PROG}: warning: {message}")
+
+
 # Beyond these a value is a typo (an extra zero, bytes for GiB), or so large the solver would search for
 # minutes; each error says the limit.
 MAX_SEQ_LEN = 1 << 21
 MAX_BATCH_SIZE = 1024  # the solver's time grows with the global batch: 1024 sequences take ~1 min on 2 cores
 MAX_STEPS = 10**8
 MAX_BYTES = 1 << 50  # 1 PiB
+DEFAULT_SEQ_LEN = 1024  # shortened to the model's positions when it has fewer (resolve_seq_len)
+# The shortest rows that train: a causal LM learns from seq_len - 1 next-token targets (1 token: none, a
+# NaN loss); a classifier's row is [CLS] text [SEP] (executor/data.py keeps the closing token), so 2
+# positions hold no text at all and the label would be learned from the special tokens alone.
+MIN_SEQ_LEN = {"causal-lm": 2, "sequence-classification": 3}
 
 
 def check_bounds(req: Request) -> None:
     """Zero, negative and absurd sizes: one UsageError, before anything is loaded or written."""
     for flag, value, limit in (
-        ("--seq-len", req.seq_len, MAX_SEQ_LEN),
+        ("--seq-len", req.seq_len or 0, MAX_SEQ_LEN),
         ("--batch-size", req.batch_size, MAX_BATCH_SIZE),
         ("--steps", req.steps, MAX_STEPS),
     ):
@@ -165,18 +204,9 @@ def check_bounds(req: Request) -> None:
             raise click.UsageError(f"{flag} must be more than 0 bytes; write e.g. 20GiB")
         if size > MAX_BYTES:
             raise click.UsageError(f"{flag} {gib(size)} is absurdly large (over 1 PiB); write e.g. 20GiB")
-    if req.budget is not None and req.reserve is not None and req.reserve >= req.budget:
-        raise click.UsageError(
-            f"--reserve {gib(req.reserve)} leaves nothing of --budget {gib(req.budget)}; lower --reserve"
-        )
     fixed = 0 if req.headroom is None else req.headroom.fixed_bytes
     if fixed > MAX_BYTES:
         raise click.UsageError(f"--headroom {gib(fixed)} is absurdly large (over 1 PiB); write e.g. 1GiB")
-    if req.budget is not None and fixed and fixed + (req.reserve or 0) >= req.budget:
-        raise click.UsageError(
-            f"--headroom {gib(fixed)} (with the reserve) leaves nothing of --budget {gib(req.budget)}; "
-            "lower --headroom"
-        )
     if req.weight_decay_mode == "compensated":
         if req.optimizer != "adamw":
             raise click.UsageError(
@@ -203,6 +233,51 @@ def check_bounds(req: Request) -> None:
             )
 
 
+def check_margins(req: Request, budget: int, gpu: Any) -> None:
+    """A reserve or headroom that alone takes the whole budget leaves no plan to search for; say so up
+    front, naming where the budget came from (else the no-fit line would suggest a budget beyond the
+    card: the reserve plus what the plan needs)."""
+    of = f"--budget {gib(budget)}" if req.budget is not None else f"the {gpu.name}'s {gib(budget)} budget"
+    reserve = req.reserve or 0
+    if reserve >= budget:
+        if req.budget is not None:
+            raise click.UsageError(f"--reserve {gib(reserve)} leaves nothing of {of}; lower --reserve")
+        raise click.UsageError(f"--reserve {gib(reserve)} is more than {of}; lower --reserve")
+    fixed = 0 if req.headroom is None else req.headroom.fixed_bytes
+    if fixed and fixed + reserve >= budget:
+        raise click.UsageError(
+            f"--headroom {gib(fixed)} (with the reserve) leaves nothing of {of}; lower --headroom"
+        )
+
+
+def resolve_seq_len(req: Request, key: str, longest: int | None) -> tuple[int, str]:
+    """The sequence length to plan (the user's, else DEFAULT_SEQ_LEN cut to the model's positions), and
+    the note the summary prints when the default was shortened."""
+    if req.seq_len is None:
+        if longest is not None and longest < DEFAULT_SEQ_LEN:
+            return longest, f" (the default {DEFAULT_SEQ_LEN} shortened to {key}'s {longest} positions)"
+        return DEFAULT_SEQ_LEN, ""
+    if longest is not None and req.seq_len > longest:
+        raise click.UsageError(
+            f"--seq-len {req.seq_len} is beyond {key}'s {longest} positions "
+            f"(max_position_embeddings); use --seq-len {longest} or less"
+        )
+    return req.seq_len, ""
+
+
+def check_trainable_seq_len(seq_len: int, task: str) -> None:
+    """Refuse rows too short to learn from (MIN_SEQ_LEN): such a plan would run and train nothing."""
+    least = MIN_SEQ_LEN.get(task, 2)
+    if seq_len >= least:
+        return
+    why = (
+        "a causal LM learns from each next token, and 1 token has none (the loss would be NaN)"
+        if task == "causal-lm"
+        else "a classifier's rows begin and end with special tokens, which leaves no room for text"
+    )
+    raise click.UsageError(f"--seq-len {seq_len} is too short to train: {why}; use --seq-len {least} or more")
+
+
 def max_positions(config: Any) -> int | None:
     """The longest sequence the model's position embeddings (or rotary table) are defined for."""
     for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
@@ -212,17 +287,66 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+PLAN_FILE = "plan.json"  # what `-o DIR/` (or an existing directory) writes inside DIR
+
+
+def resolve_output(text: str) -> Path:
+    """-o as a file: a path ending in a separator, or an existing directory, means DIR/plan.json (the
+    directory is created with the plan), as `cp x DIR/` puts a file into DIR."""
+    seps = tuple(s for s in (os.sep, os.altsep) if s)
+    path = Path(text)
+    if text.endswith(seps) or path.is_dir():
+        return path / PLAN_FILE
+    return path
+
+
 def check_output_path(path: Path, flag: str = "-o") -> None:
     """Refuse a destination that cannot be written, before minutes of solving."""
     if path.is_dir():
         raise click.UsageError(f"{flag} {path} is a directory; give a file name such as {path / 'plan.json'}")
+    _check_creatable(path, flag, "choose another path")
+
+
+def check_report_dir(path: Path) -> None:
+    """--report names a directory to create or fill; refuse one that cannot be, in --report's words
+    (reports.writer.check_destination speaks of chunkft-report's -o, which here is the plan's file)."""
+    if path.exists() and not path.is_dir():
+        raise click.UsageError(f"--report {path} is a file, not a directory; choose another --report DIR")
+    _check_creatable(path, "--report", "choose another --report DIR")
+
+
+def _check_creatable(path: Path, flag: str, fix: str) -> None:
+    """path's nearest existing ancestor is a writable directory (and path, if it exists, writable)."""
     ancestor = path.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise click.UsageError(f"{flag} {path}: {ancestor} is a file, not a directory; choose another path")
+        raise click.UsageError(f"{flag} {path}: {ancestor} is a file, not a directory; {fix}")
     if not os.access(ancestor, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise click.UsageError(f"{flag} {path}: {ancestor} is not writable; choose another path")
+        raise click.UsageError(f"{flag} {path}: {ancestor} is not writable; {fix}")
+
+
+def initialisation(preset: Any, random_init: bool) -> Any:
+    """The model as it will be trained: a directory's weights, or with --random-init its config from a random
+    initialisation (source "hf-config"). A directory without weights is only warned about: planning from
+    config.json alone (will a 70B fit?) is a use of its own, but chunkft-run will refuse that plan."""
+    if random_init:
+        if preset.source != "hf-dir":
+            what = (
+                "a preset, always randomly initialised: drop --random-init"
+                if preset.source == "preset"
+                else "a hub id: download it into a directory and pass that"
+            )
+            raise click.UsageError(f"--random-init is for a model directory; {preset.key} is {what}")
+        return replace(preset, source="hf-config")
+    if preset.source == "hf-dir" and not preset.has_weights:
+        click.echo(
+            f"chunkft-plan: warning: {preset.path} has config.json but no weights (*.safetensors, "
+            "pytorch_model.bin), so chunkft-run will refuse this plan; copy the weights in, or add "
+            "--random-init to train from a random initialisation",
+            err=True,
+        )
+    return preset
 
 
 @dataclass(frozen=True)
@@ -234,7 +358,7 @@ class Request:
     num_gpus: int
     budget: int | None
     reserve: int | None
-    seq_len: int
+    seq_len: int | None  # None: DEFAULT_SEQ_LEN, or the model's positions when fewer (resolve_seq_len)
     batch_size: int
     micro_batch: int | None
     grad_accum: int | None
@@ -260,64 +384,143 @@ class Request:
     headroom: Headroom | None = None  # None: planner.solver.DEFAULT_HEADROOM on GPUs, none on cpu
     max_grad_norm: float | None = 1.0  # clip the active window's gradient norm; None: no clipping
     weight_decay_mode: str = "window"  # "window" | "compensated" (planner.plan.OptimizerSettings)
+    calibrate: bool = False  # --gpu cpu: measure this machine's matmul and copy rates (planner.costs)
+    random_init: bool = False  # a directory's config, randomly initialised (model.source "hf-config")
 
 
 # fp16 is not offered: it needs loss scaling, which the executor does not do (bf16 does not).
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def run_request(req: Request, out_path: str, report_dir: str | None = None) -> int:
+@dataclass(frozen=True)
+class Notes:
+    """Where the summary's figures came from, when not simply from the user or the profile."""
+
+    headroom: str = ""  # what the safety margin covers
+    budget: str = ""  # " (free of X, NVML)"
+    host: str = ""  # " (--host-mem)", " (this machine's available memory)", ...
+    seq_len: str = ""  # " (the default 1024 shortened to ...)"
+    rates: str = ""  # the --calibrate line, or ""
+
+
+def run_request(
+    req: Request, out_path: str, report_dir: str | None = None, *, debug: bool = False
+) -> int:
     """Plan, print the summary, write the plan (and the report); returns the exit code."""
     import profiles
-    from planner.costs import cost_model
     from planner.plan import save_plan
-    from planner.profile_model import activation_profile, default_padded, model_structure
-    from planner.solver import Limits, Solver, Space, balance_layers, make_setup
+    from planner.profile_model import default_padded, model_structure
+    from planner.solver import build_plan, make_setup
 
     check_bounds(req)
-    check_output_path(Path(out_path))
+    out = resolve_output(out_path)
+    check_output_path(out)
     if report_dir is not None:
-        from reports import ReportError
-        from reports.writer import check_destination
-
-        try:
-            check_destination(Path(report_dir))
-        except ReportError as e:
-            raise click.UsageError(f"--report: {e}") from None
-    preset = profiles.load_model(req.model, task=req.task)
+        check_report_dir(Path(report_dir))
+    preset = initialisation(profiles.load_model(req.model, task=req.task), req.random_init)
     gpu = profiles.load_gpu(req.gpu)
-    longest = max_positions(preset.config)
-    if longest is not None and req.seq_len > longest:
-        raise click.UsageError(
-            f"--seq-len {req.seq_len} is beyond {preset.key}'s {longest} positions "
-            f"(max_position_embeddings); use --seq-len {longest} or less"
-        )
+    seq_len, seq_note = resolve_seq_len(req, preset.key, max_positions(preset.config))
+    check_trainable_seq_len(seq_len, preset.task)
     on_gpu = gpu.pcie_gen is not None
+    if req.calibrate and on_gpu:
+        raise click.UsageError(
+            f"--calibrate measures this machine's CPU, so it needs --gpu cpu, not {gpu.key}; a GPU plans "
+            "with its profile's figures (scale them with --efficiency)"
+        )
     dtype = DTYPES[req.dtype] if req.dtype else ("bfloat16" if on_gpu else "float32")
     if not on_gpu and req.num_gpus > 1:
         raise click.UsageError("--num-gpus > 1 needs a GPU profile, not --gpu cpu")
-    per_gpu_total = gpu.memory_total_bytes
     budget = default_budget(gpu) if req.budget is None else req.budget
-    if budget > per_gpu_total:
+    if budget > gpu.memory_total_bytes:
         raise click.UsageError(
-            f"--budget {gib(budget)} is more than the {gpu.name}'s {gib(per_gpu_total)}; use at most that"
+            f"--budget {gib(budget)} is more than the {gpu.name}'s {gib(gpu.memory_total_bytes)}; "
+            "use at most that"
         )
+    check_margins(req, budget, gpu)
     padded = default_padded(preset.task) if req.padded_batches is None else req.padded_batches
-    req = replace(req, padded_batches=padded)  # resolved: build_plan records it
+    req = replace(req, seq_len=seq_len, padded_batches=padded)  # resolved: build_plan records them
     structure = model_structure(preset.config, preset.task, dtype)
+    measured = calibrate(structure, dtype, req) if req.calibrate else None
     setup = make_setup(
         structure,
-        cost_model(gpu, dtype, req.efficiency),
+        planning_cost(gpu, dtype, req.efficiency, measured),
         weight_dtype=dtype,
         optimizer=req.optimizer,
         sgd_momentum=True,
-        seq_len=req.seq_len,
+        seq_len=seq_len,
         on_gpu=on_gpu,
         context_bytes=req.reserve,
         fragmentation=0.0 if req.reserve is not None else None,
         headroom=req.headroom,
     )
-    host = available_host_bytes() if req.host_mem is None else req.host_mem
+    solver = make_solver(req, preset, structure, setup, budget, dtype)
+    sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
+    if sol.best is None:
+        error_line(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
+        return EXIT_NO_FIT
+    plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host, measured=measured)
+    cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
+    plan = replace(plan, run=cadence)
+    replayed = check_replay(plan)
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above
+    save_plan(plan, out)
+    notes = Notes(
+        headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype)
+    )
+    click.echo(summary(plan, sol, budget, notes=notes))
+    if host_warning:
+        warning_line(host_warning)
+    into_dir = out != Path(out_path)  # -o named a directory (resolve_output)
+    click.echo(f"plan written to {out}" + (f" (-o {out_path} is a directory)" if into_dir else ""))
+    if report_dir is None:
+        return EXIT_OK
+    return write_plan_report(plan, out, report_dir, replayed if measured else None, debug=debug)
+
+
+def calibrate(structure: Any, dtype: str, req: Request) -> Any:
+    """--calibrate: this machine's rates at the model's shapes (planner.costs.measure_host_rates; looked
+    up on the module so that tests can inject a result instead of timing anything)."""
+    from planner import costs
+
+    shape = costs.probe_shape(structure, (req.seq_len or DEFAULT_SEQ_LEN) * req.batch_size)
+    return costs.measure_host_rates(dtype, shape)
+
+
+def planning_cost(gpu: Any, dtype: str, efficiency: float, measured: Any) -> Any:
+    """The profile's cost model, with the --calibrate figures in place of its FLOP/s and bandwidth."""
+    from planner.costs import cost_model, with_measured_rates
+
+    cost = cost_model(gpu, dtype, efficiency)
+    if measured is None:
+        return cost
+    return with_measured_rates(cost, measured_hardware(measured))
+
+
+def measured_hardware(measured: Any) -> Any:
+    """The plan's record of a --calibrate result: Hardware's measured_* fields, as build_plan writes them."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        measured_flops_per_s=measured.flops_per_s, measured_memory_bytes_per_s=measured.memory_bytes_per_s
+    )
+
+
+def rates_note(measured: Any, dtype: str) -> str:
+    if measured is None:
+        return ""
+    rows, inner, out = measured.shape
+    return (
+        f"rates      measured on this machine (--calibrate): {measured.flops_per_s / 1e9:,.0f} GFLOP/s "
+        f"{dtype} matmul ({rows}x{inner} @ {inner}x{out}), {measured.memory_bytes_per_s / 1e9:.1f} GB/s "
+        "copy (read + write)"
+    )
+
+
+def make_solver(req: Request, preset: Any, structure: Any, setup: Any, budget: int, dtype: str) -> Any:
+    """The solver over the request's search space, with this machine's memory as the host limit."""
+    from planner.profile_model import activation_profile
+    from planner.solver import Limits, Solver, Space, balance_layers
+
     layer_gpu: tuple[int, ...] = ()
     if req.num_gpus > 1:
         L = structure.num_layers
@@ -345,79 +548,111 @@ def run_request(req: Request, out_path: str, report_dir: str | None = None) -> i
         cross_entropy=req.cross_entropy,
         layer_gpu=layer_gpu,
     )
-    solver = Solver(
+    seq_len, padded = req.seq_len, req.padded_batches
+    host = available_host_bytes() if req.host_mem is None else req.host_mem
+    return Solver(
         setup,
         Limits(budget, host),
         lambda mb: activation_profile(
-            preset.config, preset.task, mb, req.seq_len, dtype, req.attn, padded=padded
+            preset.config, preset.task, mb, seq_len, dtype, req.attn, padded=padded
         ),
         space,
     )
-    sol = solver.solve()
-    host_warning = ""
-    if sol.best is None and req.host_mem is None and sol.smallest is not None:
-        # Only this machine's free memory is in the way, and the user named no host: the plan is
-        # usually made for another machine (a 4090 box), so plan it and say what host it needs.
-        solver.limits = Limits(budget, UNBOUNDED_HOST_BYTES)
-        unbounded = solver.solve()
-        if unbounded.best is not None:
-            sol = unbounded
-            states, need = sol.best.result.step.host_bytes, sol.best.result.host_peak_bytes
-            host_warning = (
-                f"warning: this plan keeps {gib(states)} of optimizer states in host memory, "
-                f"{gib(need)} at checkpoints; this machine has {gib(host)} available: train on a machine "
-                "with more, or pass --host-mem SIZE to plan for a specific host"
-            )
-            host = max(host, need)
-    if sol.best is None:
-        s = sol.smallest
-        if s is None:
-            raise click.ClickException(
-                "no configuration could be simulated for this model; try fewer --chunks"
-            )
-        why = (
-            f"host memory: needs {gib(s.result.host_peak_bytes)} (states {gib(s.result.step.host_bytes)} "
-            f"+ a checkpoint) > --host-mem {gib(host)}"
-            if s.result.budget_needed_bytes <= budget
-            else f"smallest budget that fits: {gib(s.result.budget_needed_bytes)} per GPU "
-            f"(peak {gib(s.result.step.peak_bytes)} + reserve {gib(s.result.step.reserve_bytes)} + "
-            f"headroom {gib(s.result.headroom_bytes)}) with "
-            f"K={s.num_chunks}, checkpointing {s.checkpoint_mode}, {s.placement_text()}, micro-batch "
-            f"{s.candidate.micro_batch} x {s.candidate.grad_accum}"
-        )
-        click.echo(
-            f"chunkft-plan: {preset.key} does not fit {gib(budget)} per GPU on {req.num_gpus} x {gpu.name}; "
-            f"{why}",
-            err=True,
-        )
-        return 2
-    from planner.solver import build_plan
 
-    plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host)
-    cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
-    plan = replace(plan, run=cadence)
-    check_replay(plan)
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)  # checked writable above
-    save_plan(plan, out_path)
-    click.echo(summary(plan, sol, budget, headroom_note(req, on_gpu), budget_note(req, gpu)))
-    if host_warning:
-        click.echo(host_warning, err=True)
-    click.echo(f"plan written to {out_path}")
-    if report_dir is None:
-        return 0
-    from reports import ReportError, write_report
+
+def solve_with_host(solver: Any, req: Request, budget: int) -> tuple[Any, int, str, str]:
+    """(solution, host budget planned against, what that host budget is, a warning or "").
+
+    Without --host-mem the limit is this machine's available memory; when only that is in the way, the
+    plan is usually made for another machine (a 4090 box): plan it anyway and say what host it needs."""
+    from planner.solver import Limits
+
+    sol = solver.solve()
+    host = solver.limits.host_budget_bytes
+    if req.host_mem is not None:
+        return sol, host, " (--host-mem)", ""
+    if sol.best is not None or sol.smallest is None:
+        return sol, host, " (this machine's available memory)", ""
+    solver.limits = Limits(budget, UNBOUNDED_HOST_BYTES)
+    unbounded = solver.solve()
+    if unbounded.best is None:
+        return sol, host, " (this machine's available memory)", ""
+    states, need = unbounded.best.result.step.host_bytes, unbounded.best.result.host_peak_bytes
+    warning = (
+        f"this plan keeps {gib(states)} of optimizer states in host memory, {gib(need)} at checkpoints; "
+        f"this machine has {gib(host)} available: train on a machine with more, or pass --host-mem SIZE "
+        "to plan for a specific host"
+    )
+    note = f" (what the plan needs; this machine has {gib(host)} available)"
+    return unbounded, max(host, need), note, warning
+
+
+def no_fit_message(s: Any, req: Request, key: str, gpu: Any, budget: int, host: int) -> str:
+    """`MODEL does not fit ...; why; what to do` (the smallest option s tells what would fit)."""
+    if s is None:
+        raise click.UsageError("no configuration could be simulated for this model; try fewer --chunks")
+    head = f"{key} does not fit {gib(budget)} per GPU on {req.num_gpus} x {gpu.name}"
+    need = s.result.budget_needed_bytes
+    if need <= budget:
+        return (
+            f"{head}; host memory: needs {gib(s.result.host_peak_bytes)} (states "
+            f"{gib(s.result.step.host_bytes)} + a checkpoint) > --host-mem {gib(host)}; raise --host-mem, "
+            "or plan for a bigger host"
+        )
+    parts = (
+        f"(peak {gib(s.result.step.peak_bytes)} + reserve {gib(s.result.step.reserve_bytes)} + headroom "
+        f"{gib(s.result.headroom_bytes)}) with K={s.num_chunks}, checkpointing {s.checkpoint_mode}, "
+        f"{s.placement_text()}, micro-batch {s.candidate.micro_batch} x {s.candidate.grad_accum}"
+    )
+    total = gpu.memory_total_bytes
+    if need <= total:
+        fix = f"give --budget {gib_up(need)} or more" if req.budget is not None else "free memory on the card"
+        return f"{head}; smallest budget that fits: {gib_up(need)} per GPU {parts}; {fix}"
+    fixes = ["a shorter --seq-len" + (" or a smaller --batch-size" if req.batch_size > 1 else "")]
+    if gpu.pcie_gen is not None:
+        fixes.append("more GPUs (--num-gpus)")
+    fixes += [f"a lower {flag}" for flag, given in (("--reserve", req.reserve), ("--headroom", req.headroom))
+              if given is not None]
+    fixes.append("a card with more memory")
+    return (
+        f"{head}; no budget on the {gpu.name}'s {gib(total)} fits: the smallest plan needs "
+        f"{gib_up(need)} per GPU {parts}; try {', '.join(fixes[:-1])} or {fixes[-1]}"
+    )
+
+
+def write_plan_report(plan: Any, out: Path, report_dir: str, simulation: Any, *, debug: bool) -> int:
+    """--report after the plan is saved: any failure keeps the plan, says how to redo the report in one
+    line and exits EXIT_REPORT_FAILED (a script must not read a missing report as success)."""
+    import traceback
+
+    from reports import write_report
 
     try:
-        html = write_report(plan, report_dir)
-    except (ReportError, OSError) as e:
-        click.echo(
-            f"chunkft-plan: error: the plan is written ({out_path}) but the report failed: {e}; "
-            f"redo it with: chunkft-report {out_path} -o {report_dir}",
-            err=True,
+        Path(report_dir).parent.mkdir(parents=True, exist_ok=True)  # checked creatable above
+        extra = {} if simulation is None else {"simulation": simulation}
+        html = write_report(plan, report_dir, **extra)
+    except BrokenPipeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - every failure is reported the same way, with its exit code
+        if debug:
+            traceback.print_exc()
+        error_line(
+            f"the plan is written ({out}) but the report failed: {report_error_text(e)}; redo it with: "
+            f"chunkft-report {out} -o {report_dir}"
         )
-        return 3
+        return EXIT_REPORT_FAILED
     click.echo(f"report written to {html}")
-    return 0
+    return EXIT_OK
+
+
+def report_error_text(e: Exception) -> str:
+    from reports import ReportError
+
+    if isinstance(e, ReportError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename or 'the report'}: {e.strerror or e}"
+    return f"{type(e).__name__}: {e}"
 
 
 def default_budget(gpu: Any) -> int:
@@ -461,11 +696,16 @@ def optimizer_text(o: Any) -> str:
     return f"{o.name}, lr {o.lr:g}, {decay}, {clip}"
 
 
-def check_replay(plan: Any) -> None:
-    """Re-simulate the plan from the plan alone; refuse to write one the simulator does not reproduce."""
+def check_replay(plan: Any) -> Any:
+    """Re-simulate the plan from the plan alone; refuse to write one the simulator does not reproduce.
+    Returns the step simulation (a --calibrate plan's, with its measured rates, for the report)."""
+    from dataclasses import replace as replaced
+
+    from planner.costs import with_measured_rates
     from planner.simulator import setup_and_candidate, simulate
 
     setup, cand, act = setup_and_candidate(plan)
+    setup = replaced(setup, cost=with_measured_rates(setup.cost, plan.hardware))  # --calibrate's figures
     res = simulate(setup, cand, act)
     pr, hw = plan.predictions, plan.hardware
     got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, res.host_peak_bytes)
@@ -480,21 +720,25 @@ def check_replay(plan: Any) -> None:
             f"internal error: re-simulating the plan gives (peak, step s, budget needed, host peak) {got}, "
             f"the solver {want}; nothing written"
         )
+    return res.step
 
 
 def summary(  # type: ignore[no-untyped-def]
-    plan, sol, budget: int, headroom_why: str = "", budget_why: str = ""
+    plan, sol, budget: int, notes: Notes = Notes()
 ) -> str:
-    """The table a user reads before spending an hour (headroom_why: what the margin covers; budget_why:
-    where the budget came from, when not from the user or the profile)."""
+    """The table a user reads before spending an hour (notes: where figures came from, when not simply
+    from the user or the profile)."""
     from executor.loss import DEFAULT_CHUNK_TOKENS
 
     pr, hw, run = plan.predictions, plan.hardware, plan.run
+    headroom_why = notes.headroom
     lines = [
         f"model      {plan.model.name} ({plan.model.num_params:,} parameters, {run.weight_dtype})",
-        f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)}{budget_why} per GPU, "
-        f"host {gib(hw.host_budget_bytes)}",
+        f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)}{notes.budget} per GPU, "
+        f"host budget {gib(hw.host_budget_bytes)}{notes.host}",
+        *([notes.rates] if notes.rates else []),
         f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens"
+        + notes.seq_len
         + (" (padded rows)" if run.padded_batches else ""),  # unpadded: packed full rows, the usual case
         f"chunks     K={plan.chunk_table.num_chunks}, rotation {plan.rotation.order}, "
         f"{plan.rotation.update_interval} step(s) per visit, checkpointing {plan.checkpointing.mode}"
@@ -541,7 +785,8 @@ def summary(  # type: ignore[no-untyped-def]
         f"host memory                          {gib(pr.host_bytes)} states + "
         f"{gib(pr.host_peak_bytes - pr.host_bytes)} at checkpoints",
         f"step time                            {pr.step_seconds * 1000:.1f} ms  "
-        f"(compute efficiency {pr.compute_efficiency:.2f} of datasheet FLOP/s)",
+        f"(compute efficiency {pr.compute_efficiency:.2f} of "
+        + ("the measured matmul FLOP/s)" if hw.measured_flops_per_s else "datasheet FLOP/s)"),
         f"throughput                           {pr.tokens_per_second:,.0f} tokens/s",
         "",
         f"{'alternative':<52} {'K':>5} {'ckpt':>8} {'peak':>10} {'step':>10} {'tok/s':>9}  fits",
@@ -551,13 +796,30 @@ def summary(  # type: ignore[no-untyped-def]
             f"{a.label[:52]:<52} {a.k:>5} {a.checkpointing:>8} {a.peak_bytes / GIB:>6.2f} GiB "
             f"{a.step_seconds * 1000:>7.1f} ms {a.tokens_per_second:>9,.0f}  {'yes' if a.feasible else 'no'}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + why_chosen(plan))
+
+
+def why_chosen(plan: Any) -> list[str]:
+    """The tie rule under the alternatives, and why each one faster per step lost (a faster runner-up
+    with nothing said reads as a solver bug)."""
+    from planner.solver import TIE_RULE, Contender, why_not_chosen
+
+    if not plan.alternatives:
+        return []
+    pr = plan.predictions
+    chosen = Contender(plan.chunk_table.num_chunks, pr.step_seconds, pr.peak_bytes, True)
+    lines = [f"why this plan: {TIE_RULE}"]
+    for a in plan.alternatives:
+        if a.step_seconds < pr.step_seconds:
+            alt = Contender(a.k, a.step_seconds, a.peak_bytes, a.feasible)
+            lines.append(f"  {a.label}: {why_not_chosen(alt, chosen)}")
+    return lines
 
 
 @click.command(
     name="chunkft-plan",
     cls=OneLineErrors,
-    usage_exit_code=1,
+    usage_exit_code=EXIT_BAD_INPUT,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 @click.argument("model", required=False)
@@ -579,7 +841,13 @@ def summary(  # type: ignore[no-untyped-def]
     "peak (5%), or both (3%+256MiB, the default on GPUs: the tested prediction error plus untested "
     "GPU allocator behaviour; none on cpu).",
 )
-@click.option("--seq-len", default=1024, type=click.IntRange(1), show_default=True)
+@click.option(
+    "--seq-len",
+    default=None,
+    type=click.IntRange(1),
+    help=f"Tokens per sequence (default {DEFAULT_SEQ_LEN}, or the model's maximum positions when fewer; "
+    "at least 2 for a causal LM, 3 for classification).",
+)
 @click.option(
     "--batch-size",
     default=1,
@@ -645,6 +913,13 @@ def summary(  # type: ignore[no-untyped-def]
 )
 @click.option("--task", default=None, type=click.Choice(["causal-lm", "sequence-classification"]))
 @click.option(
+    "--random-init",
+    is_flag=True,
+    help="For a model directory: train its config from a random initialisation (seeded by the plan) "
+    "instead of its weights, e.g. one with config.json only; without tokenizer files the byte-level "
+    "tokenizer is used.",
+)
+@click.option(
     "--padded-batches/--unpadded-batches",
     default=None,
     help="Whether the training batches carry padding, which changes attention memory (a mask, and "
@@ -657,10 +932,21 @@ def summary(  # type: ignore[no-untyped-def]
     "--efficiency",
     default=None,
     type=click.FloatRange(0, 1, min_open=True),
-    help="Achieved fraction of datasheet FLOP/s (default 0.45).",
+    help="Achieved fraction of datasheet FLOP/s (default 0.45), or with --calibrate of the measured "
+    "matmul FLOP/s (default 0.42).",
 )
 @click.option(
-    "-o", "--output", default=None, type=click.Path(dir_okay=False), help="Where to write plan.json."
+    "--calibrate",
+    is_flag=True,
+    help="With --gpu cpu: measure this machine's matmul FLOP/s (the plan's dtype, the model's shapes) and "
+    "copy bandwidth for about 2 s, and plan with them instead of the generic CPU profile's figures.",
+)
+@click.option(
+    "-o",
+    "--output",
+    default=None,
+    type=click.Path(),
+    help="Where to write the plan; a directory (DIR/ or an existing one) gets DIR/plan.json.",
 )
 @click.option(
     "--eval-every",
@@ -696,7 +982,7 @@ def main(
 ) -> None:
     """Plan full-parameter ChunkFT fine-tuning of MODEL on --gpu; write the plan with -o."""
     import profiles
-    from planner.costs import DEFAULT_EFFICIENCY
+    from planner.costs import CALIBRATED_EFFICIENCY, DEFAULT_EFFICIENCY
 
     if list_gpus:
         for g in profiles.list_gpus():
@@ -712,30 +998,33 @@ def main(
         raise click.UsageError("give --gpu (e.g. --gpu 4090, --gpu cpu, --gpu auto); --list-gpus lists them")
     if output is None:
         raise click.UsageError("give -o plan.json: where to write the plan")
-    options["efficiency"] = options["efficiency"] or DEFAULT_EFFICIENCY
+    default = CALIBRATED_EFFICIENCY if options["calibrate"] else DEFAULT_EFFICIENCY
+    options["efficiency"] = options["efficiency"] or default
     req = Request(**options)  # every other option is a field of the request, by name
     try:
-        code = run_request(req, output, report_dir)
+        code = run_request(req, output, report_dir, debug=debug)
     except (click.ClickException, click.exceptions.Exit):
         raise
-    except Exception as e:  # one line unless --debug
-        if debug:
-            raise
-        from planner.plan import PlanError
-        from profiles import ProfileError
-
-        if isinstance(e, BrokenPipeError):  # stdout closed by the reader (e.g. `| head`): say nothing
-            sys.exit(141)
-        if isinstance(e, OSError):
-            raise click.ClickException(
-                f"{e.filename or output}: {e.strerror or e}; check the path and free space (nothing written)"
-            ) from None
-        if isinstance(e, (ProfileError, PlanError, ValueError)):
-            raise click.ClickException(str(e)) from None
-        raise click.ClickException(
-            f"{type(e).__name__}: {e} (rerun with --debug for the traceback)"
-        ) from None
+    except BrokenPipeError:  # stdout closed by the reader (e.g. `| head`): say nothing
+        sys.exit(141)
+    except Exception as e:  # one line; --debug prints the traceback first, the exit code stays
+        message, code = failure(e, output)
+        fail(PROG, message, code, debug=debug)
     sys.exit(code)
+
+
+def failure(e: Exception, output: str) -> tuple[str, int]:
+    """The one line and exit code of an exception out of run_request: bad input (a profile, a plan, a
+    value the solver refused) is EXIT_BAD_INPUT; the disk refusing the plan or a bug, EXIT_FAILED."""
+    from planner.plan import PlanError
+    from profiles import ProfileError
+
+    if isinstance(e, OSError):
+        where = e.filename or output
+        return f"{where}: {e.strerror or e}; check the path and free space (nothing written)", EXIT_FAILED
+    if isinstance(e, (ProfileError, PlanError, ValueError)):
+        return str(e), EXIT_BAD_INPUT
+    return f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ from planner.timeline import CATEGORIES
 SCHEMA_VERSION = 1
 CREATED_BY = "chunkft 0.1.0"
 
-ModelSource = Literal["preset", "hf-dir", "hub"]
+# "hf-config": a directory's config, randomly initialised (chunkft-plan --random-init); added in v1, so a
+# chunkft from before refuses such a plan by naming model.source, and every older plan reads as before.
+ModelSource = Literal["preset", "hf-dir", "hf-config", "hub"]
 Task = Literal["causal-lm", "sequence-classification"]
 WeightDtype = Literal["float32", "bfloat16", "float16"]
 OptimizerName = Literal["adamw", "sgd"]
@@ -75,7 +77,7 @@ class ModelIdentity:
 
     name: str  # preset key, directory name or hub id, as given to chunkft-plan
     source: ModelSource
-    path: str | None  # the directory for "hf-dir", else None
+    path: str | None  # the directory for "hf-dir" and "hf-config", else None
     task: Task
     num_labels: int | None  # for sequence-classification, else None
     architecture: str  # e.g. "LlamaForCausalLM"
@@ -97,6 +99,11 @@ class Hardware:
     # Safety margin on top of peak + reserve (planner.simulator.headroom_bytes says what it covers):
     # the plan fits when peak + reserve + headroom <= budget. Files written before it had none: 0.
     headroom_bytes: int = 0
+    # chunkft-plan --calibrate (--gpu cpu): this machine's measured matmul FLOP/s in the compute dtype and
+    # copy bandwidth (bytes read + written per second), planned with instead of the profile's figures
+    # (planner.costs.with_measured_rates); 0: the profile's figure. Files written before them: 0.
+    measured_flops_per_s: int = 0
+    measured_memory_bytes_per_s: int = 0
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,8 @@ def plan_to_json(plan: Plan) -> str:
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     """Write atomically: a temp file in the same directory, fsync, then rename over `path`."""
+    from planner.files import honour_umask
+
     text = plan_to_json(plan)  # raises before anything is written
     target = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -358,6 +367,7 @@ def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        honour_umask(tmp)  # mkstemp made it 0600; a plan is as readable as any file the user writes
         os.replace(tmp, target)
     except BaseException:
         if os.path.exists(tmp):
@@ -547,6 +557,8 @@ def _with_added_fields(data: dict) -> dict:
     out = _filled(out, ("run",), "cuda_alloc_conf", "")
     out = _filled(out, ("run", "optimizer"), "weight_decay_mode", "window")
     out = _filled(out, ("hardware",), "headroom_bytes", 0)
+    out = _filled(out, ("hardware",), "measured_flops_per_s", 0)
+    out = _filled(out, ("hardware",), "measured_memory_bytes_per_s", 0)
     predictions = out.get("predictions")
     if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported
         out = _filled(out, ("predictions",), "host_peak_bytes", predictions["host_bytes"])
@@ -711,8 +723,8 @@ def _check_model(m: ModelIdentity, p: str, problems: list[str]) -> None:
         problems,
         f"{p}.fingerprint must be 64 lowercase hex digits (sha256), got {_describe(m.fingerprint)}",
     )
-    if m.source == "hf-dir":
-        _need(bool(m.path), problems, f"{p}.path must name the model directory when source is 'hf-dir'")
+    if m.source in ("hf-dir", "hf-config"):
+        _need(bool(m.path), problems, f"{p}.path must name the model directory when source is {m.source!r}")
     if m.task == "sequence-classification":
         _need(
             m.num_labels is not None and m.num_labels >= 1,

@@ -52,6 +52,13 @@ MIN_CYCLES = 2  # every window is visited at least this often in the run
 CUDA_ALLOC_CONF = "expandable_segments:True"
 CHUNKED_CE_MIN_SHARE = 0.01  # auto: chunked cross-entropy is tried when full logits are >= 1% of the budget
 K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Predictions within 1% of the fastest are a tie the cost model cannot resolve (its error is larger):
+# among them the fewer windows win (each visit builds Adam's moments longer), then the lower peak.
+TIE_TOLERANCE = 0.01
+TIE_RULE = (
+    f"the least time to update every parameter once (K x step time); within {TIE_TOLERANCE:.0%} of the "
+    "fastest is a tie, won by fewer chunks, then the lower peak"
+)
 
 
 @dataclass(frozen=True)
@@ -380,7 +387,7 @@ class Solver:
                     for k in ks:
                         # K steps of at least a full forward each: once that alone is slower than a
                         # feasible option, no larger K can win (K ascends); infeasible runs prune nothing
-                        if k * floor > fastest * 1.01:
+                        if k * floor > fastest * (1 + TIE_TOLERANCE):
                             break
                         found = self._ckpt_options(k, micro, accum, placement, chunk_tokens)
                         options.extend(found)
@@ -391,11 +398,10 @@ class Solver:
         )
         best = None
         if feasible:
-            # Least time per token to update every parameter once (K x seconds per token); predictions
-            # within 1% are a tie the cost model cannot resolve: take fewer windows, then the lower peak.
+            # Least time per token to update every parameter once (K x seconds per token); TIE_RULE.
             fastest = min(o.rotation_seconds_per_token for o in feasible)
             best = min(
-                (o for o in feasible if o.rotation_seconds_per_token <= fastest * 1.01),
+                (o for o in feasible if o.rotation_seconds_per_token <= fastest * (1 + TIE_TOLERANCE)),
                 key=lambda o: (o.num_chunks, o.result.step.peak_bytes, o.rotation_seconds_per_token),
             )
         runners: list[Option] = []
@@ -450,6 +456,39 @@ class Solver:
         return tuple(out)
 
 
+@dataclass(frozen=True)
+class Contender:
+    """What the summary knows of an option: enough to say why it was not chosen."""
+
+    k: int
+    step_seconds: float  # per optimizer step (every option trains the same tokens per step)
+    peak_bytes: int
+    feasible: bool
+
+
+def why_not_chosen(alt: Contender, chosen: Contender) -> str:
+    """Why the solver passed over `alt` for `chosen`, by TIE_RULE (one clause, for the summary)."""
+    if not alt.feasible:
+        return "does not fit the budget"
+    alt_rotation, chosen_rotation = alt.k * alt.step_seconds, chosen.k * chosen.step_seconds
+    if alt_rotation > chosen_rotation:
+        return (
+            f"slower to update every parameter once: K={alt.k} x {alt.step_seconds * 1000:.1f} ms = "
+            f"{alt_rotation * 1000:.1f} ms, the chosen K={chosen.k} x {chosen.step_seconds * 1000:.1f} ms = "
+            f"{chosen_rotation * 1000:.1f} ms"
+        )
+    tie = f"within {TIE_TOLERANCE:.0%} of the chosen plan"
+    if alt.k > chosen.k:
+        return f"{tie}: the chosen plan has fewer chunks (K={chosen.k}, not {alt.k})"
+    if alt.peak_bytes > chosen.peak_bytes:
+        gib = 2**30
+        return (
+            f"{tie}: the chosen plan needs less memory ({chosen.peak_bytes / gib:.2f} GiB peak, "
+            f"not {alt.peak_bytes / gib:.2f} GiB)"
+        )
+    return f"{tie}: equal on chunks and peak; the solver keeps the first it found"
+
+
 def make_setup(
     structure: ModelStructure,
     cost: CostModel,
@@ -498,6 +537,7 @@ def build_plan(
     sol: Solution,  # type: ignore[no-untyped-def]
     budget: int,
     host_budget: int,
+    measured=None,  # planner.costs.MeasuredRates of --calibrate, recorded in the plan's hardware
 ):
     """The v1 plan of the solver's best option (req: planner.cli.Request)."""
     import torch
@@ -591,6 +631,8 @@ def build_plan(
             reserve_bytes=step.reserve_bytes,
             host_budget_bytes=host_budget,
             headroom_bytes=res.headroom_bytes,
+            measured_flops_per_s=0 if measured is None else measured.flops_per_s,
+            measured_memory_bytes_per_s=0 if measured is None else measured.memory_bytes_per_s,
         ),
         run=run,
         chunk_table=P.ChunkTable("rows", 8 if req.optimizer == "adamw" else 4, structure.specs, chunks),

@@ -287,8 +287,9 @@ class ModelPreset:
     config: PretrainedConfig
     task: Task
     published_num_params: int | None  # for the preset's own task; None for directories, hub ids, overrides
-    source: Literal["preset", "hf-dir", "hub"]
-    path: str | None  # the directory for "hf-dir"
+    # "hf-config": a directory's config trained from a random initialisation (chunkft-plan --random-init)
+    source: Literal["preset", "hf-dir", "hf-config", "hub"]
+    path: str | None  # the directory for "hf-dir" and "hf-config"
     has_weights: bool
     sources: FrozenMap[str]
     aliases: tuple[str, ...] = ()
@@ -474,7 +475,10 @@ def build_model(
         with torch.device(device):
             return auto.from_config(config, dtype=dtype)
     if preset.source != "hf-dir" or not preset.has_weights:
-        raise ProfileError(f"'{preset.key}' has no local weights to load; build it from its config instead")
+        raise ProfileError(
+            f"'{preset.key}' has no local weights to load (*.safetensors, pytorch_model.bin); copy the "
+            "weights in, or plan it with chunkft-plan --random-init to train from a random initialisation"
+        )
     if torch.device(device).type == "meta":
         raise ProfileError("load_weights needs a real device (cpu or cuda), not meta")
     model = auto.from_pretrained(preset.path, config=config, dtype=dtype)

@@ -4,18 +4,28 @@ The only matplotlib user in chunkft (object API on the Agg canvas: no display, n
 """
 
 from .data import Alternative, ReportData, RunRecord, SweepPoint
-from .runfile import RunFileError, load_run
+from .runfile import RunFileError, load_run, plan_sha256
 from .trace import trace_events, trace_json
-from .writer import ReportError, render, write_report, write_report_data
+from .writer import (
+    ReportError,
+    ReportFailedError,
+    ReportInputError,
+    render,
+    write_report,
+    write_report_data,
+)
 
 __all__ = [
     "Alternative",
     "ReportData",
     "ReportError",
+    "ReportFailedError",
+    "ReportInputError",
     "RunFileError",
     "RunRecord",
     "SweepPoint",
     "load_run",
+    "plan_sha256",
     "render",
     "trace_events",
     "trace_json",

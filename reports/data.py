@@ -51,6 +51,7 @@ class RunRecord:
     memory_method: str = ""  # "cuda-allocator" | "memtracker" (CPU)
     device: str = ""
     reserved_bytes: int | None = None  # the CUDA caching allocator's reserve at the peak
+    notes: tuple[str, ...] = ()  # what could not be checked about the run (e.g. no plan sha256)
 
 
 @dataclass(frozen=True)

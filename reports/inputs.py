@@ -56,7 +56,7 @@ def report_data(
     """Collect what the report shows; without a solver sweep, derive one from the plan's alternatives."""
     hw, ct = plan.hardware, plan.chunk_table
     alts = alternatives_of(plan)
-    notes: list[str] = []
+    notes: list[str] = list(run.notes) if run is not None else []
     gpu_label = hw.gpu_name + (f" × {hw.num_gpus}" if hw.num_gpus > 1 else "")
     if sweep is None:
         lo = min([a.peak_bytes for a in alts] + [simulation.peak_bytes]) + hw.reserve_bytes

@@ -4,28 +4,51 @@ The shape it writes: {"plan": {"model_fingerprint", "num_chunks", ...}, "measure
 "memory_method", "peak_bytes" (null when no step was measured), "reserved_bytes", "peak_by_category"
 (empty on CUDA: the allocator gives no breakdown), "step_seconds", "tokens_per_second", ...},
 "predicted": {...}, "losses": {"train": [loss per optimizer step, step 1 first], "eval": [{"step",
-"eval_loss", "eval_accuracy"}, ...]}}. A run of a different model than the plan is refused by
-check_run_matches_plan.
+"eval_loss", "eval_accuracy"}, ...]}}. A run of a different model than the plan, or of another plan
+(plan.sha256, the digest of the plan's canonical JSON), is refused: its comparison would mislead.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from planner.timeline import CATEGORIES
 
 from .data import RunRecord
+
+if TYPE_CHECKING:
+    from planner.plan import Plan
+
+NO_PLAN_HASH_NOTE = (
+    "The run.json records no plan sha256 (written before chunkft-run recorded it), so only its model "
+    "was checked against this plan: make sure it is the run of this plan."
+)
 
 
 class RunFileError(ValueError):
     """run.json is missing, not JSON, or lacks a field; the message names the field."""
 
 
-def load_run(path: str | Path, fingerprint: str | None = None) -> RunRecord:
-    """fingerprint: the plan's model fingerprint; a run.json of another model is refused."""
+def plan_sha256(plan: Plan) -> str:
+    """The digest chunkft-run records as plan.sha256: of the plan's canonical JSON, not the file's bytes."""
+    from planner.plan import plan_to_json
+
+    return hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
+
+
+def load_run(
+    path: str | Path,
+    fingerprint: str | None = None,
+    *,
+    plan_digest: str | None = None,
+    plan_where: str = "PLAN.json",
+) -> RunRecord:
+    """fingerprint: the plan's model fingerprint; a run.json of another model is refused. plan_digest:
+    plan_sha256 of the plan (plan_where names its file); a run.json of another plan is refused."""
     p = Path(path)
     try:
         doc = json.loads(p.read_text(encoding="utf-8"))
@@ -35,19 +58,28 @@ def load_run(path: str | Path, fingerprint: str | None = None) -> RunRecord:
         raise RunFileError(f"cannot read run file {p}: {exc}") from None
     except json.JSONDecodeError as exc:
         raise RunFileError(f"run file {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return run_from_dict(doc, str(p), fingerprint)
+    return run_from_dict(doc, str(p), fingerprint, plan_digest=plan_digest, plan_where=plan_where)
 
 
-def run_from_dict(doc: Any, where: str = "run.json", fingerprint: str | None = None) -> RunRecord:
+def run_from_dict(
+    doc: Any,
+    where: str = "run.json",
+    fingerprint: str | None = None,
+    *,
+    plan_digest: str | None = None,
+    plan_where: str = "PLAN.json",
+) -> RunRecord:
     if not isinstance(doc, dict):
         raise RunFileError(f"{where}: expected a JSON object at the top level")
     plan_info = doc.get("plan")
-    got = plan_info.get("model_fingerprint") if isinstance(plan_info, dict) else None
+    plan_info = plan_info if isinstance(plan_info, dict) else {}
+    got = plan_info.get("model_fingerprint")
     if fingerprint is not None and got is not None and got != fingerprint:
         raise RunFileError(
             f"{where} was measured on a different model than the plan (fingerprint {str(got)[:12]}... "
             f"!= {fingerprint[:12]}...); pass the run.json that chunkft-run wrote for this plan"
         )
+    notes = _check_plan_digest(plan_info.get("sha256"), plan_digest, where, plan_where)
     measured = doc.get("measured", doc)
     if not isinstance(measured, dict):
         raise RunFileError(f"{where}: 'measured' must be an object")
@@ -87,7 +119,24 @@ def run_from_dict(doc: Any, where: str = "run.json", fingerprint: str | None = N
         memory_method=str(measured.get("memory_method") or ""),
         device=str(measured.get("device") or ""),
         reserved_bytes=_optional_int(measured, "reserved_bytes", where),
+        notes=notes,
     )
+
+
+def _check_plan_digest(got: Any, want: str | None, where: str, plan_where: str) -> tuple[str, ...]:
+    """Refuse a run of another plan; a run.json without plan.sha256 (older files) passes with a note."""
+    if want is None:
+        return ()
+    if got is None:
+        return (NO_PLAN_HASH_NOTE,)
+    if not isinstance(got, str):
+        raise RunFileError(f"{where}: plan.sha256 must be a hex string, got {got!r}")
+    if got != want:
+        raise RunFileError(
+            f"{where} was made from another plan (sha256 {got[:12]}..., {plan_where} {want[:12]}...); "
+            "pass the plan the run replayed, or the run.json of this plan"
+        )
+    return ()
 
 
 def _number(d: dict, key: str, where: str, integer: bool = False) -> Any:

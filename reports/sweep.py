@@ -1,20 +1,27 @@
 """Budget sweep through the real solver: the plan's request re-solved per budget and per GPU profile.
 
 planner.solver.sweep runs a full Solver.solve() for every point, so each point is what chunkft-plan
-would choose there (K, checkpointing, micro-batch, placement all free; the model, dtype, global batch,
-sequence length, optimizer, rotation and host memory are the plan's). This module only builds the
-solver's inputs from the plan and turns its answers into SweepPoints.
+would choose there (K, checkpointing, micro-batch, placement and, unless the plan forced it, the
+cross-entropy all free; the model, dtype, global batch, sequence length, padding, optimizer, rotation
+and host memory are the plan's). This module only builds the solver's inputs from the plan and turns
+its answers into SweepPoints.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from planner.plan import Plan
 from planner.profile_model import ActivationProfile, ModelStructure
 
 from .data import SweepPoint
+
+if TYPE_CHECKING:
+    from planner.simulator import Setup
+    from planner.solver import Space
 
 DEFAULT_GPUS = ("rtx-4090", "a100-80gb", "h100-80gb")
 POINTS_PER_GPU = 10
@@ -53,10 +60,22 @@ def solver_sweep(
         structure = model_structure(preset.config, preset.task, run.weight_dtype)
 
     def activations(micro_batch: int) -> ActivationProfile:
-        if activation is not None and activation.micro_batch == micro_batch:
+        # The solver wants the plain profile (it applies chunked cross-entropy itself per candidate);
+        # the plan's own profile is chunked when the plan is, so only a plain one is reused.
+        if (
+            activation is not None
+            and activation.chunk_tokens is None
+            and activation.micro_batch == micro_batch
+        ):
             return activation
         return activation_profile(
-            preset.config, preset.task, micro_batch, run.seq_len, run.compute_dtype, run.attn_implementation
+            preset.config,
+            preset.task,
+            micro_batch,
+            run.seq_len,
+            run.compute_dtype,
+            run.attn_implementation,
+            padded=run.padded_batches,  # the plan's padding: it changes the attention path
         )
 
     plan_gpu = profiles.load_gpu(hw.gpu)
@@ -96,6 +115,8 @@ def solver_sweep(
         rotation_seed=plan.rotation.seed,
         layer_gpu=tuple(plan.placement.layer_gpu),
     )
+    plan_setup = setups[0][1]  # the plan's GPU comes first
+    space = replace(space, cross_entropy=cross_entropy_mode(plan, plan_setup, activations, space))
     points = sweep(setups, space, activations, lambda label: budgets[label], hw.host_budget_bytes)
     out = []
     for p in points:
@@ -121,6 +142,29 @@ def solver_sweep(
             )
         )
     return tuple(out)
+
+
+def cross_entropy_mode(
+    plan: Plan, setup: Setup, activations: Callable[[int], ActivationProfile], space: Space
+) -> str:
+    """The sweep's --cross-entropy: "chunked" where the plan's user forced it, else "auto".
+
+    The plan records only whether its loss is chunked, not whether that was forced. A chunked plan whose
+    own budget would not have made auto try chunked cross-entropy (the logits are small there) was forced,
+    and the sweep keeps it, so its point at the plan's budget is the plan. Otherwise the loss is free like
+    K: pinning "chunked" would show slower chunked plans where the full logits fit, and pinning "full" on
+    an unchunked plan would show budgets as infeasible that chunkft-plan fits with chunked cross-entropy.
+    (A forced --cross-entropy full is not recorded, so it cannot be kept.)
+    """
+    from executor.loss import DEFAULT_CHUNK_TOKENS
+    from planner.solver import Limits, Solver
+
+    if not plan.run.chunked_cross_entropy:
+        return "auto"
+    hw = plan.hardware
+    probe = Solver(setup, Limits(hw.budget_bytes, hw.host_budget_bytes), activations, space)
+    auto_tries = DEFAULT_CHUNK_TOKENS in probe.loss_options(plan.run.micro_batch_size)
+    return "auto" if auto_tries else "chunked"
 
 
 def _dtype_bytes(dtype: str) -> int:

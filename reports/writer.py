@@ -1,12 +1,13 @@
 """Write a report directory: report.html (self-contained), one PNG per figure, trace.json.
 
 Everything is rendered in memory first, written into a temporary sibling directory, and only then moved
-into place, so a failure leaves no half-written report behind.
+into place, so a failure leaves no half-written report behind: a new directory is renamed into place in
+one step; into an existing directory each file is renamed over its old copy (a same-directory rename
+needs no space), after checking that none of the names is taken by a directory.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from planner.files import current_umask
 from planner.timeline import StepSimulation
 
 from .data import ReportData, RunRecord, SweepPoint
@@ -23,13 +25,22 @@ from .trace import trace_json
 
 if TYPE_CHECKING:
     from planner.plan import Plan
+    from planner.profile_model import ActivationProfile, ModelStructure
 
 REPORT_FILE = "report.html"
 TRACE_FILE = "trace.json"
 
 
 class ReportError(Exception):
-    """Bad input or an unwritable destination; the message is one line saying what to do."""
+    """No report was written; the message is one line saying why and what to do."""
+
+
+class ReportInputError(ReportError):
+    """Refused before anything was written: the destination cannot become the report (bad input)."""
+
+
+class ReportFailedError(ReportError):
+    """Drawing or writing the report failed (the sweep failed, the disk is full); nothing was written."""
 
 
 def render(data: ReportData) -> dict[str, bytes]:
@@ -44,13 +55,25 @@ def render(data: ReportData) -> dict[str, bytes]:
 def check_destination(out: Path) -> Path:
     """Fail early (before any rendering or simulating) on an output path that cannot become the report."""
     if out.exists() and not out.is_dir():
-        raise ReportError(f"output path {out} exists and is not a directory; choose another -o DIR")
+        raise ReportInputError(f"output path {out} exists and is not a directory; choose another -o DIR")
     parent = out.parent
     if not parent.is_dir():
-        raise ReportError(f"cannot write the report: directory {parent} does not exist; create it first")
+        raise ReportInputError(f"cannot write the report: directory {parent} does not exist; create it first")
     if not os.access(out if out.is_dir() else parent, os.W_OK | os.X_OK):
-        raise ReportError(f"cannot write the report into {out}: permission denied; choose a writable -o DIR")
+        raise ReportInputError(
+            f"cannot write the report into {out}: permission denied; choose a writable -o DIR"
+        )
     return parent
+
+
+def check_names_free(out: Path, names: Sequence[str]) -> None:
+    """Into an existing directory, no report file may be a directory: its rename would fail half-way."""
+    taken = sorted(name for name in names if (out / name).is_dir())
+    if taken:
+        raise ReportInputError(
+            f"cannot write the report into {out}: {', '.join(taken)} there is a directory; "
+            "remove it or choose another -o DIR"
+        )
 
 
 def write_report_data(data: ReportData, out_dir: str | os.PathLike[str]) -> Path:
@@ -58,34 +81,39 @@ def write_report_data(data: ReportData, out_dir: str | os.PathLike[str]) -> Path
     out = Path(out_dir)
     parent = check_destination(out)
     files = render(data)
+    if out.is_dir():
+        check_names_free(out, list(files))
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     except OSError as exc:
-        raise ReportError(
-            f"cannot write the report into {parent}: {exc.strerror}; choose a writable -o DIR"
-        ) from exc
+        raise ReportFailedError(_write_failure(parent, exc)) from exc
     try:
         for name, content in files.items():
             (tmp / name).write_bytes(content)
-        if out.is_dir():
-            for name in files:
-                os.replace(tmp / name, out / name)
-            tmp.rmdir()
-        else:
-            os.chmod(tmp, 0o777 & ~_umask())
-            os.replace(tmp, out)
+        _move_into_place(tmp, out, list(files))
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ReportError(
-            f"cannot write the report into {out}: {exc.strerror}; choose a writable -o DIR"
-        ) from exc
+        raise ReportFailedError(_write_failure(out, exc)) from exc
     return out / REPORT_FILE
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _move_into_place(tmp: Path, out: Path, names: Sequence[str]) -> None:
+    """Rename the written files over an existing report, or the whole directory into place."""
+    if out.is_dir():
+        for name in names:
+            os.replace(tmp / name, out / name)
+        tmp.rmdir()
+    else:
+        os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700; the files are 0666 & ~umask
+        os.replace(tmp, out)
+
+
+def _write_failure(where: Path, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    return (
+        f"cannot write the report into {where}: {reason}; nothing was written: "
+        "free space (or fix the cause) or choose another -o DIR"
+    )
 
 
 def write_report(
@@ -112,16 +140,27 @@ def write_report(
         setup, cand, activation = setup_and_candidate(plan)
         structure = setup.structure
         simulation = simulate(setup, cand, activation).step
-    notes: tuple[str, ...] = ()
     if sweep is None:
-        from .sweep import solver_sweep
-
-        try:
-            sweep = solver_sweep(plan, structure=structure, activation=activation)
-        except Exception as exc:  # noqa: BLE001 - the sweep is an extra; the report stands without it
-            notes = (f"No budget sweep: the solver failed ({type(exc).__name__}: {exc}).",)
-            sweep = ()
+        sweep = _sweep(plan, structure, activation)
     data = report_data(plan, simulation, run=run, sweep=sweep)
-    if notes:
-        data = dataclasses.replace(data, notes=notes + data.notes)
     return write_report_data(data, out_dir)
+
+
+def _sweep(
+    plan: Plan, structure: ModelStructure | None, activation: ActivationProfile | None
+) -> tuple[SweepPoint, ...]:
+    """The solver sweep, or ReportError: a report without its sweep would hide a planner bug."""
+    from profiles import ProfileError
+
+    from .sweep import solver_sweep
+
+    try:
+        return solver_sweep(plan, structure=structure, activation=activation)
+    except ProfileError as exc:  # the plan's model (or GPU) is not here: bad input, not a bug
+        raise ReportInputError(f"cannot sweep the plan's budgets: {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - any failure of the sweep is the report's failure
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise ReportFailedError(
+            f"the budget sweep failed ({reason}); nothing was written: this is a bug, please report it "
+            "with the plan file"
+        ) from exc

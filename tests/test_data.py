@@ -193,3 +193,93 @@ def test_eval_batches_cover_the_split_in_order(tmp_path: Path) -> None:
     data = load_dataset(f, BYTES, task="causal-lm", seq_len=8).eval  # 5 examples
     got = torch.cat([b["input_ids"] for b in eval_batches(data, 2)])
     assert torch.equal(got, data.input_ids)
+
+
+# --------------------------------------------------- byte-order marks, exported tokenizers, empty ones
+
+BOM_BODIES = {
+    ".txt": "To be, or not to be: that is the question.\n" * 4,
+    ".jsonl": "\n".join(json.dumps({"text": f"doc{i} " * 4}) for i in range(8)) + "\n",
+    ".tsv": "sentence\tlabel\ngood film\t1\nbad film\t0\nfine\t1\n",
+    ".csv": 'sentence,label\n"good, film",1\nbad film,0\nfine,1\n',
+}
+
+
+@pytest.mark.parametrize("suffix", sorted(BOM_BODIES))
+def test_a_leading_byte_order_mark_is_not_data(tmp_path: Path, suffix: str) -> None:
+    """Spreadsheets and Windows editors write UTF-8 with a BOM: the file reads as it would without one."""
+    plain, marked = tmp_path / f"plain{suffix}", tmp_path / f"marked{suffix}"
+    plain.write_text(BOM_BODIES[suffix], encoding="utf-8")
+    marked.write_text(BOM_BODIES[suffix], encoding="utf-8-sig")
+    assert marked.read_bytes().startswith(b"\xef\xbb\xbf")
+    task = "sequence-classification" if suffix in (".tsv", ".csv") else "causal-lm"
+    a, b = (load_dataset(f, BYTES, task=task, seq_len=16, num_labels=2) for f in (plain, marked))
+    for part in ("train", "eval"):
+        for field in ("input_ids", "attention_mask", "labels"):
+            assert torch.equal(getattr(getattr(a, part), field), getattr(getattr(b, part), field))
+
+
+def test_a_file_holding_only_a_byte_order_mark_is_empty(tmp_path: Path) -> None:
+    f = tmp_path / "bom.txt"
+    f.write_bytes(b"\xef\xbb\xbf\n")
+    with pytest.raises(DataError, match="data file is empty"):
+        load_dataset(f, BYTES, task="causal-lm", seq_len=8)
+
+
+UNICODE = "Grüße, 世界! ☃ 🎉 naïve café\r\n\ttab  two spaces <|eos|><|bos|> \ufeffmid-text BOM \x7f"
+
+
+def test_byte_tokenizer_saves_a_hugging_face_tokenizer_with_the_same_ids(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    BYTES.save(tmp_path)
+    hf = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.bos_token_id, hf.eos_token_id, hf.pad_token_id) == (BYTES.bos_id, BYTES.eos_id, BYTES.pad_id)
+    tok = HFTokenizer(tmp_path)
+    assert (tok.eos_id, tok.pad_id) == (BYTES.eos_id, BYTES.pad_id)
+    shakespeare = (SHARED / "data" / "tinyshakespeare" / "input.txt").read_text()
+    assert tok.encode(shakespeare) == BYTES.encode(shakespeare)
+    for text in (UNICODE, "", "a"):
+        assert tok.encode(text) == BYTES.encode(text), text
+        assert tok.encode_wrapped(text) == BYTES.encode_wrapped(text), text
+        assert hf.decode(BYTES.encode(text)) == text
+    tok.save(tmp_path / "again")  # an exported model exported again keeps the same ids
+    again = HFTokenizer(tmp_path / "again")
+    assert again.encode(UNICODE) == BYTES.encode(UNICODE)
+    assert again.encode_wrapped(UNICODE) == BYTES.encode_wrapped(UNICODE)
+
+
+def test_saved_byte_tokenizer_reads_every_format_as_byte_tokenizer(tmp_path: Path) -> None:
+    BYTES.save(tmp_path)
+    tok = HFTokenizer(tmp_path)
+    for suffix, body in BOM_BODIES.items():
+        f = tmp_path / f"data{suffix}"
+        f.write_text(body + ("" if suffix != ".txt" else UNICODE * 2), encoding="utf-8-sig")
+        task = "sequence-classification" if suffix in (".tsv", ".csv") else "causal-lm"
+        a, b = (load_dataset(f, t, task=task, seq_len=16, num_labels=2) for t in (BYTES, tok))
+        assert torch.equal(a.train.input_ids, b.train.input_ids), suffix
+        assert torch.equal(a.eval.input_ids, b.eval.input_ids), suffix
+
+
+def _config_only(kind: str, directory: Path) -> Path:
+    from transformers import BertConfig, GPT2Config, LlamaConfig
+
+    small = {"num_hidden_layers": 1, "num_attention_heads": 2}
+    config = {
+        "llama": lambda: LlamaConfig(hidden_size=32, intermediate_size=64, **small),
+        "bert": lambda: BertConfig(hidden_size=32, intermediate_size=64, **small),
+        "gpt2": lambda: GPT2Config(n_embd=32, n_layer=1, n_head=2),
+    }[kind]()
+    config.save_pretrained(str(directory))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["llama", "bert", "gpt2"])
+def test_a_directory_without_tokenizer_files_is_named_not_the_data(tmp_path: Path, kind: str) -> None:
+    """transformers builds an empty tokenizer there (or fails in a paragraph): say what is missing."""
+    d = _config_only(kind, tmp_path / kind)
+    with pytest.raises(DataError) as e:
+        HFTokenizer(d)
+    msg = str(e.value)
+    assert msg.startswith(f"{d} has no tokenizer files (tokenizer.json, tokenizer.model, vocab.txt")
+    assert msg.endswith("copy them in from the base model") and "\n" not in msg

@@ -419,7 +419,7 @@ def test_truncated_or_malformed_json_reports_line_and_column() -> None:
     with pytest.raises(PlanError) as err:
         plan_from_json(cut, source="plan.json")
     line, column = cut.count("\n") + 1, len(cut.rsplit("\n", 1)[1]) + 1
-    assert (line, column) == (124, 15)
+    assert (line, column) == (126, 15)
     assert str(err.value).startswith(
         f"plan.json is not valid JSON (Expecting value at line {line} column {column})"
     )
@@ -473,6 +473,7 @@ def test_plan_for_another_model_is_refused(specs: list[ParamSpec]) -> None:
 # --- fields added to v1 later --------------------------------------------------------------------------
 
 ADDED_LATER = (
+    ',\n    "measured_flops_per_s": 0,\n    "measured_memory_bytes_per_s": 0\n',
     ',\n    "headroom_bytes": 0\n',
     ',\n      "weight_decay_mode": "window"\n',
     '\n    "cuda_alloc_conf": "",',
@@ -486,7 +487,10 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
     for spelled in ADDED_LATER:
         assert spelled in old, spelled
         old = old.replace(spelled, "\n" if spelled.endswith("\n") else "")
-    for name in ("headroom_bytes", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes"):
+    added = (
+        "headroom_bytes", "measured_flops_per_s", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes"
+    )
+    for name in added:
         assert name not in old
     path = tmp_path / "old.json"
     path.write_text(old, encoding="utf-8")

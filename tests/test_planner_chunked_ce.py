@@ -124,7 +124,7 @@ def _plan(tmp_path: Path, *extra: str) -> tuple[int, str, Path]:
 
 def test_auto_chooses_chunked_cross_entropy_when_full_logits_do_not_fit(tmp_path: Path) -> None:
     code, output, out = _plan(tmp_path, "--cross-entropy", "full")
-    assert code == 2 and not out.exists(), output
+    assert code == 3 and not out.exists(), output
     code, output, out = _plan(tmp_path)
     assert code == 0, output
     plan = load_plan(out)

@@ -51,7 +51,7 @@ def test_tiny_llama_on_cpu_writes_a_replayable_plan(tmp_path: Path) -> None:
     assert "predicted GPU peak" in r.output and "tokens/s" in r.output
 
 
-def test_infeasible_budget_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+def test_infeasible_budget_exits_3_with_an_error_line_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     r = CliRunner().invoke(
         main,
@@ -69,9 +69,11 @@ def test_infeasible_budget_exits_2_and_writes_nothing(tmp_path: Path) -> None:
             str(out),
         ],
     )
-    assert r.exit_code == 2
+    assert r.exit_code == 3  # EXIT_NO_FIT
     assert not out.exists()
-    assert "smallest budget that fits" in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("chunkft-plan: error: tiny-llama does not fit "), last
+    assert "smallest budget that fits" in last and last.endswith("; give --budget 0.02 GiB or more"), last
 
 
 BASE = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--host-mem", "4GiB"]
@@ -116,12 +118,12 @@ BASE = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--host-mem", "4GiB"]
         (["tiny-llama"], "give --gpu"),
     ],
 )
-def test_bad_input_is_one_line_exit_1_and_writes_nothing(
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     tmp_path: Path, args: list[str], expected: str
 ) -> None:
     out = tmp_path / "sub" / "plan.json"
     r = CliRunner().invoke(main, [*args, "-o", str(out)] if "give -o" not in expected else args)
-    assert r.exit_code == 1, r.output
+    assert r.exit_code == 2, r.output  # EXIT_BAD_INPUT, as chunkft-run
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("chunkft-plan: error: "), r.output
     assert expected in lines[0], lines[0]
@@ -130,31 +132,34 @@ def test_bad_input_is_one_line_exit_1_and_writes_nothing(
 
 def test_unwritable_output_is_refused_before_planning(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
+    (tmp_path / "dir" / "plan.json").mkdir(parents=True)  # -o dir means dir/plan.json: a directory here
     for out, expected in [
         (tmp_path / "afile" / "plan.json", "is a file, not a directory"),
-        (tmp_path, "is a directory"),
+        (tmp_path / "dir", "plan.json is a directory"),
     ]:
         r = CliRunner().invoke(main, [*BASE, "-o", str(out)])
-        assert r.exit_code == 1 and expected in r.output and len(r.output.strip().splitlines()) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+        assert r.exit_code == 2 and expected in r.output and len(r.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "dir"]
 
 
-def test_debug_shows_the_traceback_only_when_asked(tmp_path: Path) -> None:
+def test_debug_shows_the_traceback_only_when_asked_and_keeps_the_exit_code(tmp_path: Path) -> None:
     args = ["tiny-llama", "--gpu", "nosuchgpu", "-o", str(tmp_path / "p.json")]
     r = CliRunner().invoke(main, args)
-    assert r.exit_code == 1 and r.exception is not None and isinstance(r.exception, SystemExit)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit) and "Traceback" not in r.output
     r = CliRunner().invoke(main, [*args, "--debug"])
-    from profiles import ProfileError
-
-    assert isinstance(r.exception, ProfileError)  # raised through: Python prints the traceback
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output  # the same code
+    assert "Traceback (most recent call last)" in r.output and "ProfileError" in r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("chunkft-plan: error: unknown GPU 'nosuchgpu'"), last
 
 
 def test_debug_in_a_real_process_prints_a_traceback(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "planner.cli", "tiny-llama", "--gpu", "nosuch", "-o", str(tmp_path / "p")]
     quiet = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     loud = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
-    assert quiet.returncode == 1 and quiet.stderr.count("\n") == 1 and "Traceback" not in quiet.stderr
-    assert loud.returncode == 1 and "Traceback (most recent call last)" in loud.stderr
+    assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1 and "Traceback" not in quiet.stderr
+    assert loud.returncode == 2 and "Traceback (most recent call last)" in loud.stderr
+    assert loud.stderr.strip().splitlines()[-1] == quiet.stderr.strip()  # the same one line, last
 
 
 def test_eval_and_checkpoint_cadence_and_report(tmp_path: Path) -> None:
@@ -172,12 +177,12 @@ def test_a_bad_report_dir_writes_nothing_and_a_failed_report_keeps_the_plan(tmp_
     (tmp_path / "afile").write_text("x")
     out = tmp_path / "plan.json"
     r = CliRunner().invoke(main, [*BASE, "--report", str(tmp_path / "afile" / "rep"), "-o", str(out)])
-    assert r.exit_code == 1 and "--report: cannot write the report" in r.output, r.output
+    assert r.exit_code == 2 and "--report " in r.output and "is a file, not a directory" in r.output
     assert not out.exists()
     # passes the early check (a writable directory), then fails for real: report.html is a directory
     (tmp_path / "rep" / "report.html").mkdir(parents=True)
     r = CliRunner().invoke(main, [*BASE, "--report", str(tmp_path / "rep"), "-o", str(out)])
-    assert r.exit_code == 3, r.output
+    assert r.exit_code == 4, r.output  # EXIT_REPORT_FAILED
     last = r.output.strip().splitlines()[-1]
     assert "the plan is written" in last and "the report failed" in last
     assert f"chunkft-report {out} -o {tmp_path / 'rep'}" in last
@@ -214,7 +219,7 @@ def test_the_readme_main_job_plans_without_host_mem(tmp_path: Path) -> None:
 def test_an_explicit_host_mem_is_a_hard_limit(tmp_path: Path) -> None:
     out = tmp_path / "plan.json"
     r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "--host-mem", "8GiB", "-o", str(out)])
-    assert r.exit_code == 2
+    assert r.exit_code == 3
     assert "host memory: needs" in r.output and not out.exists()
 
 
@@ -274,7 +279,7 @@ def test_headroom_changes_what_fits(tmp_path: Path) -> None:
     r = CliRunner().invoke(
         main, [*args[:-1], "64KiB", "--budget", str(need), "-o", str(out)]
     )  # the same plan no longer fits
-    assert r.exit_code == 2 and not out.exists(), r.output
+    assert r.exit_code == 3 and not out.exists(), r.output
     assert "smallest budget that fits" in r.output and "headroom 0.00 GiB" in r.output
 
 
@@ -330,5 +335,214 @@ def test_the_host_budget_must_hold_a_checkpoint_too(tmp_path: Path) -> None:
     out = tmp_path / "small.json"
     host = str(pr.host_bytes)  # the states fit, a checkpoint on top does not
     r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "--host-mem", host, "-o", str(out)])
-    assert r.exit_code == 2 and not out.exists(), r.output
+    assert r.exit_code == 3 and not out.exists(), r.output
     assert "host memory: needs" in r.output and "+ a checkpoint" in r.output
+
+
+# ---------------------------------------------------------------- issue 17: rough edges a new user hits
+
+
+def _one_line(r) -> str:  # type: ignore[no-untyped-def]
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("chunkft-plan: error: "), r.output
+    return lines[0]
+
+
+def test_an_oserror_while_writing_the_plan_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    import planner.plan
+
+    def full(plan, path):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(planner.plan, "save_plan", full)
+    r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 1, r.output  # EXIT_FAILED: the input was fine
+    assert "No space left on device; check the path and free space" in r.output.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("error", ["report-error", "runtime-error"])
+def test_any_report_failure_keeps_the_plan_and_exits_4(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: str
+) -> None:
+    """reports.write_report raises ReportError when its budget sweep fails (or anything else on a bug):
+    never exit 0 without the report, never lose the plan."""
+    import reports
+    from reports import ReportError
+
+    def broken(plan, out_dir, **kwargs):  # type: ignore[no-untyped-def]
+        raise ReportError("the budget sweep failed") if error == "report-error" else RuntimeError("boom")
+
+    monkeypatch.setattr(reports, "write_report", broken)
+    out, rep = tmp_path / "plan.json", tmp_path / "rep"
+    r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "--report", str(rep), "-o", str(out)])
+    assert r.exit_code == 4, r.output
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("chunkft-plan: error: the plan is written (")
+    assert ("the budget sweep failed" if error == "report-error" else "RuntimeError: boom") in last
+    assert last.endswith(f"redo it with: chunkft-report {out} -o {rep}") and load_plan(out)
+
+
+def test_an_unwritable_report_dir_is_named_as_report_not_o(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In chunkft-plan -o is the plan's file: a --report problem must not say "choose a writable -o DIR"
+    (reports.writer's wording, for chunkft-report). os.access is faked: these tests may run as root."""
+    (tmp_path / "ro").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != tmp_path / "ro" and real(p, mode))
+    rep = tmp_path / "ro" / "rep"
+    r = CliRunner().invoke(main, [*BASE, "--report", str(rep), "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 2
+    line = _one_line(r)
+    assert f"--report {rep}: {tmp_path / 'ro'} is not writable; choose another --report DIR" in line
+    assert "-o DIR" not in line and not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("model", "seq_len", "least"), [("tiny-llama", "1", 2), ("tiny-bert", "1", 3), ("tiny-bert", "2", 3)]
+)
+def test_sequences_too_short_to_train_are_refused(
+    tmp_path: Path, model: str, seq_len: str, least: int
+) -> None:
+    args = [model, "--gpu", "cpu", "--seq-len", seq_len, "-o", str(tmp_path / "p.json")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    line = _one_line(r)
+    assert f"--seq-len {seq_len} is too short to train" in line and f"use --seq-len {least} or more" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_shortest_trainable_sequences_pass_the_check() -> None:
+    from planner.cli import check_trainable_seq_len
+
+    check_trainable_seq_len(2, "causal-lm")
+    check_trainable_seq_len(3, "sequence-classification")
+
+
+def test_tiny_bert_defaults_to_its_own_positions_and_says_why_this_plan(tmp_path: Path) -> None:
+    """The README's tiny-bert line plans without --seq-len (its 512 positions, not the default 1024); the
+    summary says so, labels the host budget, and explains a runner-up that is faster per step."""
+    plan, text = _plan(tmp_path, "tiny-bert", "--gpu", "cpu")
+    assert plan.run.seq_len == 512
+    assert "sequences of 512 tokens (the default 1024 shortened to tiny-bert's 512 positions)" in text
+    assert "host budget " in text and "(this machine's available memory)" in text
+    assert "why this plan: the least time to update every parameter once (K x step time); within 1%" in text
+    faster = [a for a in plan.alternatives if a.step_seconds < plan.predictions.step_seconds]
+    assert faster, text  # K=2 runner-ups: faster steps, but two of them per full update
+    for a in faster:
+        assert f"  {a.label}: slower to update every parameter once: K={a.k} x" in text, text
+    args = ["tiny-bert", "--gpu", "cpu", "--seq-len", "1024", "-o", str(tmp_path / "x")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "beyond tiny-bert's 512 positions" in _one_line(r)
+    help_text = " ".join(CliRunner().invoke(main, ["--help"]).output.split())
+    assert "default 1024, or the model's maximum positions when fewer" in help_text
+
+
+def test_host_budget_from_host_mem_is_labelled(tmp_path: Path) -> None:
+    _, text = _plan(tmp_path, *BASE, "--chunks", "2")
+    assert "host budget 4.00 GiB (--host-mem)" in text
+
+
+def test_a_reserve_larger_than_the_card_is_refused_up_front(tmp_path: Path) -> None:
+    args = ["tiny-llama", "--gpu", "4090", "--reserve", "30GiB", "-o", str(tmp_path / "p")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2
+    line = _one_line(r)
+    expected = (
+        "--reserve 30.00 GiB is more than the NVIDIA GeForce RTX 4090's 23.99 GiB budget; lower --reserve"
+    )
+    assert expected in line
+
+
+def test_no_budget_above_the_card_is_ever_suggested(tmp_path: Path) -> None:
+    """The reserve alone is just under the card: the smallest plan needs more than the card has, so the line
+    says no budget on this card fits and what would, instead of a 24.1 GiB --budget for a 23.99 GiB card."""
+    out = tmp_path / "p.json"
+    args = ["tiny-llama", "--gpu", "4090", "--seq-len", "64", "--chunks", "2", "--headroom", "0"]
+    r = CliRunner().invoke(main, [*args, "--reserve", "23.98GiB", "--host-mem", "4GiB", "-o", str(out)])
+    assert r.exit_code == 3, r.output
+    line = r.output.strip().splitlines()[-1]
+    assert line.startswith("chunkft-plan: error: tiny-llama does not fit 23.99 GiB per GPU")
+    assert "no budget on the NVIDIA GeForce RTX 4090's 23.99 GiB fits" in line
+    assert "smallest budget that fits" not in line and "more GPUs (--num-gpus)" in line
+    assert "a lower --reserve" in line and line.endswith("or a card with more memory") and not out.exists()
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_o_naming_a_directory_writes_plan_json_inside_it(tmp_path: Path, existing: bool) -> None:
+    target = tmp_path / "newdir"
+    if existing:
+        target.mkdir()
+    arg = str(target) if existing else str(target) + os.sep
+    r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "-o", arg])
+    assert r.exit_code == 0, r.output
+    assert target.is_dir() and load_plan(target / "plan.json")
+    assert f"plan written to {target / 'plan.json'} (-o {arg} is a directory)" in r.output
+
+
+def test_the_host_warning_is_its_own_line_in_order_when_stdout_and_stderr_are_merged(tmp_path: Path) -> None:
+    """2>&1 into a pipe (a CI log): stdout is block-buffered, stderr is not, so without a flush the warning
+    came out before the summary or glued to another line."""
+    out = tmp_path / "p.json"
+    code = (
+        "import sys, planner.cli as c; c.available_host_bytes = lambda: 2**20; "
+        "c.main(prog_name='chunkft-plan')"
+    )
+    args = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--chunks", "2", "-o", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cwd=REPO, env=ENV, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout
+    lines = [ln for ln in proc.stdout.splitlines() if not ln.startswith(("/", "  self._user"))]  # torch noise
+    warn = [i for i, ln in enumerate(lines) if "optimizer states in host memory" in ln]
+    assert len(warn) == 1 and lines[warn[0]].startswith("chunkft-plan: warning: this plan keeps "), lines
+    written = next(i for i, ln in enumerate(lines) if ln.startswith("plan written to "))
+    table = next(i for i, ln in enumerate(lines) if ln.startswith("why this plan:"))
+    assert table < warn[0] < written, lines
+    assert "(what the plan needs; this machine has 0.00 GiB available)" in proc.stdout
+
+
+def test_calibrate_plans_with_the_measured_rates_and_records_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Plumbing only (no timing): an injected probe result lands in the plan, the solver plans with it,
+    the plan replays with it (chunkft-plan re-simulates before writing) and the summary names it."""
+    from planner import costs
+
+    def rates(flops: int):  # type: ignore[no-untyped-def]
+        return lambda dtype, shape: costs.MeasuredRates(flops, 40_000_000_000, shape)
+
+    args = [*BASE, "--chunks", "2", "--checkpointing", "none", "--calibrate"]
+    monkeypatch.setattr(costs, "measure_host_rates", rates(10**11))
+    slow, text = _plan(tmp_path, *args)
+    hw = slow.hardware
+    assert (hw.measured_flops_per_s, hw.measured_memory_bytes_per_s) == (10**11, 40_000_000_000)
+    assert slow.predictions.compute_efficiency == costs.CALIBRATED_EFFICIENCY
+    assert "rates      measured on this machine (--calibrate): 100 GFLOP/s float32 matmul (" in text
+    assert "40.0 GB/s copy" in text and "of the measured matmul FLOP/s)" in text
+    monkeypatch.setattr(costs, "measure_host_rates", rates(10**12))
+    fast, _ = _plan(tmp_path, *args)
+    assert fast.predictions.step_seconds < slow.predictions.step_seconds / 5  # compute-bound: ~10x
+    plain, text = _plan(tmp_path, *BASE, "--chunks", "2", "--checkpointing", "none")
+    assert plain.hardware.measured_flops_per_s == 0 and "rates " not in text
+
+
+def test_calibrate_is_for_the_host_cpu_only(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["tiny-llama", "--gpu", "4090", "--calibrate", "-o", str(tmp_path / "p")])
+    assert r.exit_code == 2
+    assert "--calibrate measures this machine's CPU, so it needs --gpu cpu, not rtx-4090" in _one_line(r)
+
+
+def test_the_probe_shape_follows_the_model() -> None:
+    import profiles
+    from planner.costs import PROBE_MAX_ROWS, probe_shape
+    from planner.profile_model import model_structure
+
+    preset = profiles.load_model("tiny-llama")
+    st = model_structure(preset.config, preset.task, "float32")
+    rows, inner, out = probe_shape(st, 8 * 128)
+    assert rows == 1024 and inner == st.hidden_size and out * inner >= st.hidden_size**2
+    assert probe_shape(st, 10**6)[0] == PROBE_MAX_ROWS

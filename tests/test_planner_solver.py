@@ -157,3 +157,21 @@ def test_the_host_budget_covers_a_checkpoint_not_only_the_state_stores(tiny) -> 
         sol = Solver(setup, Limits(64 * GIB, host), act, sp).solve()
         ok = [o.candidate for o in (sol.best, *sol.runners_up) if o is not None]
         assert (best.candidate in ok) == fits
+
+
+def test_why_not_chosen_follows_the_tie_rule() -> None:
+    """The summary's reason for each alternative faster per step than the chosen plan (issue 17)."""
+    from planner.solver import TIE_RULE, TIE_TOLERANCE, Contender, why_not_chosen
+
+    assert f"within {TIE_TOLERANCE:.0%} of the fastest" in TIE_RULE
+    chosen = Contender(k=2, step_seconds=0.100, peak_bytes=2**30, feasible=True)
+    assert why_not_chosen(Contender(1, 0.05, 2**29, False), chosen) == "does not fit the budget"
+    slower = why_not_chosen(Contender(4, 0.060, 2**29, True), chosen)  # faster step, 240 ms per rotation
+    assert slower.startswith("slower to update every parameter once: K=4 x 60.0 ms = 240.0 ms"), slower
+    assert slower.endswith("the chosen K=2 x 100.0 ms = 200.0 ms")
+    fewer = why_not_chosen(Contender(4, 0.0498, 2**29, True), chosen)  # 199.2 ms: a tie
+    assert fewer == "within 1% of the chosen plan: the chosen plan has fewer chunks (K=2, not 4)"
+    memory = why_not_chosen(Contender(2, 0.0995, 2**31, True), chosen)
+    assert memory == (
+        "within 1% of the chosen plan: the chosen plan needs less memory (1.00 GiB peak, not 2.00 GiB)"
+    )

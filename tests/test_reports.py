@@ -8,6 +8,8 @@ the parameters of real Hugging Face models built from config on the meta device.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import re
@@ -17,9 +19,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from matplotlib.image import imread
+from transformers import LlamaConfig
 
 from executor.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, partition
-from planner.plan import load_plan
+from planner.plan import load_plan, plan_to_json
 from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 from profiles import build_model, load_model
 from reports import ReportData, ReportError, RunRecord, load_run, render, trace_events, write_report_data
@@ -238,7 +241,10 @@ def test_report_from_the_golden_plan(tmp_path: Path) -> None:
     data = report_data(plan, sim)
     assert data.num_chunks == ct.num_chunks and data.master_bytes_per_element == 4
     assert any(p.feasible for p in data.sweep) and data.notes
-    write_report(plan, tmp_path / "rep", simulation=sim)
+    with pytest.raises(ReportError, match="cannot sweep the plan's budgets: unknown model 'llama-tiny-2l'"):
+        write_report(plan, tmp_path / "rep", simulation=sim)  # the solver sweep needs the model's preset
+    assert list(tmp_path.iterdir()) == []
+    write_report(plan, tmp_path / "rep", simulation=sim, sweep=data.sweep)
     check_report_dir(tmp_path / "rep", FIGURES)
     assert "full fine-tuning (AdamW, states on GPU)" in (tmp_path / "rep" / "report.html").read_text()
 
@@ -276,6 +282,35 @@ def test_run_json_parsing() -> None:
         run_from_dict(doc, fingerprint="ffff")
 
 
+def test_run_json_of_another_plan_is_refused() -> None:
+    """plan.sha256 must be the plan's digest; an older run.json without it passes with a note."""
+    from reports.runfile import NO_PLAN_HASH_NOTE, plan_sha256
+
+    doc = executor_run_doc()
+    ours, theirs = "cd34" * 16, "ab12" * 16
+    mine = {**doc, "plan": {**doc["plan"], "sha256": ours}}
+    assert run_from_dict(mine, plan_digest=ours).notes == ()
+    other = {**doc, "plan": {**doc["plan"], "sha256": theirs}}
+    with pytest.raises(RunFileError) as info:
+        run_from_dict(other, "runs/run.json", "abc123", plan_digest=ours, plan_where="plan.json")
+    assert str(info.value) == (
+        "runs/run.json was made from another plan (sha256 ab12ab12ab12..., plan.json cd34cd34cd34...); "
+        "pass the plan the run replayed, or the run.json of this plan"
+    )
+    older = run_from_dict(doc, plan_digest=ours)  # executor_run_doc has no plan.sha256
+    assert older.notes == (NO_PLAN_HASH_NOTE,)
+    assert NO_PLAN_HASH_NOTE in report_data(load_plan(GOLDEN_PLAN), tiny_sim(), run=older).notes
+    assert plan_sha256(load_plan(GOLDEN_PLAN)) == hashlib.sha256(
+        plan_to_json(load_plan(GOLDEN_PLAN)).encode()).hexdigest()  # what executor/train.py records
+
+
+def tiny_sim() -> StepSimulation:
+    plan = load_plan(GOLDEN_PLAN)
+    ct = plan.chunk_table
+    return synthetic_step(list(ct.params), ct.chunks, 0, act_per_layer=1 << 16, layer_s=1e-4, h2d_s=1e-4,
+                          reserve=plan.hardware.reserve_bytes)
+
+
 def test_unwritable_destination_leaves_nothing(tmp_path: Path, tiny: ReportData) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -291,6 +326,45 @@ def test_unwritable_destination_leaves_nothing(tmp_path: Path, tiny: ReportData)
             write_report_data(tiny, ro / "rep")
         ro.chmod(0o755)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"] + (["ro"] if os.geteuid() != 0 else [])
+
+
+def test_report_into_existing_dir_is_all_or_nothing(tmp_path: Path, tiny: ReportData) -> None:
+    """A report name taken by a directory is refused before any old file is replaced; a failed write
+    (disk full) leaves neither the report nor its temporary directory."""
+    out = tmp_path / "rep"
+    write_report_data(tiny, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "trace.json").unlink()
+    (out / "trace.json").mkdir()
+    with pytest.raises(ReportError, match="trace.json there is a directory"):
+        write_report_data(dataclasses.replace(tiny, model_name="another"), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
+        k: v for k, v in before.items() if k != "trace.json"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_disk_full_leaves_nothing(tmp_path: Path, tiny: ReportData, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = Path.write_bytes
+
+    def full_after_one(self: Path, data: bytes) -> int:
+        if any(self.parent.glob("*")):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full_after_one)
+    with pytest.raises(ReportError, match="No space left on device; nothing was written"):
+        write_report_data(tiny, tmp_path / "rep")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_new_report_dir_honours_umask(tmp_path: Path, tiny: ReportData) -> None:
+    old = os.umask(0o027)
+    try:
+        write_report_data(tiny, tmp_path / "rep")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "rep").stat().st_mode & 0o777 == 0o750
+    assert (tmp_path / "rep" / "report.html").stat().st_mode & 0o777 == 0o640
 
 
 @pytest.mark.parametrize(
@@ -404,6 +478,86 @@ def test_solver_sweep_reproduces_the_plan(tmp_path: Path) -> None:
                        on_gpu=True)
     solver = Solver(setup, Limits(no, hw.host_budget_bytes), lambda mb: act, Space(global_batch=1))
     assert solver.solve().best is None
+
+
+WIDE_SEQ = 1024
+
+
+@pytest.fixture(scope="module")
+def chunked_plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """chunkft-plan's chunked cross-entropy plans (issue 17: llama-3-8b on a 4090, in miniature) of a
+    Llama whose vocabulary dwarfs its width: chosen by auto (the full logits do not fit 60 MiB), and
+    forced where auto would not have tried it (4 GiB)."""
+    from planner.cli import main as plan_cli
+
+    tmp = tmp_path_factory.mktemp("chunked")
+    LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=2 * WIDE_SEQ).save_pretrained(tmp / "model")
+    plans = {}
+    for how, extra in (("auto", ["--budget", "60MiB"]),
+                       ("forced", ["--budget", "4GiB", "--cross-entropy", "chunked"])):
+        plans[how] = tmp / f"{how}.json"
+        r = CliRunner().invoke(plan_cli, [str(tmp / "model"), "--gpu", "cpu", "--seq-len", str(WIDE_SEQ),
+                                          "--steps", "100", *extra, "-o", str(plans[how])])
+        assert r.exit_code == 0, r.output
+        assert load_plan(plans[how]).run.chunked_cross_entropy
+    return plans
+
+
+@pytest.mark.parametrize("how", ["auto", "forced"])
+def test_chunked_cross_entropy_plan_sweeps(chunked_plans: dict[str, Path], how: str) -> None:
+    """The sweep, given what write_report gives it (the plan's chunked activation profile), solves; at
+    the plan's own budget it is the plan, chunked cross-entropy included (kept where it was forced)."""
+    from planner.simulator import setup_and_candidate
+    from reports.sweep import solver_sweep
+
+    plan = load_plan(chunked_plans[how])
+    setup, _, act = setup_and_candidate(plan)
+    assert act.chunk_tokens is not None
+    pts = solver_sweep(plan, structure=setup.structure, activation=act, gpus=(), points_per_gpu=4)
+    assert any(p.feasible for p in pts) and not all(p.feasible for p in pts)
+    mine = next(p for p in pts if p.budget_bytes == plan.hardware.budget_bytes)
+    assert (mine.k, mine.step_seconds) == (plan.chunk_table.num_chunks, plan.predictions.step_seconds)
+    assert "chunked CE" in mine.choice
+
+
+def test_chunked_cross_entropy_plan_report_has_its_sweep(chunked_plans: dict[str, Path],
+                                                         tmp_path: Path) -> None:
+    """write_report on such a plan (the chunkft-plan --report path) draws the solver's sweep."""
+    html = write_report(load_plan(chunked_plans["auto"]), tmp_path / "rep").read_text(encoding="utf-8")
+    check_report_dir(tmp_path / "rep", FIGURES)
+    assert "No budget sweep" not in html and "derived from the alternatives" not in html
+
+
+def test_a_failed_sweep_fails_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No report error passes silently: a sweep that raises fails write_report, and nothing is written."""
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("activation profile has chunk_tokens 256,\nthe candidate None")
+
+    monkeypatch.setattr("reports.sweep.solver_sweep", broken)
+    with pytest.raises(ReportError) as info:
+        write_report(load_plan(GOLDEN_PLAN), tmp_path / "rep", simulation=tiny_sim())
+    assert "the budget sweep failed (ValueError: activation profile has chunk_tokens 256, the candidate " \
+        "None)" in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_solver_sweep_keeps_the_plans_padding(tmp_path: Path) -> None:
+    """A --padded-batches plan is swept padded: at its own budget the sweep's peak is the plan's."""
+    from planner.cli import main as plan_cli
+    from reports.sweep import solver_sweep
+
+    path = tmp_path / "plan.json"
+    r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "cpu", "--seq-len", "128", "--batch-size", "2",
+                                      "--padded-batches", "--steps", "10", "-o", str(path)])
+    assert r.exit_code == 0, r.output
+    plan = load_plan(path)
+    assert plan.run.padded_batches
+    pts = solver_sweep(plan, gpus=(), points_per_gpu=3)
+    mine = next(p for p in pts if p.budget_bytes == plan.hardware.budget_bytes)
+    pr = plan.predictions
+    assert mine.peak_bytes == pr.peak_bytes + pr.reserve_bytes + plan.hardware.headroom_bytes
 
 
 @pytest.mark.slow

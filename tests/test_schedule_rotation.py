@@ -18,9 +18,9 @@ from executor.schedule import ScheduleSpec, lr_at, lr_factor
 
 def test_schedule_shapes():
     const = ScheduleSpec("constant", warmup_steps=4, total_steps=10)
-    assert [lr_factor(const, s) for s in range(6)] == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    assert [lr_factor(const, s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     lin = ScheduleSpec("linear", warmup_steps=2, total_steps=12, min_lr_ratio=0.1)
-    assert lr_factor(lin, 1) == 0.5 and lr_factor(lin, 2) == 1.0
+    assert lr_factor(lin, 0) == 0.5 and lr_factor(lin, 1) == 1.0 and lr_factor(lin, 2) == 1.0
     assert lr_factor(lin, 7) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(lin, 12) == pytest.approx(0.1) and lr_factor(lin, 50) == pytest.approx(0.1)
     cos = ScheduleSpec("cosine", warmup_steps=0, total_steps=10)
@@ -32,6 +32,18 @@ def test_schedule_shapes():
     )
     assert lr_factor(ScheduleSpec("linear", 5, 5), 5) == 0.0  # all warmup, then the floor
     assert lr_at(lin, 3e-4, 2) == 3e-4
+
+
+@pytest.mark.parametrize("kind", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 5), (1, 5), (4, 10), (5, 5)])
+def test_no_step_of_the_schedule_trains_at_lr_0(kind, warmup, total):
+    """Warm-up step i uses (i+1)/warmup (Hugging Face's i/warmup wastes step 0 at lr 0), and the decay's
+    last step is still above the floor: every step up to total_steps moves the weights."""
+    spec = ScheduleSpec(kind, warmup_steps=warmup, total_steps=total)
+    factors = [lr_factor(spec, s) for s in range(total)]
+    assert all(f > 0 for f in factors), factors
+    if warmup:
+        assert factors[0] == 1 / warmup and factors[warmup - 1] == 1.0
 
 
 def test_schedule_drives_torch_lambda_lr_identically():
