@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from tiny_runs import PLAN_ARGS, SHAKESPEARE, plan_tiny
 
 import executor.train
 from executor.checkpoint import CheckpointDiskFull, latest_checkpoint, read_meta
@@ -24,21 +25,13 @@ from executor.cli import main as run_main
 from planner.cli import main as plan_main
 from planner.plan import Plan, load_plan, save_plan
 
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-PLAN_ARGS = [
-    "tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2", "--chunks", "4", "--lr", "2e-3",
-    "--dtype", "fp32", "--checkpointing", "none", "--host-mem", "4GiB",
-]  # fmt: skip
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Plan:
     """The tiny Llama planned once (constant schedule); tests set steps and checkpoint cadence."""
-    path = tmp_path_factory.mktemp("plan") / "plan.json"
-    res = CliRunner().invoke(plan_main, [*PLAN_ARGS, "--steps", "4", "-o", str(path)])
-    assert res.exit_code == 0, res.output
-    return load_plan(path)
+    return plan_tiny(tmp_path_factory.mktemp("plan"), steps=4)
 
 
 def make_plan(tmp: Path, plan: Plan, *, steps: int, every: int = 0, kind: str = "constant") -> Path:

@@ -17,29 +17,21 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
+from tiny_runs import SHAKESPEARE, plan_tiny
 
 import executor.train
 from executor.checkpoint import latest_checkpoint, read_meta
 from executor.cli import main as run_main
 from executor.train import RunOptions
-from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan, plan_to_json, save_plan
+from planner.plan import Plan, plan_to_json, save_plan
 
 REPO = Path(__file__).parents[1]
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
-PLAN_ARGS = [
-    "tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2", "--chunks", "4", "--lr", "2e-3",
-    "--dtype", "fp32", "--checkpointing", "none", "--host-mem", "4GiB", "--schedule", "constant",
-]  # fmt: skip
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Plan:
-    path = tmp_path_factory.mktemp("plan") / "plan.json"
-    res = CliRunner().invoke(plan_main, [*PLAN_ARGS, "--steps", "3", "-o", str(path)])
-    assert res.exit_code == 0, res.output
-    return load_plan(path)
+    return plan_tiny(tmp_path_factory.mktemp("plan"), steps=3)
 
 
 def edited(tmp: Path, plan: Plan, change) -> Path:  # type: ignore[no-untyped-def]
