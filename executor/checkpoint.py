@@ -83,7 +83,7 @@ class CheckpointMeta:
 
     step: int  # optimizer steps completed
     model_fingerprint: str  # planner.plan.fingerprint of the trainable parameters
-    plan_sha256: str  # digest of the plan's canonical JSON
+    plan_sha256: str  # planner.plan.plan_digest of the plan it was trained under
     data_epoch: int
     data_index: int
     consecutive_bad_steps: int = 0
@@ -363,10 +363,11 @@ def load_checkpoint(
     model: torch.nn.Module,
     *,
     model_fingerprint: str,
-    plan_sha256: str,
+    plan_sha256: str | tuple[str, ...],
     meta: CheckpointMeta | None = None,
 ) -> Checkpoint:
     """Verify a checkpoint against this model and plan, load its weights into the model, return the rest.
+    plan_sha256: the plan's digest, or every digest a checkpoint of it may carry (planner.plan.plan_digests).
     meta: read_meta(path) already done (find_resume_point), so the files are not hashed twice."""
     meta = read_meta(path) if meta is None else meta
     if meta.model_fingerprint != model_fingerprint:
@@ -374,10 +375,11 @@ def load_checkpoint(
             f"{path}: belongs to another model (fingerprint {meta.model_fingerprint[:12]}, "
             f"this model {model_fingerprint[:12]}); use its own output directory"
         )
-    if meta.plan_sha256 != plan_sha256:
+    accepted = (plan_sha256,) if isinstance(plan_sha256, str) else plan_sha256
+    if meta.plan_sha256 not in accepted:
         raise CheckpointError(
             f"{path}: was written under another plan (plan sha256 {meta.plan_sha256[:12]}, "
-            f"this plan {plan_sha256[:12]}); resume with the plan it was made with"
+            f"this plan {accepted[0][:12]}); resume with the plan it was made with"
         )
     try:
         missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import re
-import shlex
 import signal
 from pathlib import Path
 from typing import NoReturn
@@ -220,7 +219,7 @@ def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[i
         f"CUDA out of memory ({measured}; the plan allowed {budget / GIB:.2f} GiB and predicted a peak of "
         f"{plan.predictions.peak_bytes / GIB:.2f} GiB); {_after_failure(opts)} once the GPU has room "
         f"(another process may hold memory: nvidia-smi); or re-plan with a smaller budget: "
-        f"{replan_command(plan, new_budget)} -o {shlex.quote(str(target))} (a new plan starts from step 0)"
+        f"{replan_command(plan, new_budget, target)} (a new plan starts from step 0)"
     )
 
 

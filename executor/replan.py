@@ -29,35 +29,56 @@ def smaller_budget(budget_bytes: int, peak_reserved_bytes: int | None, tried_byt
 def replan_command(
     plan: Any,
     budget_bytes: int,
+    output: Path,
     host_mem_bytes: int | None = None,
     *,
     keep_choices: bool = False,
     steps: int | None = None,
+    seq_len: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> str:
-    """chunkft-plan with the plan's own settings and a new --budget (and --host-mem, --steps).
+    """chunkft-plan with the plan's own settings, a new --budget (and --host-mem, --steps, --seq-len, extra
+    flags) and `-o output`: a complete command, so the advice that prints it can be pasted as it is.
 
     keep_choices=False leaves K, checkpointing and the batch split to the solver: after an out-of-memory
     error choosing them for the smaller budget is the point. keep_choices=True pins them (--chunks,
     --micro-batch, --grad-accum, --update-interval, --checkpointing), for a re-plan that changes something
     else (padding, steps) and should keep the run the user chose."""
-    return shlex.join(_plan_args(plan, budget_bytes, host_mem_bytes, keep_choices, steps))
+    args = _plan_args(plan, budget_bytes, host_mem_bytes, keep_choices, steps, seq_len)
+    return shlex.join([*args, *extra, "-o", str(output)])
+
+
+def _number(x: float) -> str:
+    """A float as the planner will read it back exactly (`:g` keeps 6 digits: 1.2345678e-05 would
+    re-plan as 1.23457e-05)."""
+    return repr(float(x))
 
 
 def _plan_args(
-    plan: Any, budget_bytes: int, host_mem_bytes: int | None, keep_choices: bool, steps: int | None
+    plan: Any,
+    budget_bytes: int,
+    host_mem_bytes: int | None,
+    keep_choices: bool,
+    steps: int | None,
+    seq_len: int | None,
 ) -> list[str]:
     run, hw, o = plan.run, plan.hardware, plan.run.optimizer
     dtype = {"bfloat16": "bf16", "float32": "fp32"}[run.weight_dtype]
+    host_mem = hw.host_budget_bytes if host_mem_bytes is None else host_mem_bytes
     args = [
         "chunkft-plan", plan.model.path or plan.model.name, "--gpu", hw.gpu,
-        "--budget", f"{budget_bytes // 2**20}MiB", "--seq-len", str(run.seq_len),
+        "--budget", f"{budget_bytes // 2**20}MiB",
+        "--seq-len", str(run.seq_len if seq_len is None else seq_len),
         "--batch-size", str(run.micro_batch_size * run.grad_accum_steps),
         "--steps", str(run.total_steps if steps is None else steps),
-        "--optimizer", o.name, "--lr", f"{o.lr:g}", "--schedule", run.schedule.kind, "--dtype", dtype,
-        "--task", plan.model.task, "--weight-decay", f"{o.weight_decay:g}",
+        "--optimizer", o.name, "--lr", _number(o.lr), "--schedule", run.schedule.kind, "--dtype", dtype,
+        "--task", plan.model.task, "--weight-decay", _number(o.weight_decay),
         "--rotation", plan.rotation.order, "--attn", run.attn_implementation,
-        "--host-mem", f"{(hw.host_budget_bytes if host_mem_bytes is None else host_mem_bytes) // 2**20}MiB",
+        "--host-mem", f"{max(host_mem, 2**20) >> 20}MiB",
     ]  # fmt: skip
+    args += ["--efficiency", _number(plan.predictions.compute_efficiency)]  # the plan's cost assumption
+    if hw.measured_flops_per_s:  # made with --calibrate: measure this machine again
+        args += ["--calibrate"]
     if plan.model.source == "hf-config":
         args += ["--random-init"]
     if hw.num_gpus > 1:
@@ -68,11 +89,13 @@ def _plan_args(
         args += ["--eval-every", str(run.eval_every)]
     if run.checkpoint_every:
         args += ["--checkpoint-every", str(run.checkpoint_every)]
-    args += ["--max-grad-norm", "none" if o.max_grad_norm is None else f"{o.max_grad_norm:g}"]
+    args += ["--max-grad-norm", "none" if o.max_grad_norm is None else _number(o.max_grad_norm)]
     if o.weight_decay_mode != "window":
         args += ["--weight-decay-mode", o.weight_decay_mode]
     if run.padded_batches != (plan.model.task != "causal-lm"):  # not the task's default
         args += ["--padded-batches" if run.padded_batches else "--unpadded-batches"]
+    if run.cross_entropy != "auto":  # forced by the user: keep it
+        args += ["--cross-entropy", run.cross_entropy]
     if keep_choices:
         args += _choice_args(plan)
     return args

@@ -180,13 +180,15 @@ def _check_padding(plan: Any, dataset: Dataset, opts: RunOptions, log: TextIO) -
     padded_rows = int((mask == 0).any(dim=1).sum())
     if padded_rows and not plan.run.padded_batches:
         # the same K, batch split and checkpointing: only the padding (and so the predicted peak) changes
-        command = replan_command(plan, plan.hardware.budget_bytes, keep_choices=True)
-        target = opts.plan_path.with_name(f"{opts.plan_path.stem}-padded.json")
+        target = _sibling_plan(opts.plan_path, "padded")
+        command = replan_command(
+            plan, plan.hardware.budget_bytes, target, keep_choices=True, extra=("--padded-batches",)
+        )
         raise RunError(
             f"{opts.data_path}: {_PADDED_KIND.get(dataset.format, 'rows')} are padded ({padded_rows} of "
             f"{len(mask)} training rows) but {opts.plan_path} was planned for unpadded batches "
             "(run.padded_batches false), so its predicted peak is too low (padding adds an attention mask "
-            f"and repeated K/V); re-plan with --padded-batches: {command} --padded-batches -o {target}"
+            f"and repeated K/V); re-plan with --padded-batches: {command}"
         )
     if plan.run.padded_batches and not padded_rows:
         log.write(
@@ -223,10 +225,10 @@ def host_bytes_needed(plan: Any, device: torch.device) -> tuple[int, int]:
     return int(plan.predictions.host_peak_bytes) + weights, weights
 
 
-def check_host_memory(plan: Any, available: int, device: torch.device) -> None:
+def check_host_memory(plan: Any, available: int, device: torch.device, plan_path: Path) -> None:
     """Refuse before building anything: the inactive windows' states (and a checkpoint's extra; on the CPU
     the model's weights too) must fit in the host memory available now, or the machine swaps or the
-    kernel kills the run hours in."""
+    kernel kills the run hours in. plan_path: the plan's file (the re-plan writes beside it)."""
     pred = plan.predictions
     stores = int(pred.host_bytes)
     need, weights = host_bytes_needed(plan, device)
@@ -238,7 +240,7 @@ def check_host_memory(plan: Any, available: int, device: torch.device) -> None:
         f"this plan keeps {stores / GIB:.2f} GiB of optimizer states in host memory{extra}{on_cpu}, and "
         f"this machine has {available / GIB:.2f} GiB available; free memory, or re-plan for this host (the "
         f"states move to the GPU or shrink): "
-        f"{replan_command(plan, plan.hardware.budget_bytes, host_mem_bytes=available)}"
+        f"{replan_command(plan, plan.hardware.budget_bytes, _sibling_plan(plan_path, 'host'), available)}"
     )
 
 
@@ -265,10 +267,13 @@ def check_trainable(plan: Any, opts: RunOptions) -> None:
     """Refuse a plan whose rows give no training signal (hand-edited or older plans): a causal LM
     predicts each next token, so a row of seq_len 1 has no target and every loss is NaN."""
     if plan.model.task == "causal-lm" and plan.run.seq_len < 2:
+        replan = replan_command(
+            plan, plan.hardware.budget_bytes, _sibling_plan(opts.plan_path, "seq512"), seq_len=512
+        )
         raise RunError(
             f"{opts.plan_path}: run.seq_len is {plan.run.seq_len}, and a causal LM learns by predicting "
             "each next token, so rows of 1 token have no targets (the loss would be NaN on every step); "
-            f"re-plan with chunkft-plan {plan.model.path or plan.model.name} --seq-len 2 or more (e.g. 512)"
+            f"re-plan with 2 or more tokens per row (e.g. 512): {replan}"
         )
 
 
@@ -297,11 +302,16 @@ def check_schedule_end(plan: Any, opts: RunOptions, total_steps: int, log: TextI
 def longer_run_command(plan: Any, opts: RunOptions, steps: int) -> str:
     """`chunkft-plan ... --steps N -o PLAN-Nsteps.json && chunkft-run PLAN-Nsteps.json ...` into a new
     output directory: a schedule for N steps (a new plan, so a new run: checkpoints belong to one plan)."""
-    target = opts.plan_path.with_name(f"{opts.plan_path.stem}-{steps}steps.json")
-    replan = replan_command(plan, plan.hardware.budget_bytes, keep_choices=True, steps=steps)
+    target = _sibling_plan(opts.plan_path, f"{steps}steps")
+    replan = replan_command(plan, plan.hardware.budget_bytes, target, keep_choices=True, steps=steps)
     fresh = dataclasses.replace(opts, plan_path=target, max_steps=None)
     run = run_args(fresh, output=free_sibling(Path(opts.output_dir)))
-    return f"{replan} -o {shlex.quote(str(target))} && {shlex.join(run)}"
+    return f"{replan} && {shlex.join(run)}"
+
+
+def _sibling_plan(plan_path: Path, what: str) -> Path:
+    """Where a printed re-plan command writes its plan: PLAN-what.json beside the run's plan."""
+    return plan_path.with_name(f"{plan_path.stem}-{what}.json")
 
 
 def check_identity(plan: Any, opts: RunOptions) -> None:
@@ -372,10 +382,10 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
 
 def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # ---- plan, device, model, data: all validated before anything is written
-    from planner.plan import check_model, load_plan, plan_to_json
+    from planner.plan import check_model, load_plan, plan_digest, plan_digests
 
     plan = load_plan(opts.plan_path)
-    plan_sha = hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
+    plan_sha = plan_digest(plan)  # what run.json and new checkpoints record
     try:
         device = resolve_device(opts.device)
     except DeviceError as e:
@@ -390,6 +400,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     check_trainable(plan, opts)
     check_schedule_end(plan, opts, total_steps, log)
     out = Path(opts.output_dir)
+    _check_writable(out)
     if out.is_dir():
         _lock_output(lock, log)  # before reading its checkpoints: another run may be writing them
     _check_output_dir(out, opts, total_steps)
@@ -397,7 +408,8 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     point = _resume_point(plan, out, opts, total_steps, log) if opts.resume or opts.resume_from else None
     if point is not None and data_id is not None:
         check_same_data(point, data_id, opts, log)
-    check_host_memory(plan, available_host_bytes(), device)  # before the model is built and states pinned
+    # before the model is built and states pinned
+    check_host_memory(plan, available_host_bytes(), device, opts.plan_path)
     check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM
 
     model, tokenizer = build_model(plan, device)
@@ -430,7 +442,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             point.path,
             model,
             model_fingerprint=plan.model.fingerprint,
-            plan_sha256=plan_sha,
+            plan_sha256=plan_digests(plan),  # older chunkft recorded the second
             meta=point.meta,  # verified by find_resume_point: not hashed again
         )
         driver.load_state_dict(ckpt.trainer["driver"])
@@ -441,9 +453,10 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
     # ---- from here on the run writes into the output directory
     out.mkdir(parents=True, exist_ok=True)
-    if not lock.held:
+    if not lock.tried:  # the directory did not exist before
         _lock_output(lock, log)
         _check_output_dir(out, opts, total_steps)  # a run may have come and gone here while this one built
+    lock.note_pid()
     metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if point else None)
     autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
 
@@ -755,9 +768,9 @@ def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> 
 # -------------------------------------------------------------------------------------------- helpers
 
 
-def _check_output_dir(out: Path, opts: RunOptions, total_steps: int) -> None:
-    """Refuse an unwritable directory, and a fresh run into one that holds a run (a checkpoint: one that
-    died before its first checkpoint holds nothing to continue, so a fresh run may replace it)."""
+def _check_writable(out: Path) -> None:
+    """Refuse an --output that is a file or lies in a directory this user cannot write (before locking
+    it: its lock would fail with a less helpful error)."""
     if out.exists() and not out.is_dir():
         raise RunError(f"--output {out} is a file; give a directory")
     probe_dir = out
@@ -765,6 +778,11 @@ def _check_output_dir(out: Path, opts: RunOptions, total_steps: int) -> None:
         probe_dir = probe_dir.parent
     if not os.access(probe_dir, os.W_OK | os.X_OK):
         raise RunError(f"--output {out}: {probe_dir} is not writable; choose another --output")
+
+
+def _check_output_dir(out: Path, opts: RunOptions, total_steps: int) -> None:
+    """Refuse a fresh run into a directory that holds a run (a checkpoint: one that died before its
+    first checkpoint holds nothing to continue, so a fresh run may replace it)."""
     held = complete_checkpoints(out)
     if opts.resume or opts.resume_from or not held:
         return
@@ -793,6 +811,10 @@ def _lock_output(lock: OutputLock, log: TextIO) -> None:
         locked = lock.acquire()
     except OutputInUse as e:
         raise RunError(str(e)) from None
+    except OSError as e:  # checked writable just before: the directory went away or is not ours
+        raise RunError(
+            f"--output {lock.output_dir}: cannot lock it ({e.strerror}); choose another --output"
+        ) from None
     if not locked:
         log.write(
             f"chunkft-run: note: cannot lock --output {lock.output_dir} (the filesystem does not support "

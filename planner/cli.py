@@ -376,7 +376,7 @@ class Request:
     update_interval: int | None
     cross_entropy: str
     task: str | None
-    attn: str
+    attn: str | None  # None: sdpa where the model's class supports it, else eager (resolved in run_request)
     efficiency: float
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
@@ -409,7 +409,7 @@ def run_request(
     """Plan, print the summary, write the plan (and the report); returns the exit code."""
     import profiles
     from planner.plan import save_plan
-    from planner.profile_model import default_padded, model_structure
+    from planner.profile_model import check_attention, default_padded, model_structure, supported_attention
     from planner.solver import build_plan, make_setup
 
     check_bounds(req)
@@ -438,7 +438,9 @@ def run_request(
         )
     check_margins(req, budget, gpu)
     padded = default_padded(preset.task) if req.padded_batches is None else req.padded_batches
-    req = replace(req, seq_len=seq_len, padded_batches=padded)  # resolved: build_plan records them
+    attn = req.attn or supported_attention(preset.config, preset.task)[0]
+    check_attention(preset.config, preset.task, attn)  # a forced --attn sdpa the model has not
+    req = replace(req, seq_len=seq_len, padded_batches=padded, attn=attn)  # resolved: build_plan records them
     structure = model_structure(preset.config, preset.task, dtype)
     measured = calibrate(structure, dtype, req) if req.calibrate else None
     setup = make_setup(
@@ -927,7 +929,13 @@ def why_chosen(plan: Any) -> list[str]:
     'LM (padded rows); packed text (.txt, JSONL {"text"}) is unpadded. Default: the task\'s '
     "(causal LM unpadded, classification padded).",
 )
-@click.option("--attn", default="sdpa", type=click.Choice(["sdpa", "eager"]), show_default=True)
+@click.option(
+    "--attn",
+    default=None,
+    type=click.Choice(["sdpa", "eager"]),
+    help="Attention implementation the plan traces and chunkft-run builds  [default: sdpa where the "
+    "model supports it, else eager (Gemma-2)]",
+)
 @click.option(
     "--efficiency",
     default=None,

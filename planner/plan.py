@@ -12,8 +12,9 @@ typos should take one round trip to fix, not three. Bump SCHEMA_VERSION on any i
 keep tests/golden/plan_v1.json loading. A field added later is compatible when a file without it has one
 right reading, so it stays v1. _with_added_fields fills them in: `run.padded_batches` with the task's
 default (what those plans were planned for); `hardware.headroom_bytes` 0, `run.cuda_alloc_conf` "",
-`run.optimizer.weight_decay_mode` "window" and `predictions.host_peak_bytes` = host_bytes (what those
-plans assumed and were run with). Such a file is rewritten with the fields spelled out.
+`run.optimizer.weight_decay_mode` "window", `run.cross_entropy` "auto", the `hardware.measured_*` rates 0
+and `predictions.host_peak_bytes` = host_bytes (what those plans assumed and were run with). Such a file
+is rewritten with the fields spelled out.
 """
 
 from __future__ import annotations
@@ -164,6 +165,10 @@ class RunSettings:
     # Last, with a default, so plans built in Python before it existed still build; the planner always
     # sets it, and a plan file without it loads with its task's default (DEFAULT_PADDED_BATCHES).
     padded_batches: bool = False
+    # What chunkft-plan was asked for (--cross-entropy): "auto" (the solver chose chunked_cross_entropy),
+    # or the loss the user forced. A report's budget sweep and a printed re-plan command keep a forced
+    # choice and leave an automatic one free. Files written before it load as "auto".
+    cross_entropy: Literal["auto", "full", "chunked"] = "auto"
 
     @property
     def tokens_per_step(self) -> int:
@@ -546,23 +551,53 @@ def _decode_plan(data: object, problems: list[str]) -> Plan | None:
     return Plan(**values)  # type: ignore[arg-type]
 
 
-def _with_added_fields(data: dict) -> dict:
-    """Fill in fields added to v1 after plans were written, with what those plans meant (a copy; the
-    caller's data is not changed). A section that is not an object is left for the decoder to report."""
+def _added_fields(data: dict) -> list[tuple[tuple[str, ...], str, object]]:
+    """(section path, key, what a file without it means) for each field added to v1 after plans were
+    written; data is the file's (possibly incomplete) JSON."""
     model = data.get("model")
     task = model.get("task") if isinstance(model, dict) else None
     # An unknown task is reported by the model section; the plan fails anyway, so any default will do.
     padded = DEFAULT_PADDED_BATCHES.get(task, False) if isinstance(task, str) else False
-    out = _filled(data, ("run",), "padded_batches", padded)
-    out = _filled(out, ("run",), "cuda_alloc_conf", "")
-    out = _filled(out, ("run", "optimizer"), "weight_decay_mode", "window")
-    out = _filled(out, ("hardware",), "headroom_bytes", 0)
-    out = _filled(out, ("hardware",), "measured_flops_per_s", 0)
-    out = _filled(out, ("hardware",), "measured_memory_bytes_per_s", 0)
-    predictions = out.get("predictions")
+    fields: list[tuple[tuple[str, ...], str, object]] = [
+        (("run",), "padded_batches", padded),
+        (("run",), "cuda_alloc_conf", ""),
+        (("run", "optimizer"), "weight_decay_mode", "window"),
+        (("hardware",), "headroom_bytes", 0),
+        (("run",), "cross_entropy", "auto"),
+        (("hardware",), "measured_flops_per_s", 0),
+        (("hardware",), "measured_memory_bytes_per_s", 0),
+    ]
+    predictions = data.get("predictions")
     if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported
-        out = _filled(out, ("predictions",), "host_peak_bytes", predictions["host_bytes"])
+        fields.append((("predictions",), "host_peak_bytes", predictions["host_bytes"]))
+    return fields
+
+
+def _with_added_fields(data: dict) -> dict:
+    """Fill in fields added to v1 after plans were written, with what those plans meant (a copy; the
+    caller's data is not changed). A section that is not an object is left for the decoder to report."""
+    out = data
+    for path, key, value in _added_fields(data):
+        out = _filled(out, path, key, value)
     return out
+
+
+def plan_digest(plan: Plan) -> str:
+    """The sha256 that names a plan in run.json and in checkpoints: of its JSON without the fields added
+    to v1 later where they hold what a file without them means. So a field added to the format does not
+    make a newer chunkft refuse the runs and checkpoints an older one recorded for the same plan."""
+    data = plan_to_dict(plan)
+    for path, key, value in _added_fields(data):
+        section = functools.reduce(lambda d, k: d[k], path, data)
+        if section.get(key) == value:
+            del section[key]
+    return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()
+
+
+def plan_digests(plan: Plan) -> tuple[str, str]:
+    """Every digest a record of this plan may carry: plan_digest, and the sha256 of its canonical JSON
+    (what chunkft-run recorded before plan_digest, which changes whenever a field is added)."""
+    return plan_digest(plan), hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
 
 
 def _filled(data: dict, path: tuple[str, ...], key: str, value: object) -> dict:
@@ -1011,6 +1046,14 @@ def _cross_checks(v: dict[str, typing.Any], problems: list[str]) -> None:
             problems,
             f"model.num_params must be >= the {trainable} elements of chunk_table.params, "
             f"got {model.num_params}",
+        )
+    run = v.get("run")
+    if run is not None and run.cross_entropy != "auto":
+        _need(
+            run.chunked_cross_entropy == (run.cross_entropy == "chunked"),
+            problems,
+            f"run.chunked_cross_entropy must be {str(run.cross_entropy == 'chunked').lower()} when "
+            f"run.cross_entropy is \"{run.cross_entropy}\"",
         )
     if rot is not None and ct is not None:
         k = len(ct.chunks)

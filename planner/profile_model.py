@@ -256,6 +256,44 @@ def build_from_config(config: object, task: str, device: str, dtype: torch.dtype
     return model
 
 
+def _model_class(config: object, task: str) -> type | None:
+    """The Hugging Face class `build_from_config` instantiates; None when the auto classes do not map
+    the config (remote code), where Hugging Face's own checks are all there is."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    try:
+        cls = auto._model_mapping[type(config)]  # type: ignore[attr-defined]
+    except (KeyError, ValueError):
+        return None
+    if isinstance(cls, (list, tuple)):
+        cls = cls[0]
+    return cls if isinstance(cls, type) else None
+
+
+def supported_attention(config: object, task: str) -> tuple[str, ...]:
+    """The plannable attention implementations (chunkft-plan's --attn choices) the model's class
+    supports: "eager" always, "sdpa" unless the class has no sdpa path (Gemma-2: transformers refuses
+    it when the model is built)."""
+    cls = _model_class(config, task)
+    if cls is not None and not getattr(cls, "_supports_sdpa", True):
+        return ("eager",)
+    return ("sdpa", "eager")
+
+
+def check_attention(config: object, task: str, attn: str) -> None:
+    """Refuse an unsupported attention in chunkft's words: transformers' own error suggests a Python
+    argument (attn_implementation=...), and chunkft-run builds the model with the plan's attention, so
+    a silent fallback here would only move the failure to the run."""
+    if "sdpa" in attn and "sdpa" not in supported_attention(config, task):  # also UNPADDED_SDPA
+        cls = _model_class(config, task)
+        name = cls.__name__ if cls is not None else type(config).__name__
+        raise ProfilingError(
+            f"{name} has no sdpa attention in transformers (it supports eager only); "
+            "plan it with --attn eager, which chunkft-run then uses too"
+        )
+
+
 def model_structure(config: object, task: str, dtype: str) -> ModelStructure:
     """Structure of the full-depth model, built on the meta device."""
     model = build_from_config(config, task, "meta", TORCH_DTYPES[dtype])
@@ -419,11 +457,44 @@ def traced_attention(config: object, task: str, attn: str, seq_len: int, padded:
     return UNPADDED_SDPA
 
 
+# Config entries that hold one value per block (transformers' names), besides "*layer_types" and
+# "*_per_layer" entries; an int `intermediate_size` is left alone, a per-layer list one (Gemma-3n) is not.
+_PER_LAYER_KEYS = frozenset(
+    {
+        "activation_sparsity_pattern",
+        "indexer_types",
+        "intermediate_size",
+        "kv_sharing_modes",
+        "layers_block_type",
+        "layers_num_experts",
+        "no_rope_layers",
+        "num_attention_heads_per_layer",
+        "num_key_value_heads_per_layer",
+        "per_layer_config",
+        "rope_types",
+        "sliding_windows",
+        "swiglu_limits",
+        "swiglu_limits_shared",
+    }
+)
+
+
+def _is_per_layer(key: str) -> bool:
+    return key in _PER_LAYER_KEYS or key.endswith("layer_types") or key.endswith("_per_layer")
+
+
 def _shallow_config(config: object, layers: int) -> object:
+    """The config of the `layers`-block profiling copy, its per-layer lists (`layer_types`, ...) kept
+    as long as num_hidden_layers: Hugging Face indexes them by block and raises IndexError past the end.
+    Block i of the copy is block min(i, L-1) of the model: the first blocks of a deep model, and a 1- or
+    2-block model's last block repeated."""
     cfg = copy.deepcopy(config)
+    depth = int(getattr(config, "num_hidden_layers", layers) or layers)
+    source = [min(i, depth - 1) for i in range(layers)]
+    for key, value in config.to_dict().items():  # type: ignore[attr-defined]
+        if _is_per_layer(key) and isinstance(value, (list, tuple)) and len(value) == depth:
+            setattr(cfg, key, [copy.deepcopy(value[j]) for j in source])
     cfg.num_hidden_layers = layers  # type: ignore[attr-defined]
-    if hasattr(cfg, "layer_types") and getattr(cfg, "layer_types", None):
-        cfg.layer_types = list(cfg.layer_types)[:layers]  # type: ignore[attr-defined]
     cfg.use_cache = False  # type: ignore[attr-defined]
     return cfg
 
@@ -603,6 +674,7 @@ class _ShallowTracer:
     ) -> None:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
+        check_attention(config, task, attn)
         cfg = _shallow_config(config, TRACE_LAYERS)
         cfg._attn_implementation = traced_attention(cfg, task, attn, seq_len, padded)  # type: ignore[attr-defined]
         self.task, self.micro_batch, self.seq_len, self.padded = task, micro_batch, seq_len, padded
@@ -881,6 +953,7 @@ __all__ = [
     "activation_profile",
     "block_flops",
     "chunked_loss_profile",
+    "check_attention",
     "chunked_loss_supported",
     "default_padded",
     "enable_layer_checkpointing",
@@ -890,6 +963,7 @@ __all__ = [
     "reference_step_peak",
     "TORCH_DTYPES",
     "structure_of",
+    "supported_attention",
     "traced_attention",
     "UNPADDED_SDPA",
 ]
@@ -937,6 +1011,7 @@ def reference_step_peak(
     from executor.optimizer import AdamWHparams, ChunkedOptimizer, SGDHparams, grad_norm
     from executor.slicegrad import SliceGradients
 
+    check_attention(config, task, attn_implementation)
     cfg = copy.deepcopy(config)
     pad = default_padded(task) if padded is None else padded
     attn = traced_attention(cfg, task, attn_implementation, seq_len, pad) if fake else attn_implementation

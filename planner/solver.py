@@ -595,6 +595,7 @@ def build_plan(
         cuda_alloc_conf=CUDA_ALLOC_CONF if gpu.pcie_gen is not None else "",
         # what the activation profiles were traced with (chunkft-plan resolves None to the task's default)
         padded_batches=default_padded(preset.task) if req.padded_batches is None else req.padded_batches,
+        cross_entropy=req.cross_entropy,
     )
     alts = tuple(
         P.Alternative(

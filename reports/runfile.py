@@ -10,7 +10,6 @@ The shape it writes: {"plan": {"model_fingerprint", "num_chunks", ...}, "measure
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -33,18 +32,19 @@ class RunFileError(ValueError):
     """run.json is missing, not JSON, or lacks a field; the message names the field."""
 
 
-def plan_sha256(plan: Plan) -> str:
-    """The digest chunkft-run records as plan.sha256: of the plan's canonical JSON, not the file's bytes."""
-    from planner.plan import plan_to_json
+def plan_sha256(plan: Plan) -> tuple[str, ...]:
+    """The digests a run.json of this plan may record as plan.sha256 (planner.plan.plan_digests: of the
+    plan's content, not the file's bytes; the first is what chunkft-run records now)."""
+    from planner.plan import plan_digests
 
-    return hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
+    return plan_digests(plan)
 
 
 def load_run(
     path: str | Path,
     fingerprint: str | None = None,
     *,
-    plan_digest: str | None = None,
+    plan_digest: str | tuple[str, ...] | None = None,
     plan_where: str = "PLAN.json",
 ) -> RunRecord:
     """fingerprint: the plan's model fingerprint; a run.json of another model is refused. plan_digest:
@@ -66,7 +66,7 @@ def run_from_dict(
     where: str = "run.json",
     fingerprint: str | None = None,
     *,
-    plan_digest: str | None = None,
+    plan_digest: str | tuple[str, ...] | None = None,
     plan_where: str = "PLAN.json",
 ) -> RunRecord:
     if not isinstance(doc, dict):
@@ -123,17 +123,21 @@ def run_from_dict(
     )
 
 
-def _check_plan_digest(got: Any, want: str | None, where: str, plan_where: str) -> tuple[str, ...]:
-    """Refuse a run of another plan; a run.json without plan.sha256 (older files) passes with a note."""
+def _check_plan_digest(
+    got: Any, want: str | tuple[str, ...] | None, where: str, plan_where: str
+) -> tuple[str, ...]:
+    """Refuse a run of another plan; a run.json without plan.sha256 (older files) passes with a note.
+    want: the plan's digest, or every digest a run of it may record (plan_sha256)."""
     if want is None:
         return ()
+    accepted = (want,) if isinstance(want, str) else want
     if got is None:
         return (NO_PLAN_HASH_NOTE,)
     if not isinstance(got, str):
         raise RunFileError(f"{where}: plan.sha256 must be a hex string, got {got!r}")
-    if got != want:
+    if got not in accepted:
         raise RunFileError(
-            f"{where} was made from another plan (sha256 {got[:12]}..., {plan_where} {want[:12]}...); "
+            f"{where} was made from another plan (sha256 {got[:12]}..., {plan_where} {accepted[0][:12]}...); "
             "pass the plan the run replayed, or the run.json of this plan"
         )
     return ()

@@ -147,18 +147,19 @@ def solver_sweep(
 def cross_entropy_mode(
     plan: Plan, setup: Setup, activations: Callable[[int], ActivationProfile], space: Space
 ) -> str:
-    """The sweep's --cross-entropy: "chunked" where the plan's user forced it, else "auto".
+    """The sweep's --cross-entropy: what the plan's user forced (run.cross_entropy), else "auto".
 
-    The plan records only whether its loss is chunked, not whether that was forced. A chunked plan whose
-    own budget would not have made auto try chunked cross-entropy (the logits are small there) was forced,
-    and the sweep keeps it, so its point at the plan's budget is the plan. Otherwise the loss is free like
-    K: pinning "chunked" would show slower chunked plans where the full logits fit, and pinning "full" on
-    an unchunked plan would show budgets as infeasible that chunkft-plan fits with chunked cross-entropy.
-    (A forced --cross-entropy full is not recorded, so it cannot be kept.)
+    Kept where forced, so the sweep's point at the plan's budget is the plan; otherwise the loss is free
+    like K: pinning "chunked" would show slower chunked plans where the full logits fit, and pinning
+    "full" would show budgets as infeasible that chunkft-plan fits with chunked cross-entropy. A file
+    written before run.cross_entropy existed reads "auto"; a chunked one whose own budget would not have
+    made auto try chunked cross-entropy (the logits are small there) was forced, and is kept.
     """
     from executor.loss import DEFAULT_CHUNK_TOKENS
     from planner.solver import Limits, Solver
 
+    if plan.run.cross_entropy != "auto":
+        return plan.run.cross_entropy
     if not plan.run.chunked_cross_entropy:
         return "auto"
     hw = plan.hardware

@@ -81,6 +81,10 @@ def test_refuses_another_model_or_plan(tmp_path: Path) -> None:
         load_checkpoint(path, _model(0), model_fingerprint="fp-b", plan_sha256="plan-a")
     with pytest.raises(CheckpointError, match="another plan"):
         load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256="plan-b")
+    with pytest.raises(CheckpointError, match="another plan .*this plan plan-b"):
+        load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256=("plan-b", "plan-c"))
+    # a plan's digests (planner.plan.plan_digests): a checkpoint recording either of them is its own
+    load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256=("plan-b", "plan-a"))
     other = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 60))
     with pytest.raises(CheckpointError, match="model.safetensors"):
         load_checkpoint(path, other, model_fingerprint="fp-a", plan_sha256="plan-a")

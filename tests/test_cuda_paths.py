@@ -168,16 +168,16 @@ def test_host_memory_is_checked_before_pinning_with_the_numbers_and_the_command(
     plan = load_plan(bf16_plan)
     need, gpu = plan.predictions.host_peak_bytes, torch.device("cuda", 0)
     assert need > plan.predictions.host_bytes  # a checkpoint adds the state slot in flight
-    check_host_memory(plan, need, gpu)  # exactly enough
+    check_host_memory(plan, need, gpu, Path("plan.json"))  # exactly enough
     with pytest.raises(RunError) as e:
-        check_host_memory(plan, need - 1, gpu)
+        check_host_memory(plan, need - 1, gpu, Path("plan.json"))
     msg = str(e.value)
     assert "GiB of optimizer states in host memory" in msg and "available" in msg
     assert "chunkft-plan tiny-llama" in msg and f"--host-mem {(need - 1) // 2**20}MiB" in msg
     weights = plan.model.num_params * 2  # bf16: on the CPU the model lives in host memory too
     with pytest.raises(RunError, match=r"on the CPU, [0-9.]+ GiB of weights"):
-        check_host_memory(plan, need + weights - 1, torch.device("cpu"))
-    check_host_memory(plan, need + weights, torch.device("cpu"))
+        check_host_memory(plan, need + weights - 1, torch.device("cpu"), Path("plan.json"))
+    check_host_memory(plan, need + weights, torch.device("cpu"), Path("plan.json"))
 
 
 # ----- chunkft-run's own loop on stand-in streams --------------------------------------------------------

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import json
 from pathlib import Path
 
@@ -283,7 +284,7 @@ def test_every_structural_problem_is_reported_at_once(specs: list[ParamSpec]) ->
         "run.seq_length is not a known field (known: seq_len, micro_batch_size, grad_accum_steps, "
         "total_steps, seed, weight_dtype, compute_dtype, master_dtype, attn_implementation, "
         "chunked_cross_entropy, optimizer, schedule, eval_every, checkpoint_every, cuda_alloc_conf, "
-        "padded_batches)",
+        "padded_batches, cross_entropy)",
         "run.seq_len is missing",
         'run.micro_batch_size must be an integer, got "2"',
         "run.grad_accum_steps must be an integer, got true",
@@ -419,7 +420,7 @@ def test_truncated_or_malformed_json_reports_line_and_column() -> None:
     with pytest.raises(PlanError) as err:
         plan_from_json(cut, source="plan.json")
     line, column = cut.count("\n") + 1, len(cut.rsplit("\n", 1)[1]) + 1
-    assert (line, column) == (126, 15)
+    assert (line, column) == (127, 15)
     assert str(err.value).startswith(
         f"plan.json is not valid JSON (Expecting value at line {line} column {column})"
     )
@@ -477,6 +478,7 @@ ADDED_LATER = (
     ',\n    "headroom_bytes": 0\n',
     ',\n      "weight_decay_mode": "window"\n',
     '\n    "cuda_alloc_conf": "",',
+    ',\n    "cross_entropy": "auto"\n',
     ',\n    "host_peak_bytes": 1424896\n',
 )
 
@@ -488,18 +490,39 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
         assert spelled in old, spelled
         old = old.replace(spelled, "\n" if spelled.endswith("\n") else "")
     added = (
-        "headroom_bytes", "measured_flops_per_s", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes"
+        "headroom_bytes", "measured_flops_per_s", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes",
+        "cross_entropy",
     )
     for name in added:
-        assert name not in old
+        assert f"\"{name}\"" not in old
     path = tmp_path / "old.json"
     path.write_text(old, encoding="utf-8")
     plan = load_plan(path)
     assert plan == load_plan(GOLDEN)
     assert plan.hardware.headroom_bytes == 0 and plan.run.cuda_alloc_conf == ""
-    assert plan.run.optimizer.weight_decay_mode == "window"
+    assert plan.run.optimizer.weight_decay_mode == "window" and plan.run.cross_entropy == "auto"
     assert plan.predictions.host_peak_bytes == plan.predictions.host_bytes == 1424896
     assert plan_to_json(plan) == text  # rewritten with the fields spelled out
+
+
+def test_plan_digest_is_the_same_before_and_after_a_field_is_added() -> None:
+    """run.json and checkpoints name their plan by plan_digest: a plan read by a chunkft that added a
+    field digests as the file without it, so its earlier runs and checkpoints still match; a field that
+    holds anything but what its absence means is part of the digest."""
+    from planner.plan import plan_digest, plan_digests
+
+    data = json.loads(GOLDEN.read_text(encoding="utf-8"))
+    for section, key in (("hardware", "measured_flops_per_s"), ("hardware", "measured_memory_bytes_per_s"),
+                         ("hardware", "headroom_bytes"), ("run", "cuda_alloc_conf"),
+                         ("run", "padded_batches"), ("run", "cross_entropy"),
+                         ("predictions", "host_peak_bytes")):
+        del data[section][key]
+    del data["run"]["optimizer"]["weight_decay_mode"]
+    plan = load_plan(GOLDEN)
+    assert plan_digest(plan) == hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()
+    assert plan_digests(plan)[1] == hashlib.sha256(GOLDEN.read_bytes()).hexdigest()  # what was recorded
+    forced = dataclasses.replace(plan, run=dataclasses.replace(plan.run, cross_entropy="chunked"))
+    assert plan.run.chunked_cross_entropy and plan_digest(forced) != plan_digest(plan)
 
 
 def test_an_old_file_keeps_its_repeated_key_problems_while_fields_are_filled(specs: list[ParamSpec]) -> None:
@@ -534,6 +557,23 @@ def test_added_fields_are_validated_with_their_paths(specs: list[ParamSpec]) -> 
         f"{1_498_816 + 20 * 2**30} must be <= hardware.budget_bytes = {20 * 2**30}: the plan does not fit; "
         "re-plan",
         f"predictions.host_peak_bytes = {2**35 + 1} must be <= hardware.host_budget_bytes = {2**35}",
+    ]
+
+
+def test_a_forced_cross_entropy_must_be_the_loss_the_plan_runs(specs: list[ParamSpec]) -> None:
+    """run.cross_entropy records what the user forced; a plan that says it forced one loss and runs the
+    other was hand-edited inconsistently."""
+    data = plan_to_dict(make_plan(specs))
+    assert data["run"]["chunked_cross_entropy"] is False
+    data["run"]["cross_entropy"] = "chunked"
+    assert problems_of(data) == [
+        'run.chunked_cross_entropy must be true when run.cross_entropy is "chunked"'
+    ]
+    data["run"]["cross_entropy"] = "full"
+    assert validate_plan_dict(data) == []
+    data["run"]["cross_entropy"] = "fast"
+    assert problems_of(data) == [
+        "run.cross_entropy must be one of 'auto', 'full', 'chunked', got \"fast\""
     ]
 
 

@@ -4,6 +4,7 @@ A Llama whose vocabulary dwarfs its width (the Llama-3 situation in miniature: t
 outweigh a block's activations) makes the head the peak, so the difference is large and checkable.
 """
 
+import shlex
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,25 @@ def test_chunked_cross_entropy_refused_where_the_executor_has_none(tmp_path: Pat
     assert r.exit_code != 0 and not out.exists()
     lines = [line for line in r.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--cross-entropy full" in lines[0], r.output
+
+
+def test_the_plan_records_a_forced_cross_entropy_and_a_replan_keeps_it(tmp_path: Path) -> None:
+    """run.cross_entropy says what was asked: "auto" when the solver chose, the loss when the user forced
+    it; the re-plan command chunkft-run prints keeps a forced loss (and leaves an automatic one free)."""
+    from executor.replan import replan_command
+
+    code, output, out = _plan(tmp_path)
+    assert code == 0, output
+    auto = load_plan(out)
+    assert (auto.run.cross_entropy, auto.run.chunked_cross_entropy) == ("auto", True)
+    assert "--cross-entropy" not in replan_command(auto, auto.hardware.budget_bytes, tmp_path / "a.json")
+    code, output, out = _plan(tmp_path, "--cross-entropy", "chunked", "--budget", "4GiB")
+    assert code == 0, output
+    forced = load_plan(out)
+    assert (forced.run.cross_entropy, forced.run.chunked_cross_entropy) == ("chunked", True)
+    replanned = tmp_path / "replanned.json"
+    command = replan_command(forced, forced.hardware.budget_bytes, replanned)
+    assert "--cross-entropy chunked" in command
+    r = CliRunner().invoke(main, shlex.split(command)[1:])
+    assert r.exit_code == 0, r.output
+    assert load_plan(replanned).run.cross_entropy == "chunked"

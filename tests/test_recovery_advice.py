@@ -365,3 +365,50 @@ def test_padded_data_replan_keeps_the_plans_choices_and_runs(tmp_path: Path) -> 
     assert padded.rotation.update_interval == base.rotation.update_interval
     run_command(["chunkft-run", replan[replan.index("-o") + 1], "--data", str(data), "--output", str(out)])
 
+
+
+def test_too_little_host_memory_prints_a_replan_that_works(
+    tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the printed chunkft-plan command had no -o (chunkft-plan refused it, exit 2)."""
+    from executor.train import host_bytes_needed
+
+    plan, data, out = make_plan(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    need, _ = host_bytes_needed(base, executor.train.torch.device("cpu"))
+    monkeypatch.setattr(executor.train, "available_host_bytes", lambda: need - 1)
+    line = error_line(run(str(plan), "--data", str(data), "--output", str(out)))
+    assert "this machine has 0.04 GiB available" in line and not out.exists(), line
+    (replan,) = commands_in(line)
+    assert replan[replan.index("--host-mem") + 1] == f"{(need - 1) >> 20}MiB"
+    run_command(replan)
+    replanned = load_plan(Path(replan[replan.index("-o") + 1]))
+    assert replanned.predictions.host_peak_bytes <= replanned.hardware.host_budget_bytes < need
+
+
+def test_a_seq_len_1_plan_prints_a_replan_that_works(tmp_path: Path, base: Plan) -> None:
+    """Before: the advice was `chunkft-plan MODEL --seq-len 2 or more` (no --gpu, no -o: not a command)."""
+    path = tmp_path / "plan.json"
+    doc = json.loads(make_plan(tmp_path, base, steps=2).read_text())
+    doc["run"]["seq_len"] = 1
+    path.write_text(json.dumps(doc))
+    line = error_line(run(str(path), "--data", str(text(tmp_path)), "--output", str(tmp_path / "run")))
+    (replan,) = commands_in(line)
+    run_command(replan)
+    replanned = load_plan(Path(replan[replan.index("-o") + 1]))
+    assert replanned.run.seq_len == 512 and replanned.hardware.gpu == base.hardware.gpu
+
+
+def test_a_replan_keeps_the_plans_numbers_exactly(tmp_path: Path, base: Plan) -> None:
+    """Before: floats were printed with :g (6 digits), so lr 1.2345678e-05 re-planned as 1.23457e-05;
+    the compute efficiency and --calibrate were dropped."""
+    from executor.replan import replan_command
+
+    opt = dataclasses.replace(base.run.optimizer, lr=1.2345678e-05, weight_decay=0.0123456789)
+    plan = dataclasses.replace(base, run=dataclasses.replace(base.run, optimizer=opt))
+    predictions = dataclasses.replace(plan.predictions, compute_efficiency=0.3)
+    plan = dataclasses.replace(plan, predictions=predictions)
+    target = tmp_path / "again.json"
+    run_command(shlex.split(replan_command(plan, plan.hardware.budget_bytes, target)))
+    again = load_plan(target)
+    assert (again.run.optimizer.lr, again.run.optimizer.weight_decay) == (1.2345678e-05, 0.0123456789)
+    assert again.predictions.compute_efficiency == 0.3

@@ -5,7 +5,6 @@ input refused with one line and nothing written."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_runs import plan_file, shakespeare_text
 
 from executor.checkpoint import (
     CheckpointDiskFull,
@@ -34,10 +34,9 @@ from executor.cli import out_of_memory_message
 from executor.replan import smaller_budget
 from executor.train import RunOptions
 from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan, plan_to_json, save_plan
+from planner.plan import Plan, load_plan, plan_to_json
 
 REPO = Path(__file__).parents[1]
-SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
@@ -50,28 +49,6 @@ def base_plan(tmp_path_factory: pytest.TempPathFactory) -> Plan:
     res = CliRunner().invoke(plan_main, args)
     assert res.exit_code == 0, res.output
     return load_plan(path)
-
-
-def plan_file(
-    tmp: Path, plan: Plan, *, steps: int, checkpoint_every: int = 0, lr: float | None = None
-) -> Path:
-    opt = plan.run.optimizer if lr is None else dataclasses.replace(plan.run.optimizer, lr=lr)
-    run = dataclasses.replace(
-        plan.run,
-        total_steps=steps,
-        schedule=dataclasses.replace(plan.run.schedule, total_steps=steps),
-        checkpoint_every=checkpoint_every,
-        optimizer=opt,
-    )
-    path = tmp / "plan.json"
-    save_plan(dataclasses.replace(plan, run=run), path)
-    return path
-
-
-def text(tmp: Path, chars: int = 8_000) -> Path:
-    path = tmp / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text()[:chars])
-    return path
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -99,7 +76,7 @@ def wait_for_steps(out: Path, n: int, proc: subprocess.Popen[str]) -> None:
 
 
 def test_sigint_finishes_the_step_checkpoints_and_exits_130(tmp_path: Path, base_plan: Plan) -> None:
-    plan, data, out = plan_file(tmp_path, base_plan, steps=500), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base_plan, steps=500), shakespeare_text(tmp_path), tmp_path / "run"
     proc = start_run(plan, data, out)
     wait_for_steps(out, 2, proc)
     proc.send_signal(signal.SIGINT)
@@ -116,7 +93,7 @@ def test_sigkill_then_resume_with_max_steps_completes(tmp_path: Path, base_plan:
     up from the last complete one, drops the metrics lines past it and finishes; every step is logged
     exactly once."""
     plan = plan_file(tmp_path, base_plan, steps=500, checkpoint_every=2)
-    data, out = text(tmp_path), tmp_path / "run"
+    data, out = shakespeare_text(tmp_path), tmp_path / "run"
     proc = start_run(plan, data, out)
     wait_for_steps(out, 5, proc)
     proc.send_signal(signal.SIGKILL)
@@ -195,7 +172,7 @@ def test_disk_full_during_a_run_says_what_survives_and_resume_works(tmp_path: Pa
     """A real run on a small filesystem: a checkpoint at step 2 fits; a filler file then leaves too little
     room for the next one. The run stops with one line naming the intact checkpoint and the resume
     command; after freeing the space that exact command finishes the run."""
-    plan, data = plan_file(tmp_path, base_plan, steps=4), text(tmp_path)
+    plan, data = plan_file(tmp_path, base_plan, steps=4), shakespeare_text(tmp_path)
     with tiny_filesystem(tmp_path / "fs", 160 << 20) as fs:
         out = fs / "run"
         args = [str(plan), "--data", str(data), "--output", str(out), "--quiet"]
@@ -228,7 +205,11 @@ def test_disk_full_during_a_run_says_what_survives_and_resume_works(tmp_path: Pa
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path: Path, base_plan: Plan) -> None:
     """lr 1e30 overflows the first window's weights: every later loss is NaN. Each such step is skipped
     (logged with skipped=true) and the run stops after 5 in a row with one line."""
-    plan, data, out = plan_file(tmp_path, base_plan, steps=20, lr=1e30), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base_plan, steps=20, lr=1e30),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     res = CliRunner().invoke(run_main, [str(plan), "--data", str(data), "--output", str(out), "--quiet"])
     assert res.exit_code == 2, res.output
     assert "not finite for 5 steps in a row" in res.output and len(res.output.strip().splitlines()) == 1
@@ -242,7 +223,7 @@ def test_out_of_memory_message_gives_the_peak_and_a_working_replan_command(
 ) -> None:
     """The CLI's answer to torch.OutOfMemoryError (a CUDA-only error: the message is built from a real
     exception object, a real run directory and the plan; the re-planning command is then run)."""
-    plan, data, out = plan_file(tmp_path, base_plan, steps=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base_plan, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     assert (
         CliRunner()
         .invoke(run_main, [str(plan), "--data", str(data), "--output", str(out), "--quiet"])
@@ -304,7 +285,11 @@ def _edit(plan: Plan, tmp: Path, change) -> Path:  # type: ignore[no-untyped-def
 def test_bad_input_one_line_exit_2_nothing_written(
     tmp_path: Path, base_plan: Plan, case: str, expected: str
 ) -> None:
-    plan, data, out = plan_file(tmp_path, base_plan, steps=2), text(tmp_path, 4_000), tmp_path / "out"
+    plan, data, out = (
+        plan_file(tmp_path, base_plan, steps=2),
+        shakespeare_text(tmp_path, 4_000),
+        tmp_path / "out",
+    )
     args = [str(plan), "--data", str(data), "--output", str(out), "--quiet"]
     if case == "truncated-plan":
         plan.write_text(plan.read_text()[:500])
@@ -358,7 +343,7 @@ def test_edited_plan_lists_every_problem(tmp_path: Path, base_plan: Plan) -> Non
 
     path = _edit(base_plan, tmp_path, change)
     res = CliRunner().invoke(
-        run_main, [str(path), "--data", str(text(tmp_path)), "--output", str(tmp_path / "o")]
+        run_main, [str(path), "--data", str(shakespeare_text(tmp_path)), "--output", str(tmp_path / "o")]
     )
     assert res.exit_code == 2
     for field in ("run.seq_len", "run.micro_batch_size", "hardware.num_gpus"):

@@ -5,9 +5,7 @@ writing (nothing half-written) and for internal errors, --debug adds the traceba
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -154,16 +152,8 @@ def test_failed_sweep_exits_1_and_writes_nothing(
 
 
 def test_disk_full_exits_1_and_writes_nothing(
-    plan_path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_sweep: None
+    plan_path: Path, tmp_path: Path, disk_full_after_one_file: None, no_sweep: None
 ) -> None:
-    real = Path.write_bytes
-
-    def full_after_one(self: Path, data: bytes) -> int:
-        if any(self.parent.glob("*")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", full_after_one)
     r = invoke(plan_path, "-o", tmp_path / "rep")
     one_error_line(r, 1, "No space left on device", "nothing was written")
     assert list(tmp_path.iterdir()) == []

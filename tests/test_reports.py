@@ -8,7 +8,6 @@ the parameters of real Hugging Face models built from config on the meta device.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import json
 import os
@@ -22,7 +21,7 @@ from matplotlib.image import imread
 from transformers import LlamaConfig
 
 from executor.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, partition
-from planner.plan import load_plan, plan_to_json
+from planner.plan import load_plan, plan_digest, plan_to_json
 from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 from profiles import build_model, load_model
 from reports import ReportData, ReportError, RunRecord, load_run, render, trace_events, write_report_data
@@ -300,8 +299,10 @@ def test_run_json_of_another_plan_is_refused() -> None:
     older = run_from_dict(doc, plan_digest=ours)  # executor_run_doc has no plan.sha256
     assert older.notes == (NO_PLAN_HASH_NOTE,)
     assert NO_PLAN_HASH_NOTE in report_data(load_plan(GOLDEN_PLAN), tiny_sim(), run=older).notes
-    assert plan_sha256(load_plan(GOLDEN_PLAN)) == hashlib.sha256(
-        plan_to_json(load_plan(GOLDEN_PLAN)).encode()).hexdigest()  # what executor/train.py records
+    golden = load_plan(GOLDEN_PLAN)
+    assert plan_sha256(golden) == (plan_digest(golden),  # what executor/train.py records
+                                   hashlib.sha256(plan_to_json(golden).encode()).hexdigest())  # and did
+    assert run_from_dict(mine, plan_digest=(theirs, ours)).notes == ()
 
 
 def tiny_sim() -> StepSimulation:
@@ -343,15 +344,7 @@ def test_report_into_existing_dir_is_all_or_nothing(tmp_path: Path, tiny: Report
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
 
 
-def test_disk_full_leaves_nothing(tmp_path: Path, tiny: ReportData, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = Path.write_bytes
-
-    def full_after_one(self: Path, data: bytes) -> int:
-        if any(self.parent.glob("*")):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(self, data)
-
-    monkeypatch.setattr(Path, "write_bytes", full_after_one)
+def test_disk_full_leaves_nothing(tmp_path: Path, tiny: ReportData, disk_full_after_one_file: None) -> None:
     with pytest.raises(ReportError, match="No space left on device; nothing was written"):
         write_report_data(tiny, tmp_path / "rep")
     assert list(tmp_path.iterdir()) == []

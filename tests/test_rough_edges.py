@@ -4,6 +4,7 @@ identity checked before building, progress output in log files, --quiet, the uma
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import io
 import json
@@ -17,13 +18,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from tiny_runs import SHAKESPEARE, plan_tiny
+from tiny_runs import SHAKESPEARE, plan_file, plan_tiny, shakespeare_text
 
 import executor.train
 from executor.checkpoint import latest_checkpoint, read_meta
 from executor.cli import main as run_main
 from executor.train import RunOptions
-from planner.plan import Plan, plan_to_json, save_plan
+from planner.plan import Plan, plan_to_json
 
 REPO = Path(__file__).parents[1]
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
@@ -39,20 +40,6 @@ def edited(tmp: Path, plan: Plan, change) -> Path:  # type: ignore[no-untyped-de
     change(doc)
     path = tmp / "plan.json"
     path.write_text(json.dumps(doc))
-    return path
-
-
-def plan_with(tmp: Path, plan: Plan, *, steps: int, every: int = 0) -> Path:
-    schedule = dataclasses.replace(plan.run.schedule, total_steps=steps)
-    run = dataclasses.replace(plan.run, total_steps=steps, schedule=schedule, checkpoint_every=every)
-    path = tmp / "plan.json"
-    save_plan(dataclasses.replace(plan, run=run), path)
-    return path
-
-
-def text(tmp: Path, chars: int = 6_000) -> Path:
-    path = tmp / "data.txt"
-    path.write_text(SHAKESPEARE.read_text()[:chars])
     return path
 
 
@@ -82,7 +69,7 @@ def test_a_plan_with_seq_len_1_is_refused_before_anything(tmp_path: Path, base: 
     """Before: it ran with a NaN loss on every step (a causal LM's 1-token row has no target)."""
     plan = edited(tmp_path, base, lambda d: d["run"].update(seq_len=1))
     out = tmp_path / "run"
-    res = run(str(plan), "--data", str(text(tmp_path)), "--output", str(out), "--quiet")
+    res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
     assert res.exit_code == 2
     assert "run.seq_len is 1, and a causal LM learns by predicting each next token" in one_error(res)
     assert not out.exists()
@@ -101,8 +88,8 @@ def test_a_non_finite_loss_is_a_skipped_step_and_json_stays_strict(
         return loss + float("nan") if len(calls) == 2 else loss
 
     monkeypatch.setattr(executor.train, "causal_lm_loss", nan_on_step_2)
-    plan, out = plan_with(tmp_path, base, steps=3), tmp_path / "run"
-    res = run(str(plan), "--data", str(text(tmp_path)), "--output", str(out), "--quiet")
+    plan, out = plan_file(tmp_path, base, steps=3), tmp_path / "run"
+    res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
     assert res.exit_code == 0, res.output
     assert "1 skipped (non-finite) steps" in res.output
     records = [strict_json(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
@@ -118,26 +105,84 @@ def test_a_non_finite_loss_is_a_skipped_step_and_json_stays_strict(
 
 
 def test_an_output_in_use_is_refused_in_one_line(tmp_path: Path, base: Plan) -> None:
-    """Another process's flock on OUT/.lock (held here). Before: both ran and one died mid-checkpoint."""
-    plan, data, out = plan_with(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    """Another process's flock on OUT (held here, its pid noted in OUT/.lock). Before: both ran and one
+    died mid-checkpoint."""
+    plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     out.mkdir()
-    with open(out / ".lock", "w") as held:
+    (out / ".lock").write_text(f"{os.getppid()}\n")  # a live process: the holder's note
+    held = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        held.write("4242\n")
-        held.flush()
         res = run(str(plan), "--data", str(data), "--output", str(out), "--quiet")
         assert res.exit_code == 2
         assert one_error(res) == (
-            f"chunkft-run: error: --output {out} is in use by another chunkft-run (pid 4242); wait for it "
-            "or choose another --output"
+            f"chunkft-run: error: --output {out} is in use by another chunkft-run (pid {os.getppid()}); "
+            "wait for it or choose another --output"
         )
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        os.close(held)
     res = run(str(plan), "--data", str(data), "--output", str(out), "--quiet")  # released: it runs
     assert res.exit_code == 0, res.output
 
 
+def test_a_refused_run_leaves_an_existing_output_as_it_was(tmp_path: Path, base: Plan) -> None:
+    """The lock is the directory's own flock: a run refused while it validates writes nothing there
+    (before: OUT/.lock with its pid)."""
+    plan, out = plan_file(tmp_path, base, steps=2), tmp_path / "run"
+    out.mkdir()
+    res = run(str(plan), "--data", str(tmp_path / "missing.txt"), "--output", str(out), "--quiet")
+    assert res.exit_code == 2 and list(out.iterdir()) == []
+
+
+def test_an_output_in_a_read_only_directory_is_refused_before_locking(
+    tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the lock's EACCES surfaced as "Permission denied; check the path and free space"."""
+    plan, out = plan_file(tmp_path, base, steps=2), tmp_path / "run"
+    out.mkdir()
+    real_access = os.access
+    real_open = os.open
+
+    def read_only(p: object, mode: int) -> bool:  # as a chmod 555 directory is (tests may run as root)
+        return False if Path(str(p)) == out and mode & os.W_OK else real_access(p, mode)
+
+    def no_create(p: object, flags: int, *args: object) -> int:
+        if Path(str(p)).parent == out and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+        return real_open(p, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "access", read_only)
+    monkeypatch.setattr(os, "open", no_create)
+    res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
+    assert res.exit_code == 2
+    assert one_error(res) == (
+        f"chunkft-run: error: --output {out}: {out} is not writable; choose another --output"
+    )
+
+
+def test_a_filesystem_without_flock_is_noted_once(
+    tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the note was printed twice (once before validating, once when the run began writing)."""
+
+    def no_flock(fd: int, op: int) -> None:
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    plan, out = plan_file(tmp_path, base, steps=1), tmp_path / "run"
+    out.mkdir()
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("cannot lock --output") == 1
+
+
 def test_two_processes_on_one_output_and_sigkill_leaves_no_stale_lock(tmp_path: Path, base: Plan) -> None:
-    plan, data, out = plan_with(tmp_path, base, steps=500, every=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=500, checkpoint_every=2),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     cmd = [sys.executable, "-m", "executor.cli", str(plan), "--data", str(data), "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([*cmd, "--quiet"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -170,7 +215,9 @@ def test_a_plan_for_another_model_is_refused_before_the_model_is_built(
 
     monkeypatch.setattr(executor.train, "build_model", no_build)
     plan = edited(tmp_path, base, lambda d: d["model"].update(fingerprint="0" * 64))
-    res = run(str(plan), "--data", str(text(tmp_path)), "--output", str(tmp_path / "run"), "--quiet")
+    res = run(
+        str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(tmp_path / "run"), "--quiet"
+    )
     assert res.exit_code == 2
     assert "was made for a different model" in one_error(res)
 
@@ -229,8 +276,8 @@ def test_progress_is_plain_lines_in_a_log_file_and_rewritten_on_a_terminal() -> 
 
 def test_the_progress_memory_figure_says_what_it_is(tmp_path: Path, base: Plan) -> None:
     """Before: `mem` was ru_maxrss (the process's peak RSS) with no label, read as the tracked peak."""
-    plan, out = plan_with(tmp_path, base, steps=2), tmp_path / "run"
-    res = run(str(plan), "--data", str(text(tmp_path)), "--output", str(out))
+    plan, out = plan_file(tmp_path, base, steps=2), tmp_path / "run"
+    res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out))
     assert res.exit_code == 0, res.output
     progress = [ln for ln in res.output.splitlines() if ln.startswith("step ")]
     assert len(progress) == 2 and all(" rss peak " in ln and " mem " not in ln for ln in progress)
@@ -257,7 +304,7 @@ def test_quiet_turns_off_transformers_and_hub_progress_bars(
         raise RuntimeError("stop here")
 
     monkeypatch.setattr(executor.train, "build_model", record)
-    args = [str(plan_with(tmp_path, base, steps=2)), "--data", str(text(tmp_path))]
+    args = [str(plan_file(tmp_path, base, steps=2)), "--data", str(shakespeare_text(tmp_path))]
     args += ["--output", str(tmp_path / "o")]
     assert run(*args, "--quiet").exit_code == 1
     assert run(*args).exit_code == 1
@@ -267,10 +314,10 @@ def test_quiet_turns_off_transformers_and_hub_progress_bars(
 
 def test_everything_a_run_writes_honours_the_umask(tmp_path: Path, base: Plan) -> None:
     """Before: model/ (tempfile.mkdtemp) was 0700 whatever the umask."""
-    plan, out = plan_with(tmp_path, base, steps=2), tmp_path / "run"
+    plan, out = plan_file(tmp_path, base, steps=2), tmp_path / "run"
     old = os.umask(0o027)
     try:
-        res = run(str(plan), "--data", str(text(tmp_path)), "--output", str(out), "--quiet")
+        res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
     finally:
         os.umask(old)
     assert res.exit_code == 0, res.output
@@ -284,7 +331,7 @@ def test_everything_a_run_writes_honours_the_umask(tmp_path: Path, base: Plan) -
 
 def test_debug_prints_the_traceback_and_keeps_the_exit_code(tmp_path: Path, base: Plan) -> None:
     """Before: --debug re-raised, so a bad input exited 1 (Python's) instead of 2."""
-    args = [str(plan_with(tmp_path, base, steps=2)), "--data", str(tmp_path / "missing.txt")]
+    args = [str(plan_file(tmp_path, base, steps=2)), "--data", str(tmp_path / "missing.txt")]
     args += ["--output", str(tmp_path / "o")]
     plain, debug = run(*args), run(*args, "--debug")
     assert plain.exit_code == debug.exit_code == 2

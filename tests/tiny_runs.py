@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from click.testing import CliRunner
 
 from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan
+from planner.plan import Plan, load_plan, save_plan
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PLAN_ARGS = [
-    "tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2", "--chunks", "4", "--lr", "2e-3",
-    "--dtype", "fp32", "--checkpointing", "none", "--host-mem", "4GiB",
+    "tiny-llama",
+    "--gpu",
+    "cpu",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--chunks",
+    "4",
+    "--lr",
+    "2e-3",
+    "--dtype",
+    "fp32",
+    "--checkpointing",
+    "none",
+    "--host-mem",
+    "4GiB",
 ]  # fmt: skip  (the schedule is the default, constant)
 
 
@@ -22,3 +38,28 @@ def plan_tiny(directory: Path, steps: int) -> Plan:
     res = CliRunner().invoke(plan_main, [*PLAN_ARGS, "--steps", str(steps), "-o", str(path)])
     assert res.exit_code == 0, res.output
     return load_plan(path)
+
+
+def plan_file(
+    tmp: Path, plan: Plan, *, steps: int, checkpoint_every: int = 0, lr: float | None = None
+) -> Path:
+    """plan with `steps` steps (its schedule too), a checkpoint interval and a learning rate, saved as
+    tmp/plan.json."""
+    opt = plan.run.optimizer if lr is None else dataclasses.replace(plan.run.optimizer, lr=lr)
+    run = dataclasses.replace(
+        plan.run,
+        total_steps=steps,
+        schedule=dataclasses.replace(plan.run.schedule, total_steps=steps),
+        checkpoint_every=checkpoint_every,
+        optimizer=opt,
+    )
+    path = tmp / "plan.json"
+    save_plan(dataclasses.replace(plan, run=run), path)
+    return path
+
+
+def shakespeare_text(tmp: Path, chars: int = 8_000) -> Path:
+    """The first `chars` characters of Tiny Shakespeare as tmp/shakespeare.txt (a few blocks of data)."""
+    path = tmp / "shakespeare.txt"
+    path.write_text(SHAKESPEARE.read_text()[:chars])
+    return path
