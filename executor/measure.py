@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +27,16 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from executor.streams import Streams
 from planner.timeline import CATEGORIES
+
+# MemTracker's ModTracker warns when a backward hook fires for a module whose weakref is already gone
+# (BERT's classifier path, planning and measuring): the bytes are still counted, and the warning would
+# only clutter chunkft-plan's and chunkft-run's output with torch's internals.
+warnings.filterwarnings(
+    "ignore",
+    message=r"Module is None\. Skipping (PRE|POST)_BW hook",
+    category=UserWarning,
+    module=r"torch\.distributed\._tools\.mod_tracker",
+)
 
 # MemTracker's reference types -> the plan's categories. Refinements made by MemoryTracker itself:
 # storages a backward pass creates and that outlive it are the window's fp32 gradient buffers

@@ -701,13 +701,9 @@ def optimizer_text(o: Any) -> str:
 def check_replay(plan: Any) -> Any:
     """Re-simulate the plan from the plan alone; refuse to write one the simulator does not reproduce.
     Returns the step simulation (a --calibrate plan's, with its measured rates, for the report)."""
-    from dataclasses import replace as replaced
-
-    from planner.costs import with_measured_rates
     from planner.simulator import setup_and_candidate, simulate
 
-    setup, cand, act = setup_and_candidate(plan)
-    setup = replaced(setup, cost=with_measured_rates(setup.cost, plan.hardware))  # --calibrate's figures
+    setup, cand, act = setup_and_candidate(plan)  # with a --calibrate plan's measured rates
     res = simulate(setup, cand, act)
     pr, hw = plan.predictions, plan.hardware
     got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, res.host_peak_bytes)

@@ -746,7 +746,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
     """Rebuild the simulator inputs from a plan alone (model and GPU from profiles, activations traced)."""
     import profiles
     from executor.loss import DEFAULT_CHUNK_TOKENS
-    from planner.costs import cost_model
+    from planner.costs import cost_model, with_measured_rates
     from planner.profile_model import activation_profile, model_structure
 
     p = plan  # planner.plan.Plan; typed loosely to keep this module free of the format's imports
@@ -757,7 +757,8 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
     pred = p.predictions  # type: ignore[attr-defined]
     setup = Setup(
         structure=structure,
-        cost=cost_model(gpu, run.compute_dtype, pred.compute_efficiency),
+        # a --calibrate plan's measured rates in place of the profile's (0: the profile's)
+        cost=with_measured_rates(cost_model(gpu, run.compute_dtype, pred.compute_efficiency), p.hardware),  # type: ignore[attr-defined]
         weight_dtype=run.weight_dtype,
         optimizer=run.optimizer.name,
         sgd_momentum=run.optimizer.momentum > 0,

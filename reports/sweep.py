@@ -49,7 +49,7 @@ def solver_sweep(
     with them), so nothing is traced twice.
     """
     import profiles
-    from planner.costs import cost_model
+    from planner.costs import cost_model, with_measured_rates
     from planner.profile_model import activation_profile, model_structure
     from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
     from planner.solver import DEFAULT_HEADROOM, NO_HEADROOM, Headroom, Space, make_setup, sweep
@@ -92,9 +92,12 @@ def solver_sweep(
         gpu = profiles.load_gpu(key)
         on_gpu = gpu.pcie_gen is not None
         label = hw.gpu_name if key == hw.gpu else gpu.name
+        cost = cost_model(gpu, run.compute_dtype, pred.compute_efficiency)
+        if key == hw.gpu:  # a --calibrate plan's measured rates are this machine's, not the profile's
+            cost = with_measured_rates(cost, hw)
         setup = make_setup(
             structure,
-            cost_model(gpu, run.compute_dtype, pred.compute_efficiency),
+            cost,
             weight_dtype=run.weight_dtype,
             optimizer=run.optimizer.name,
             sgd_momentum=run.optimizer.momentum > 0,
