@@ -6,9 +6,10 @@ code unchanged) that says what is wrong and what to do: where that is a command,
 
     0    done: the model is exported and run.json written
     2    bad input (plan, data, output directory or one in use by another run, checkpoint to resume,
-         options) or the run stopped after repeated non-finite losses; nothing half-written
-    1    the run failed while training (disk full, CUDA out of memory, an internal error); the last
-         complete checkpoint is intact and the line gives the command to continue or to re-plan
+         options); nothing written
+    1    the run failed while training (disk full, CUDA out of memory, repeated non-finite losses, an
+         internal error); the last complete checkpoint is intact and the line gives the command to
+         continue or to re-plan
     130  SIGINT, 143 SIGTERM: the current step finished, a checkpoint was written, the line gives the
          resume command
 """
@@ -27,7 +28,7 @@ from executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_ch
 from executor.data import DataError
 from executor.replan import replan_command, rerun_command, resume_command, smaller_budget
 from executor.streams import PinnedMemoryError
-from executor.train import RunError, RunOptions, TrainingInterrupted, train
+from executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
 from planner.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
 
 # the recovery commands live in executor/replan.py; importable from here as before
@@ -145,6 +146,8 @@ def main(
         _fail(f"{e}; free space and {then}", EXIT_FAILED, debug)
     except torch.OutOfMemoryError as e:
         _fail(out_of_memory_message(opts, e, _cuda_peaks()), EXIT_FAILED, debug)
+    except TrainingDiverged as e:  # a RunError, but raised mid-run: failed while working
+        _fail(str(e), EXIT_FAILED, debug)
     except (RunError, DataError, CheckpointError, PlanError, ProfileError) as e:
         _fail(str(e), EXIT_BAD_INPUT, debug)
     except PinnedMemoryError as e:

@@ -35,16 +35,17 @@ def replan_command(
     keep_choices: bool = False,
     steps: int | None = None,
     seq_len: int | None = None,
+    lr: float | None = None,
     extra: tuple[str, ...] = (),
 ) -> str:
-    """chunkft-plan with the plan's own settings, a new --budget (and --host-mem, --steps, --seq-len, extra
-    flags) and `-o output`: a complete command, so the advice that prints it can be pasted as it is.
+    """chunkft-plan with the plan's own settings, a new --budget (and --host-mem, --steps, --seq-len, --lr,
+    extra flags) and `-o output`: a complete command, so the advice that prints it can be pasted as it is.
 
     keep_choices=False leaves K, checkpointing and the batch split to the solver: after an out-of-memory
     error choosing them for the smaller budget is the point. keep_choices=True pins them (--chunks,
     --micro-batch, --grad-accum, --update-interval, --checkpointing), for a re-plan that changes something
     else (padding, steps) and should keep the run the user chose."""
-    args = _plan_args(plan, budget_bytes, host_mem_bytes, keep_choices, steps, seq_len)
+    args = _plan_args(plan, budget_bytes, host_mem_bytes, keep_choices, steps, seq_len, lr)
     return shlex.join([*args, *extra, "-o", str(output)])
 
 
@@ -61,6 +62,7 @@ def _plan_args(
     keep_choices: bool,
     steps: int | None,
     seq_len: int | None,
+    lr: float | None,
 ) -> list[str]:
     run, hw, o = plan.run, plan.hardware, plan.run.optimizer
     dtype = {"bfloat16": "bf16", "float32": "fp32"}[run.weight_dtype]
@@ -71,7 +73,8 @@ def _plan_args(
         "--seq-len", str(run.seq_len if seq_len is None else seq_len),
         "--batch-size", str(run.micro_batch_size * run.grad_accum_steps),
         "--steps", str(run.total_steps if steps is None else steps),
-        "--optimizer", o.name, "--lr", _number(o.lr), "--schedule", run.schedule.kind, "--dtype", dtype,
+        "--optimizer", o.name, "--lr", _number(o.lr if lr is None else lr),
+        "--schedule", run.schedule.kind, "--dtype", dtype,
         "--task", plan.model.task, "--weight-decay", _number(o.weight_decay),
         "--rotation", plan.rotation.order, "--attn", run.attn_implementation,
         "--host-mem", f"{max(host_mem, 2**20) >> 20}MiB",

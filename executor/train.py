@@ -104,6 +104,11 @@ class RunError(Exception):
     """A run that cannot start or continue; str() is one line (what is wrong, what to do)."""
 
 
+class TrainingDiverged(RunError):
+    """Training stopped after MAX_BAD_STEPS non-finite steps in a row: the run had started (metrics and
+    maybe checkpoints written), so it failed while working rather than on its input."""
+
+
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived: the current step finished and a checkpoint was written."""
 
@@ -296,6 +301,21 @@ def check_schedule_end(plan: Any, opts: RunOptions, total_steps: int, log: TextI
         f"{s.total_steps}), where the learning rate is 0: those steps would change nothing; keep "
         f"--max-steps at most {s.total_steps}, or re-plan for {total_steps} steps and run that plan (it "
         f"starts from step 0): {longer_run_command(plan, opts, total_steps)}"
+    )
+
+
+def diverged_message(plan: Any, opts: RunOptions, bad: int, step: int) -> str:
+    """Why the run stopped, what is kept, and a re-plan at a tenth of the learning rate with its run."""
+    lr = plan.run.optimizer.lr / 10
+    target = _sibling_plan(opts.plan_path, f"lr{lr:g}")
+    replan = replan_command(plan, plan.hardware.budget_bytes, target, keep_choices=True, lr=lr)
+    fresh = dataclasses.replace(opts, plan_path=target, resume=False, resume_from=None)
+    run = shlex.join(run_args(fresh, output=free_sibling(Path(opts.output_dir))))
+    held = complete_checkpoints(Path(opts.output_dir))
+    kept = f"checkpoint {held[0].name} is intact" if held else "no checkpoint was written"
+    return (
+        f"loss or gradients were not finite for {bad} steps in a row (up to step {step}); {kept}; check "
+        f"the data, or lower the learning rate: {replan} && {run}"
     )
 
 
@@ -570,10 +590,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                 )
                 progress.show(done, loss_sum, tokens / seconds, *_memory_now(device))
                 if bad_in_a_row >= opts.max_bad_steps:
-                    raise RunError(
-                        f"loss or gradients were not finite for {bad_in_a_row} steps in a row (up to "
-                        f"step {done}); lower the learning rate or check the data"
-                    )
+                    raise TrainingDiverged(diverged_message(plan, opts, bad_in_a_row, done))
                 if plan.run.eval_every > 0 and done % plan.run.eval_every == 0 and done < total_steps:
                     evaluate_and_log(done)
                 if stop.signum is not None and done < total_steps:  # the last step finishes normally

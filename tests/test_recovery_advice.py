@@ -412,3 +412,33 @@ def test_a_replan_keeps_the_plans_numbers_exactly(tmp_path: Path, base: Plan) ->
     again = load_plan(target)
     assert (again.run.optimizer.lr, again.run.optimizer.weight_decay) == (1.2345678e-05, 0.0123456789)
     assert again.predictions.compute_efficiency == 0.3
+
+
+def test_a_diverged_run_names_what_is_kept_and_prints_a_lower_lr_replan_that_works(
+    tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: "lower the learning rate or check the data", no command, exit 2 after training had
+    written metrics and checkpoints."""
+    real_loss, calls = executor.train.causal_lm_loss, []
+
+    def nan_after_step_2(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss + float("nan") if len(calls) > 2 else loss
+
+    monkeypatch.setattr(executor.train, "causal_lm_loss", nan_after_step_2)
+    plan, data, out = make_plan(tmp_path, base, steps=20, every=2), text(tmp_path), tmp_path / "run"
+    res = run(str(plan), "--data", str(data), "--output", str(out))
+    assert res.exit_code == 1
+    line = error_line(res)
+    assert "not finite for 5 steps in a row" in line
+    assert f"checkpoint {latest_checkpoint(out).name} is intact" in line
+    replan, again = commands_in(line)
+    lr = base.run.optimizer.lr / 10
+    assert float(replan[replan.index("--lr") + 1]) == lr and "--chunks" in replan
+    monkeypatch.setattr(executor.train, "causal_lm_loss", real_loss)
+    run_command(replan)
+    target = Path(replan[replan.index("-o") + 1])
+    assert load_plan(target).run.optimizer.lr == lr
+    assert again[1] == str(target) and again[again.index("--output") + 1] == f"{out}-2"
+    run_command([*again, "--max-steps", "1"])

@@ -204,14 +204,15 @@ def test_disk_full_during_a_run_says_what_survives_and_resume_works(tmp_path: Pa
 
 def test_non_finite_losses_are_skipped_then_the_run_stops(tmp_path: Path, base_plan: Plan) -> None:
     """lr 1e30 overflows the first window's weights: every later loss is NaN. Each such step is skipped
-    (logged with skipped=true) and the run stops after 5 in a row with one line."""
+    (logged with skipped=true) and the run stops after 5 in a row with one line, exit 1: it failed while
+    training (before: 2, the code of bad input refused before anything is written)."""
     plan, data, out = (
         plan_file(tmp_path, base_plan, steps=20, lr=1e30),
         shakespeare_text(tmp_path),
         tmp_path / "run",
     )
     res = CliRunner().invoke(run_main, [str(plan), "--data", str(data), "--output", str(out), "--quiet"])
-    assert res.exit_code == 2, res.output
+    assert res.exit_code == 1, res.output
     assert "not finite for 5 steps in a row" in res.output and len(res.output.strip().splitlines()) == 1
     records = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     assert [r["skipped"] for r in records][-5:] == [True] * 5
