@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import re
+import shlex
 import signal
 from pathlib import Path
 from typing import NoReturn
@@ -119,7 +120,8 @@ def main(
     from profiles import ProfileError
 
     if not plan.is_file():
-        _fail(f"plan {plan} not found; make one with chunkft-plan MODEL -o {plan}", EXIT_BAD_INPUT, debug)
+        make = f"chunkft-plan MODEL --gpu GPU -o {shlex.quote(str(plan))}"
+        _fail(f"plan {plan} not found; make one with {make}", EXIT_BAD_INPUT, debug)
     if max_steps is not None and max_steps > MAX_STEPS:
         _fail(f"--max-steps {max_steps} is absurdly large (at most {MAX_STEPS:,}); check the number",
               EXIT_BAD_INPUT, debug)

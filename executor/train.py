@@ -90,6 +90,7 @@ from executor.replan import (
     free_sibling,
     fresh_command,
     replan_command,
+    rerun_command,
     resume_command,
     run_args,
 )
@@ -255,17 +256,12 @@ def check_device(plan: Any, opts: RunOptions, device: torch.device) -> None:
     if opts.device is not None or device.type != "cpu" or plan.hardware.gpu == "cpu":
         return
     need, _ = host_bytes_needed(plan, device)
-    cpu_run = shlex.join([*run_args(dataclasses.replace(opts, device="cpu")), *_resume_flags(opts)])
+    cpu_run = rerun_command(dataclasses.replace(opts, device="cpu"))
     raise RunError(
         f"{opts.plan_path} was made for {plan.hardware.num_gpus} x {plan.hardware.gpu_name} and this machine "
         f"has no GPU (torch sees no CUDA device); run on that machine, or for a deliberate CPU run (needs "
         f"{need / GIB:.2f} GiB host memory): {cpu_run}"
     )
-
-
-def _resume_flags(opts: RunOptions) -> list[str]:
-    flags = ["--resume-from", opts.resume_from] if opts.resume_from else ["--resume"] if opts.resume else []
-    return flags + (["--allow-data-change"] if opts.allow_data_change else [])
 
 
 def check_trainable(plan: Any, opts: RunOptions) -> None:
@@ -346,6 +342,18 @@ def check_identity(plan: Any, opts: RunOptions) -> None:
         preset.config.num_labels = plan.model.num_labels
     model = build_hf_model(preset, device="meta", dtype=getattr(torch, plan.run.weight_dtype))
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
+    if preset.source == "hf-dir" and not preset.has_weights and plan.model.source != "hf-config":
+        replan = replan_command(
+            plan,
+            plan.hardware.budget_bytes,
+            _sibling_plan(opts.plan_path, "random-init"),
+            keep_choices=True,
+            extra=("--random-init",),
+        )
+        raise RunError(
+            f"{preset.path} has config.json but no weights (*.safetensors, pytorch_model.bin); copy the "
+            f"weights in, or train from a random initialisation (the plan's seed): {replan}"
+        )
 
 
 def data_fingerprint(path: Path) -> tuple[str, int]:
@@ -377,7 +385,7 @@ def check_same_data(point: ResumePoint, data: tuple[str, int], opts: RunOptions,
     if opts.allow_data_change:
         log.write(f"chunkft-run: note: {differs}; continuing on it (--allow-data-change)\n")
         return
-    allow = shlex.join([*run_args(opts), *_resume_flags(opts), "--allow-data-change"])
+    allow = rerun_command(dataclasses.replace(opts, allow_data_change=True))
     raise RunError(f"{differs}; resume with the original --data, or continue on this file: {allow}")
 
 
@@ -649,11 +657,7 @@ def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Token
                 f"{ByteTokenizer.vocab_size}{fix}"
             )
     else:
-        if preset.source == "hf-dir" and not preset.has_weights:
-            raise RunError(
-                f"{preset.path} has config.json but no weights (*.safetensors, pytorch_model.bin); copy the "
-                "weights in, or re-plan with chunkft-plan --random-init to train from a random initialisation"
-            )
+        assert preset.has_weights, "check_identity refuses a directory without weights"
         tokenizer = HFTokenizer(preset.path or plan.model.name)
         torch.manual_seed(plan.run.seed)  # any fresh head
         model = build_hf_model(preset, device="cpu", dtype=dtype, load_weights=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -484,7 +485,7 @@ def calibrate(structure: Any, dtype: str, req: Request) -> Any:
     up on the module so that tests can inject a result instead of timing anything)."""
     from planner import costs
 
-    shape = costs.probe_shape(structure, (req.seq_len or DEFAULT_SEQ_LEN) * req.batch_size)
+    shape = costs.probe_shape(structure, req.seq_len * req.batch_size)  # seq_len resolved by run_request
     return costs.measure_host_rates(dtype, shape)
 
 
@@ -640,7 +641,7 @@ def write_plan_report(plan: Any, out: Path, report_dir: str, simulation: Any, *,
             traceback.print_exc()
         error_line(
             f"the plan is written ({out}) but the report failed: {report_error_text(e)}; redo it with: "
-            f"chunkft-report {out} -o {report_dir}"
+            f"{shlex.join(['chunkft-report', str(out), '-o', str(report_dir)])}"
         )
         return EXIT_REPORT_FAILED
     click.echo(f"report written to {html}")
@@ -1012,14 +1013,15 @@ def main(
     except BrokenPipeError:  # stdout closed by the reader (e.g. `| head`): say nothing
         sys.exit(141)
     except Exception as e:  # one line; --debug prints the traceback first, the exit code stays
-        message, code = failure(e, output)
+        message, code = failure(e, output, debug)
         fail(PROG, message, code, debug=debug)
     sys.exit(code)
 
 
-def failure(e: Exception, output: str) -> tuple[str, int]:
+def failure(e: Exception, output: str, debug: bool = False) -> tuple[str, int]:
     """The one line and exit code of an exception out of run_request: bad input (a profile, a plan, a
-    value the solver refused) is EXIT_BAD_INPUT; the disk refusing the plan or a bug, EXIT_FAILED."""
+    value the solver refused) is EXIT_BAD_INPUT; the disk refusing the plan or a bug, EXIT_FAILED (with
+    a pointer to --debug unless it was given)."""
     from planner.plan import PlanError
     from profiles import ProfileError
 
@@ -1028,7 +1030,8 @@ def failure(e: Exception, output: str) -> tuple[str, int]:
         return f"{where}: {e.strerror or e}; check the path and free space (nothing written)", EXIT_FAILED
     if isinstance(e, (ProfileError, PlanError, ValueError)):
         return str(e), EXIT_BAD_INPUT
-    return f"{type(e).__name__}: {e} (rerun with --debug for the traceback)", EXIT_FAILED
+    hint = "" if debug else " (rerun with --debug for the traceback)"
+    return f"{type(e).__name__}: {e}{hint}", EXIT_FAILED
 
 
 if __name__ == "__main__":

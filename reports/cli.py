@@ -46,7 +46,7 @@ def main(
     try:
         path = report(plan_path, run_path, out)
     except Exception as exc:  # noqa: BLE001 - every failure becomes one line and its exit code
-        message, code = describe(exc)
+        message, code = describe(exc, debug)
         fail(PROG, message, code, debug=debug)
     click.echo(f"wrote {path}")
 
@@ -78,21 +78,20 @@ def report(plan_path: Path, run_path: Path | None, out: Path) -> Path:
     return write_report(plan, out, run=run)
 
 
-def describe(exc: BaseException) -> tuple[str, int]:
-    """(one-line message, exit code): bad input is refused with 2; a failure while working exits 1."""
+def describe(exc: BaseException, debug: bool = False) -> tuple[str, int]:
+    """(one-line message, exit code): bad input is refused with 2; a failure while working exits 1 (with
+    a pointer to --debug unless it was given)."""
+    to_debug = "" if debug else " (rerun with --debug for the traceback)"
     from planner.plan import PlanError
     from profiles import ProfileError
 
     if isinstance(exc, PlanError | RunFileError | ReportInputError | ProfileError):
         return str(exc), EXIT_BAD_INPUT
     if isinstance(exc, ReportError):
-        hint = "" if isinstance(exc.__cause__, OSError) else " (rerun with --debug for the traceback)"
+        hint = "" if isinstance(exc.__cause__, OSError) else to_debug
         return f"{exc}{hint}", EXIT_FAILED
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc)
         where = f" ({exc.filename})" if exc.filename else ""
         return f"{reason}{where}; nothing was written: fix that (e.g. free space) and rerun", EXIT_FAILED
-    return (
-        f"internal error {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
-        EXIT_FAILED,
-    )
+    return f"internal error {type(exc).__name__}: {exc}{to_debug}", EXIT_FAILED

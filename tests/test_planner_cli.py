@@ -394,6 +394,23 @@ def test_any_report_failure_keeps_the_plan_and_exits_4(
     assert last.endswith(f"redo it with: chunkft-report {out} -o {rep}") and load_plan(out)
 
 
+@pytest.mark.parametrize("debug", [False, True])
+def test_an_internal_error_points_to_debug_unless_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, debug: bool
+) -> None:
+    """Before: "(rerun with --debug for the traceback)" was printed under the traceback --debug gave."""
+    import planner.cli
+
+    def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(planner.cli, "run_request", boom)
+    r = CliRunner().invoke(main, [*BASE, "-o", str(tmp_path / "p.json"), *(["--debug"] if debug else [])])
+    last = r.output.strip().splitlines()[-1]
+    assert r.exit_code == 1 and last.startswith("chunkft-plan: error: RuntimeError: boom"), r.output
+    assert ("rerun with --debug" in last) != debug
+
+
 def test_an_unwritable_report_dir_is_named_as_report_not_o(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

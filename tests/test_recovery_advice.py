@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner, Result
-from tiny_runs import PLAN_ARGS, SHAKESPEARE, plan_tiny
+from tiny_runs import PLAN_ARGS, SHAKESPEARE, plan_file, plan_tiny, shakespeare_text
 
 import executor.train
 from executor.checkpoint import CheckpointDiskFull, latest_checkpoint, read_meta
 from executor.cli import main as run_main
 from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan, save_plan
+from planner.plan import Plan, load_plan
 
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
 
@@ -32,20 +32,6 @@ pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shar
 def base(tmp_path_factory: pytest.TempPathFactory) -> Plan:
     """The tiny Llama planned once (constant schedule); tests set steps and checkpoint cadence."""
     return plan_tiny(tmp_path_factory.mktemp("plan"), steps=4)
-
-
-def make_plan(tmp: Path, plan: Plan, *, steps: int, every: int = 0, kind: str = "constant") -> Path:
-    schedule = dataclasses.replace(plan.run.schedule, total_steps=steps, kind=kind)
-    run = dataclasses.replace(plan.run, total_steps=steps, schedule=schedule, checkpoint_every=every)
-    path = tmp / "plan.json"
-    save_plan(dataclasses.replace(plan, run=run), path)
-    return path
-
-
-def text(tmp: Path, chars: int = 6_000, name: str = "data.txt", start: int = 0) -> Path:
-    path = tmp / name
-    path.write_text(SHAKESPEARE.read_text()[start : start + chars])
-    return path
 
 
 def run(*args: str) -> Result:
@@ -100,7 +86,11 @@ def corrupt(checkpoint: Path) -> None:
 @pytest.fixture
 def two_checkpoints(tmp_path: Path, base: Plan) -> tuple[Path, Path, Path]:
     """A run stopped at step 4 of 6 with checkpoints at 2 and 4 (plan, data, output)."""
-    plan, data, out = make_plan(tmp_path, base, steps=6, every=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=6, checkpoint_every=2),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     res = run(str(plan), "--data", str(data), "--output", str(out), "--max-steps", "4")
     assert res.exit_code == 0, res.output
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000002", "step-000004"]
@@ -160,7 +150,7 @@ def test_resume_from_picks_a_checkpoint_and_a_wrong_choice_names_one_that_works(
 
 
 def test_every_checkpoint_corrupt_says_start_over_elsewhere(tmp_path: Path, base: Plan) -> None:
-    plan, data, out = make_plan(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     args = [str(plan), "--data", str(data), "--output", str(out)]
     assert run(*args).exit_code == 0
     corrupt(latest_checkpoint(out))
@@ -177,7 +167,7 @@ def test_every_checkpoint_corrupt_says_start_over_elsewhere(tmp_path: Path, base
 
 
 def test_a_finished_run_says_where_its_model_is_and_how_to_train_on(tmp_path: Path, base: Plan) -> None:
-    plan, data, out = make_plan(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     args = [str(plan), "--data", str(data), "--output", str(out)]
     assert run(*args).exit_code == 0
     line = error_line(run(*args))
@@ -196,7 +186,7 @@ def test_a_finished_run_says_where_its_model_is_and_how_to_train_on(tmp_path: Pa
 def test_resume_without_a_checkpoint_says_run_without_resume(tmp_path: Path, base: Plan, case: str) -> None:
     """Before: the run that died before its first checkpoint left checkpoints/ behind; --resume said
     'run without --resume' and that said 'add --resume'."""
-    plan, data, out = make_plan(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     if case == "died-before-first-checkpoint":  # what SIGKILL during the first save leaves
         (out / "checkpoints" / f"step-000002.tmp-{os.getpid()}").mkdir(parents=True)
         (out / "metrics.jsonl").write_text('{"step": 1, "loss": 5.0, "skipped": false}\n')
@@ -213,7 +203,7 @@ def test_resume_without_a_checkpoint_says_run_without_resume(tmp_path: Path, bas
 
 def test_interrupted_run_resume_command_works(tmp_path: Path, base: Plan) -> None:
     """SIGINT in-process (the loop's handler is the main thread's): the printed command finishes it."""
-    plan, data, out = make_plan(tmp_path, base, steps=500), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=500), shakespeare_text(tmp_path), tmp_path / "run"
     metrics = out / "metrics.jsonl"
 
     def interrupt() -> None:
@@ -236,7 +226,11 @@ def test_interrupted_run_resume_command_works(tmp_path: Path, base: Plan) -> Non
 def test_disk_full_resume_command_works(tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills at the checkpoint of step 4 (simulated: tests/test_reliability.py does it for real on
     a tmpfs where it may mount one); after freeing space the printed command finishes the run."""
-    plan, data, out = make_plan(tmp_path, base, steps=6, every=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=6, checkpoint_every=2),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     real = executor.train.save_checkpoint
 
     def full_at_4(output_dir, meta, *a, **kw):  # type: ignore[no-untyped-def]
@@ -259,10 +253,14 @@ def test_disk_full_resume_command_works(tmp_path: Path, base: Plan, monkeypatch:
 
 
 def test_resume_on_other_data_is_refused_and_allow_data_change_continues(tmp_path: Path, base: Plan) -> None:
-    plan, data, out = make_plan(tmp_path, base, steps=4, every=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=4, checkpoint_every=2),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     args = [str(plan), "--data", str(data), "--output", str(out)]
     assert run(*args, "--max-steps", "2").exit_code == 0
-    other = text(tmp_path, name="other.txt", start=10_000)
+    other = shakespeare_text(tmp_path, name="other.txt", start=10_000)
     meta = read_meta(latest_checkpoint(out))
     assert meta.data_bytes == data.stat().st_size and meta.data_sha256 and len(meta.data_sha256) == 64
     res = run(str(plan), "--data", str(other), "--output", str(out), "--resume", "--max-steps", "3")
@@ -278,7 +276,7 @@ def test_resume_on_other_data_is_refused_and_allow_data_change_continues(tmp_pat
 
 def test_a_checkpoint_without_a_data_fingerprint_resumes_with_a_note(tmp_path: Path, base: Plan) -> None:
     """Checkpoints written before the field existed: state.json without it loads (None) and resumes."""
-    plan, data, out = make_plan(tmp_path, base, steps=3), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=3), shakespeare_text(tmp_path), tmp_path / "run"
     args = [str(plan), "--data", str(data), "--output", str(out)]
     assert run(*args, "--max-steps", "2").exit_code == 0
     state_path = latest_checkpoint(out) / "state.json"
@@ -295,7 +293,11 @@ def test_max_steps_past_a_decaying_schedule_is_refused_with_a_replan_that_works(
     tmp_path: Path, base: Plan
 ) -> None:
     """Before: steps past the end of a linear schedule trained at lr 0, silently."""
-    plan, data, out = make_plan(tmp_path, base, steps=2, kind="linear"), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=2, schedule="linear"),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     res = run(str(plan), "--data", str(data), "--output", str(out), "--max-steps", "3")
     assert res.exit_code == 2
     line = error_line(res)
@@ -328,7 +330,7 @@ def test_a_gpu_plan_without_a_gpu_is_refused_before_building(
         raise AssertionError("the model was built before the device was checked")
 
     monkeypatch.setattr(executor.train, "build_model", no_build)
-    data, out = text(tmp_path), tmp_path / "run"
+    data, out = shakespeare_text(tmp_path), tmp_path / "run"
     line = error_line(run(str(path), "--data", str(data), "--output", str(out)))
     assert f"{path} was made for 1 x NVIDIA GeForce RTX 4090 and this machine has no GPU" in line, line
     assert "GiB host memory" in line and not out.exists()
@@ -366,14 +368,13 @@ def test_padded_data_replan_keeps_the_plans_choices_and_runs(tmp_path: Path) -> 
     run_command(["chunkft-run", replan[replan.index("-o") + 1], "--data", str(data), "--output", str(out)])
 
 
-
 def test_too_little_host_memory_prints_a_replan_that_works(
     tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: the printed chunkft-plan command had no -o (chunkft-plan refused it, exit 2)."""
     from executor.train import host_bytes_needed
 
-    plan, data, out = make_plan(tmp_path, base, steps=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
     need, _ = host_bytes_needed(base, executor.train.torch.device("cpu"))
     monkeypatch.setattr(executor.train, "available_host_bytes", lambda: need - 1)
     line = error_line(run(str(plan), "--data", str(data), "--output", str(out)))
@@ -388,10 +389,12 @@ def test_too_little_host_memory_prints_a_replan_that_works(
 def test_a_seq_len_1_plan_prints_a_replan_that_works(tmp_path: Path, base: Plan) -> None:
     """Before: the advice was `chunkft-plan MODEL --seq-len 2 or more` (no --gpu, no -o: not a command)."""
     path = tmp_path / "plan.json"
-    doc = json.loads(make_plan(tmp_path, base, steps=2).read_text())
+    doc = json.loads(plan_file(tmp_path, base, steps=2).read_text())
     doc["run"]["seq_len"] = 1
     path.write_text(json.dumps(doc))
-    line = error_line(run(str(path), "--data", str(text(tmp_path)), "--output", str(tmp_path / "run")))
+    line = error_line(
+        run(str(path), "--data", str(shakespeare_text(tmp_path)), "--output", str(tmp_path / "run"))
+    )
     (replan,) = commands_in(line)
     run_command(replan)
     replanned = load_plan(Path(replan[replan.index("-o") + 1]))
@@ -427,7 +430,11 @@ def test_a_diverged_run_names_what_is_kept_and_prints_a_lower_lr_replan_that_wor
         return loss + float("nan") if len(calls) > 2 else loss
 
     monkeypatch.setattr(executor.train, "causal_lm_loss", nan_after_step_2)
-    plan, data, out = make_plan(tmp_path, base, steps=20, every=2), text(tmp_path), tmp_path / "run"
+    plan, data, out = (
+        plan_file(tmp_path, base, steps=20, checkpoint_every=2),
+        shakespeare_text(tmp_path),
+        tmp_path / "run",
+    )
     res = run(str(plan), "--data", str(data), "--output", str(out))
     assert res.exit_code == 1
     line = error_line(res)

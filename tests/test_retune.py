@@ -5,6 +5,7 @@ plan's seed (like a preset) with the directory's tokenizer or the byte-level one
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,13 @@ def test_config_only_directory_is_warned_at_plan_time_and_refused_by_the_run(
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "has config.json but no weights" in lines[0] and "--random-init" in lines[0]
     assert not (tmp_path / "out").exists()
+    # the advice is a command (before: "re-plan with chunkft-plan --random-init", no model, no -o)
+    replan = shlex.split(lines[0][lines[0].index("chunkft-plan ") :])
+    assert CliRunner().invoke(plan_main, replan[1:]).exit_code == 0
+    replanned = Path(replan[replan.index("-o") + 1])
+    assert load_plan(replanned).model.source == "hf-config"
+    res = _run(replanned, data, tmp_path / "out", "--max-steps", "1")
+    assert res.exit_code == 0, res.output
 
 
 def test_random_init_trains_a_config_only_directory_like_the_preset(

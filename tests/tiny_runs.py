@@ -41,15 +41,22 @@ def plan_tiny(directory: Path, steps: int) -> Plan:
 
 
 def plan_file(
-    tmp: Path, plan: Plan, *, steps: int, checkpoint_every: int = 0, lr: float | None = None
+    tmp: Path,
+    plan: Plan,
+    *,
+    steps: int,
+    checkpoint_every: int = 0,
+    lr: float | None = None,
+    schedule: str | None = None,
 ) -> Path:
-    """plan with `steps` steps (its schedule too), a checkpoint interval and a learning rate, saved as
-    tmp/plan.json."""
+    """plan with `steps` steps (its schedule too), a checkpoint interval, a learning rate and a schedule
+    kind, saved as tmp/plan.json."""
     opt = plan.run.optimizer if lr is None else dataclasses.replace(plan.run.optimizer, lr=lr)
+    kind = plan.run.schedule.kind if schedule is None else schedule
     run = dataclasses.replace(
         plan.run,
         total_steps=steps,
-        schedule=dataclasses.replace(plan.run.schedule, total_steps=steps),
+        schedule=dataclasses.replace(plan.run.schedule, total_steps=steps, kind=kind),
         checkpoint_every=checkpoint_every,
         optimizer=opt,
     )
@@ -58,8 +65,10 @@ def plan_file(
     return path
 
 
-def shakespeare_text(tmp: Path, chars: int = 8_000) -> Path:
-    """The first `chars` characters of Tiny Shakespeare as tmp/shakespeare.txt (a few blocks of data)."""
-    path = tmp / "shakespeare.txt"
-    path.write_text(SHAKESPEARE.read_text()[:chars])
+def shakespeare_text(
+    tmp: Path, chars: int = 8_000, name: str = "shakespeare.txt", start: int = 0
+) -> Path:
+    """`chars` characters of Tiny Shakespeare from `start` as tmp/name (a few blocks of data)."""
+    path = tmp / name
+    path.write_text(SHAKESPEARE.read_text()[start : start + chars])
     return path
