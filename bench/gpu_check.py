@@ -6,7 +6,7 @@ calls, on the tinyshakespeare bytes; the figures come from the run.json that tra
 
     measured.peak_bytes / reserved_bytes   CudaPeak over the measured span (one rotation after step 0)
     measured.phase_peaks                   evaluation, checkpoint and export, each on its own
-    measured.step_seconds                  compute-stream events (median); transfer_wait_s beside it
+    measured.step_seconds                  compute-stream events (mean over windows of their medians)
     losses.train                           per optimizer step
 
 beside the plan's predictions (peak, reserve, headroom, step time). Cases, on a GPU:

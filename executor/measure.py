@@ -395,19 +395,25 @@ class StepClock:
     copies a window change issues could never overlap the next step's compute (each change would cost a
     write-back plus a fill, serially). An event on the compute stream waits for the step's own work only.
     The transfer wait (the host blocking on a fill before an update) is inside the step's seconds and
-    reported on its own as well."""
+    reported on its own as well.
+
+    Windows differ in cost (the backward of a low window runs through every block above it), so the step
+    time that compares with the plan's (the simulator's mean over the rotation's windows) is the mean over
+    windows of each window's median step, not the median over steps: a run whose visits fall unevenly on
+    the windows (60 steps of 7 per visit: window 0 gets 11 steps, the others 7) would weigh some more."""
 
     streams: Streams
     seconds: list[float] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     transfer_wait_s: list[float] = field(default_factory=list)
+    windows: list[int | None] = field(default_factory=list)  # the window each step trained
     excluded: set[int] = field(default_factory=set)  # steps slowed by measurement or warm-up
     _start: Any = None
 
     def start(self) -> None:
         self._start = self.streams.compute_event(timing=True)
 
-    def stop(self, tokens: int, transfer_wait_s: float, *, exclude: bool) -> float:
+    def stop(self, tokens: int, transfer_wait_s: float, *, exclude: bool, window: int | None = None) -> float:
         end = self.streams.compute_event(timing=True)
         dt = self.streams.elapsed_s(self._start, end)
         if exclude:
@@ -415,6 +421,7 @@ class StepClock:
         self.seconds.append(dt)
         self.tokens.append(tokens)
         self.transfer_wait_s.append(transfer_wait_s)
+        self.windows.append(window)
         return dt
 
     def _kept(self) -> list[int]:
@@ -424,6 +431,18 @@ class StepClock:
     def median_step_seconds(self) -> float:
         kept = self._kept()
         return statistics.median(self.seconds[i] for i in kept) if kept else 0.0
+
+    def rotation_step_seconds(self, num_windows: int) -> float:
+        """Mean over the rotation's windows of each one's median kept step (what the plan predicts);
+        the plain median when some window has no kept step (a run shorter than a rotation)."""
+        by_window: dict[int, list[float]] = {}
+        for i in self._kept():
+            w = self.windows[i]
+            if w is not None:
+                by_window.setdefault(w, []).append(self.seconds[i])
+        if len(by_window) < num_windows or num_windows < 1:
+            return self.median_step_seconds()
+        return statistics.fmean(statistics.median(v) for v in by_window.values())
 
     def tokens_per_second(self) -> float:
         kept = self._kept()

@@ -574,7 +574,9 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                         stats = driver.step()
                 else:
                     stats = _skip_step(driver)
-                seconds = clock.stop(tokens, stats.transfer_wait_s, exclude=measuring or step == start_step)
+                seconds = clock.stop(
+                    tokens, stats.transfer_wait_s, exclude=measuring or step == start_step, window=stats.chunk
+                )
                 if measuring:
                     tracker.note_step(step)
                 if step + 1 == span.stop:
@@ -1095,7 +1097,8 @@ def _write_run_json(
         "memory_steps": list(memory.steps) if memory else [],
         # evaluation, checkpoint and export peaks, each measured on its own (not in peak_bytes)
         "phase_peaks": dict(memory.phase_peaks) if memory else {},
-        "step_seconds": clock.median_step_seconds(),
+        # the mean over windows of each window's median step: the plan's step_seconds is such a mean
+        "step_seconds": clock.rotation_step_seconds(len(plan.chunk_table.chunks)),
         "tokens_per_second": clock.tokens_per_second(),
         "transfer_wait_s": clock.median_transfer_wait_s(),  # per step, median; inside step_seconds
         "transfer_wait_s_total": clock.total_transfer_wait_s(),

@@ -548,7 +548,7 @@ def measured_figure(data: ReportData, run: RunRecord) -> Figure:
     ax_t.bar([0, 1], vals, 0.6, color=["#4c72b0", "#dd8452"])
     for x, v, tps in ((0, vals[0], sim.tokens_per_second), (1, vals[1], run.tokens_per_second)):
         ax_t.text(x, v, f"{v:.1f} ms\n{tps:,.0f} tok/s", ha="center", va="bottom", fontsize=8)
-    ax_t.set_xticks([0, 1], ["predicted\n(mean over rotation)", "measured\n(median step)"], fontsize=8)
+    ax_t.set_xticks([0, 1], ["predicted\n(mean over rotation)", "measured\n(mean over windows)"], fontsize=8)
     ax_t.set_ylabel("step time (ms)")
     ax_t.set_ylim(0, max(vals) * 1.3 if max(vals) > 0 else 1)
     timed = _off_text(sim.step_seconds, run.step_seconds) if run.step_seconds else "(no step timed)"
