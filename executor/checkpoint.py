@@ -90,6 +90,8 @@ class CheckpointMeta:
     # the training data file's sha256 and size (None: written before chunkft recorded them)
     data_sha256: str | None = None
     data_bytes: int | None = None
+    # the tokenizer's identity (executor.data Tokenizer.identity; None: written before it was recorded)
+    tokenizer_sha256: str | None = None
 
 
 @dataclass(frozen=True)

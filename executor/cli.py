@@ -55,7 +55,17 @@ GIB = 2**30
     required=True,
     type=click.Path(path_type=Path),
     help="Training data: .txt, .jsonl (text or instruction), .tsv/.csv (text,label). Tokenized with the "
-    "model directory's own tokenizer, or the byte-level one for presets and tokenizer-less --random-init.",
+    "model directory's own tokenizer, or the byte-level one for presets and tokenizer-less --random-init "
+    "(--tokenizer chooses another).",
+)
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    metavar="DIR",
+    help="Tokenize with this Hugging Face tokenizer directory instead (its ids must fit the model's "
+    "vocabulary); exported with the model.",
 )
 @click.option(
     "--output",
@@ -88,7 +98,8 @@ GIB = 2**30
 @click.option(
     "--allow-data-change",
     is_flag=True,
-    help="Resume on a --data file other than the one the checkpoint was trained on (refused otherwise).",
+    help="Resume on a --data file (or --tokenizer) other than the one the checkpoint was trained on "
+    "(refused otherwise).",
 )
 @click.option(
     "--device",
@@ -104,6 +115,7 @@ GIB = 2**30
 def main(
     plan: Path,
     data: Path,
+    tokenizer_dir: Path | None,
     output: Path | None,
     max_steps: int | None,
     resume: bool,
@@ -134,6 +146,7 @@ def main(
         resume=resume or resume_from is not None,
         resume_from=resume_from,
         allow_data_change=allow_data_change,
+        tokenizer_dir=tokenizer_dir,
         progress=not quiet,
         device=device,
     )

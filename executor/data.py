@@ -15,6 +15,7 @@ to do, before anything is written.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -58,6 +59,10 @@ class Tokenizer(Protocol):
 
     def save(self, directory: Path) -> None: ...
 
+    def id_count(self) -> int: ...  # 1 + the largest id it can produce: the embedding must have as many
+
+    def identity(self) -> str: ...  # sha256 of what decides its ids (a checkpoint records it)
+
 
 class ByteTokenizer:
     """UTF-8 bytes 0..255 as ids 0..255, then bos/eos/pad; for presets, which have no tokenizer of their own.
@@ -79,6 +84,12 @@ class ByteTokenizer:
 
     def encode_wrapped(self, text: str) -> list[int]:
         return [self.bos_id, *self.encode(text), self.eos_id]
+
+    def id_count(self) -> int:
+        return self.vocab_size
+
+    def identity(self) -> str:
+        return hashlib.sha256(b"chunkft-bytes:256:257:258").hexdigest()
 
     def save(self, directory: Path) -> None:
         """Write this tokenizer as a Hugging Face one (tokenizer.json, tokenizer_config.json), so the exported
@@ -195,6 +206,16 @@ class HFTokenizer:
 
     def save(self, directory: Path) -> None:
         self.hf.save_pretrained(str(directory))
+
+    def id_count(self) -> int:
+        return len(self.hf)  # the vocabulary and the added tokens
+
+    def identity(self) -> str:
+        """Of the token -> id map and the special ids: what the data's ids depend on (not file bytes,
+        which change with a re-save)."""
+        vocab = sorted(self.hf.get_vocab().items())
+        key = json.dumps([vocab, sorted(self.hf.all_special_ids), self.eos_id, self.pad_id])
+        return hashlib.sha256(key.encode()).hexdigest()
 
 
 def fresh_model_tokenizer(directory: str | None) -> Tokenizer:

@@ -127,7 +127,8 @@ class RunOptions:
     max_steps: int | None = None  # None: the plan's run.total_steps
     resume: bool = False
     resume_from: str | None = None  # step-N or a checkpoint directory (implies resume); None: the newest
-    allow_data_change: bool = False  # resume on a --data file other than the checkpoint's
+    allow_data_change: bool = False  # resume on a --data file (or --tokenizer) other than the checkpoint's
+    tokenizer_dir: Path | None = None  # --tokenizer: this directory's tokenizer instead of the model's own
     progress: bool = True
     keep_checkpoints: int = 2
     max_bad_steps: int = MAX_BAD_STEPS
@@ -389,6 +390,44 @@ def check_same_data(point: ResumePoint, data: tuple[str, int], opts: RunOptions,
     raise RunError(f"{differs}; resume with the original --data, or continue on this file: {allow}")
 
 
+def user_tokenizer(plan: Any, opts: RunOptions) -> Tokenizer | None:
+    """--tokenizer DIR: that directory's tokenizer, refused in one line when it cannot load or makes ids
+    the model has no embedding rows for (an index error deep in the forward otherwise)."""
+    if opts.tokenizer_dir is None:
+        return None
+    from profiles import load_model
+
+    if not Path(opts.tokenizer_dir).is_dir():
+        raise RunError(f"--tokenizer {opts.tokenizer_dir} is not a directory; give a tokenizer's directory")
+    tokenizer = HFTokenizer(opts.tokenizer_dir)  # a DataError (one line) when it cannot load or is empty
+    vocab = int(getattr(load_model(plan.model.path or plan.model.name, task=plan.model.task).config,
+                        "vocab_size", 0))  # fmt: skip
+    if tokenizer.id_count() > vocab:
+        raise RunError(
+            f"--tokenizer {opts.tokenizer_dir} makes ids up to {tokenizer.id_count() - 1}, and "
+            f"{plan.model.name} embeds {vocab} (ids 0..{vocab - 1}); use the base model's tokenizer"
+        )
+    return tokenizer
+
+
+def check_same_tokenizer(point: ResumePoint, tokenizer: Tokenizer, opts: RunOptions, log: TextIO) -> None:
+    """Refuse resuming with another tokenizer than the checkpoint's (the data position counts its blocks),
+    unless --allow-data-change; checkpoints from before it was recorded pass."""
+    recorded = point.meta.tokenizer_sha256
+    if recorded is None or recorded == tokenizer.identity():
+        return
+    differs = (
+        f"the tokenizer ({opts.tokenizer_dir or 'the model default'}) is not the one checkpoint "
+        f"{point.path.name} was trained with (identity {tokenizer.identity()[:12]}, not "
+        f"{recorded[:12]})"
+    )
+    if opts.allow_data_change:
+        log.write(f"chunkft-run: note: {differs}; continuing with it (--allow-data-change)\n")
+        return
+    allow = rerun_command(dataclasses.replace(opts, allow_data_change=True))
+    raise RunError(f"{differs}; resume with the original tokenizer, or continue with this one: {allow}")
+
+
 def chunk_tokens_for(plan: Any) -> int | None:
     """Tokens per chunked cross-entropy piece, or None for the plain loss. The plan format has no field for
     the piece size yet, so a plan that asks for chunking gets executor/loss.py's DEFAULT_CHUNK_TOKENS."""
@@ -439,8 +478,12 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # before the model is built and states pinned
     check_host_memory(plan, available_host_bytes(), device, opts.plan_path)
     check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM
+    chosen_tokenizer = user_tokenizer(plan, opts)  # --tokenizer, checked before the model is built
 
     model, tokenizer = build_model(plan, device)
+    tokenizer = chosen_tokenizer or tokenizer
+    if point is not None:
+        check_same_tokenizer(point, tokenizer, opts, log)
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
     chunk_tokens = chunk_tokens_for(plan)
     if chunk_tokens is not None:
@@ -503,6 +546,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             consecutive_bad_steps=bad_in_a_row,
             data_sha256=data_id[0] if data_id else None,
             data_bytes=data_id[1] if data_id else None,
+            tokenizer_sha256=tokenizer.identity(),
         )
         trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
@@ -1124,6 +1168,8 @@ def _write_run_json(
             "num_chunks": len(plan.chunk_table.chunks),
         },
         "data": str(opts.data_path),
+        # the model's own tokenizer (or the byte-level one of presets) unless --tokenizer chose one
+        "tokenizer": str(opts.tokenizer_dir) if opts.tokenizer_dir else "the model's",
         "steps": steps[-1]["step"] if steps else 0,
         "measured": measured,
         "predicted": predicted,
