@@ -87,21 +87,30 @@ def write_report_data(data: ReportData, out_dir: str | os.PathLike[str]) -> Path
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
     except OSError as exc:
         raise ReportFailedError(_write_failure(parent, exc)) from exc
+    replaced: list[str] = []
     try:
         for name, content in files.items():
             (tmp / name).write_bytes(content)
-        _move_into_place(tmp, out, list(files))
+        _move_into_place(tmp, out, list(files), replaced)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if replaced and len(replaced) < len(files):  # rare: a rename failed after others succeeded
+            kept = [n for n in files if n not in replaced]
+            raise ReportFailedError(
+                f"cannot finish the report in {out}: {exc.strerror or exc}; {', '.join(replaced)} are new, "
+                f"{', '.join(kept)} still the previous report's: fix the cause and write it again"
+            ) from exc
         raise ReportFailedError(_write_failure(out, exc)) from exc
     return out / REPORT_FILE
 
 
-def _move_into_place(tmp: Path, out: Path, names: Sequence[str]) -> None:
-    """Rename the written files over an existing report, or the whole directory into place."""
+def _move_into_place(tmp: Path, out: Path, names: Sequence[str], replaced: list[str]) -> None:
+    """Rename the written files over an existing report (each rename atomic, noted in `replaced`), or the
+    whole directory into place (one rename)."""
     if out.is_dir():
         for name in names:
             os.replace(tmp / name, out / name)
+            replaced.append(name)
         tmp.rmdir()
     else:
         os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp made it 0700; the files are 0666 & ~umask

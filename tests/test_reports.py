@@ -8,6 +8,7 @@ the parameters of real Hugging Face models built from config on the meta device.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -342,6 +343,29 @@ def test_report_into_existing_dir_is_all_or_nothing(tmp_path: Path, tiny: Report
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == {
         k: v for k, v in before.items() if k != "trace.json"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_a_rename_failing_half_way_says_which_files_are_new(
+    tmp_path: Path, tiny: ReportData, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: "nothing was written" although some files of the previous report were already replaced."""
+    out = tmp_path / "rep"
+    write_report_data(tiny, out)
+    real, calls = os.replace, []
+
+    def fail_third(src: object, dst: object) -> None:
+        calls.append(dst)
+        if len(calls) == 3:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(src, dst)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "replace", fail_third)
+    with pytest.raises(ReportError) as info:
+        write_report_data(dataclasses.replace(tiny, model_name="another"), out)
+    message = str(info.value)
+    assert "nothing was written" not in message and "still the previous report's" in message, message
+    first, second = (Path(str(c)).name for c in calls[:2])
+    assert f"{first}, {second} are new" in message
 
 
 def test_disk_full_leaves_nothing(tmp_path: Path, tiny: ReportData, disk_full_after_one_file: None) -> None:
