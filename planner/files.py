@@ -12,7 +12,16 @@ from pathlib import Path
 
 
 def current_umask() -> int:
-    """The process umask (os.umask can only be read by setting it; set it straight back)."""
+    """The process umask: from /proc/self/status on Linux (reading it there changes nothing), else by
+    setting it and straight back (os.umask can only be read so; for that instant another thread's new
+    files would get mode 0666, hence not the first choice)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask
