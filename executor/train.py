@@ -410,16 +410,15 @@ def user_tokenizer(plan: Any, opts: RunOptions) -> Tokenizer | None:
     return tokenizer
 
 
-def check_same_tokenizer(point: ResumePoint, tokenizer: Tokenizer, opts: RunOptions, log: TextIO) -> None:
-    """Refuse resuming with another tokenizer than the checkpoint's (the data position counts its blocks),
-    unless --allow-data-change; checkpoints from before it was recorded pass."""
+def check_same_tokenizer(point: ResumePoint, identity: str, opts: RunOptions, log: TextIO) -> None:
+    """Refuse resuming with another tokenizer (identity: Tokenizer.identity()) than the checkpoint's (the
+    data position counts its blocks), unless --allow-data-change; checkpoints from before it pass."""
     recorded = point.meta.tokenizer_sha256
-    if recorded is None or recorded == tokenizer.identity():
+    if recorded is None or recorded == identity:
         return
     differs = (
         f"the tokenizer ({opts.tokenizer_dir or 'the model default'}) is not the one checkpoint "
-        f"{point.path.name} was trained with (identity {tokenizer.identity()[:12]}, not "
-        f"{recorded[:12]})"
+        f"{point.path.name} was trained with (identity {identity[:12]}, not {recorded[:12]})"
     )
     if opts.allow_data_change:
         log.write(f"chunkft-run: note: {differs}; continuing with it (--allow-data-change)\n")
@@ -482,8 +481,9 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
     model, tokenizer = build_model(plan, device)
     tokenizer = chosen_tokenizer or tokenizer
+    tokenizer_id = tokenizer.identity()  # what checkpoints record (hashing a 128K vocabulary takes a while)
     if point is not None:
-        check_same_tokenizer(point, tokenizer, opts, log)
+        check_same_tokenizer(point, tokenizer_id, opts, log)
     check_model(plan, param_specs(model), source=str(opts.plan_path), model_name=plan.model.name)
     chunk_tokens = chunk_tokens_for(plan)
     if chunk_tokens is not None:
@@ -546,7 +546,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             consecutive_bad_steps=bad_in_a_row,
             data_sha256=data_id[0] if data_id else None,
             data_bytes=data_id[1] if data_id else None,
-            tokenizer_sha256=tokenizer.identity(),
+            tokenizer_sha256=tokenizer_id,
         )
         trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
