@@ -8,9 +8,12 @@ writes only the window's rows of the weight gradient, straight into the fp32 buf
 outside the window is frozen, so autograd stops below the lowest active parameter.
 
 Rows are dim 0 of the parameter. Sliceable owners: nn.Linear, nn.Embedding (padding_idx and
-scale_grad_by_freq honoured, max_norm refused), nn.LayerNorm, RMSNorm of the Llama/Mistral/Qwen2 kind
-(duck-typed and verified against the module's own forward), and transformers' GPT-2 Conv1D. Anything
-else that owns a straddling tensor is refused by name before training starts.
+scale_grad_by_freq honoured, max_norm refused), the Gemma-family scaled embedding (`embedding * embed_scale`,
+Gemma/Gemma-2/Gemma-3), nn.LayerNorm, RMSNorm of the Llama/Mistral/Qwen2 kind (`w * x_hat`) and of the
+Gemma kind (`x_hat * (1 + w)` in fp32), and transformers' GPT-2 Conv1D. The duck-typed ones (scaled
+embedding, both RMSNorms) are verified bit for bit against the module's own forward on random probe
+weights, so a look-alike with another formula is refused. Anything else that owns a straddling tensor is
+refused by name before training starts.
 
 Activation checkpointing must be non-reentrant (`gradient_checkpointing_enable(
 gradient_checkpointing_kwargs={"use_reentrant": False})`): reentrant checkpointing drops parameter
@@ -19,27 +22,36 @@ window that ChunkFT avoids. The instance forwards accumulate only in backward, s
 harmless. Under autocast the sliced Linear/Conv1D cast like F.linear/addmm do; gradients accumulate
 in fp32.
 
-Known limit: a weight read directly by other code (e.g. `F.linear(h, self.embed.weight)` outside the
-owner's forward) is invisible here; such a use of a straddling tensor gets no gradient.
+A straddling weight read by other code (e.g. `F.linear(h, self.embed.weight)`, DeBERTa-v2's non-legacy
+MLM head) would get no gradient through that use. The first grad-enabled step after activating a window
+with not-yet-checked straddling tensors therefore runs under a dispatch-level watch (every op of every
+module call of the model) and raises UnsupportedModuleError naming the tensor and the reading module.
+`foreign_uses(model, forward)` runs the same watch over all tensors for the planner, so a plan never cuts
+such a tensor. Limit: a read outside every module call of the model (e.g. in the loss code) is not seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from executor.chunks import Chunk, ParamSlice
 
-__all__ = ["SliceGradients", "UnsupportedModuleError", "SUPPORTED_MODULES"]
+__all__ = ["SliceGradients", "UnsupportedModuleError", "SUPPORTED_MODULES", "foreign_uses"]
 
 SUPPORTED_MODULES = (
-    "nn.Linear, nn.Embedding, nn.LayerNorm, Llama/Mistral/Qwen2-style RMSNorm, transformers Conv1D"
+    "nn.Linear, nn.Embedding, Gemma-style scaled embedding, nn.LayerNorm, Llama/Mistral/Qwen2-style and "
+    "Gemma-style RMSNorm, transformers Conv1D"
 )
 
 
@@ -77,34 +89,119 @@ def _conv1d_type() -> type | None:
     return Conv1D
 
 
-def _rms_reference(weight: Tensor, eps: float, x: Tensor) -> Tensor:
-    """The Llama/Mistral/Qwen2 RMSNorm forward, op for op (the sliced path must reproduce it)."""
-    input_dtype = x.dtype
+def _rms_normed(x: Tensor, eps: float) -> Tensor:
+    """x_hat in fp32, op for op as Llama and Gemma compute it (the sliced forwards reuse it)."""
     h = x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
-    h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(input_dtype)
+    return h * torch.rsqrt(variance + eps)
 
 
-def _verify_rmsnorm(module: nn.Module) -> str | None:
-    """None when the module's own forward equals the Llama RMSNorm formula bit for bit, else why not.
+def _rms_scale(normed: Tensor, weight: Tensor, offset: bool) -> Tensor:
+    """The last op: Gemma's `x_hat * (1 + w)` in fp32 (offset) or Llama's `w * x_hat`."""
+    return normed * (1.0 + weight.float()) if offset else weight * normed
 
-    Duck typing alone would accept look-alikes with other casts (T5) or offsets (Gemma's 1 + w); a
-    probe on fp32 and bf16 inputs tells them apart. Meta-device modules cannot be probed and are
-    accepted on duck typing.
-    """
-    weight = module.weight
-    if weight.device.type == "meta":
-        return None
-    gen = torch.Generator(device="cpu").manual_seed(1234)
-    with torch.no_grad():
-        for dtype in (torch.float32, torch.bfloat16):
-            x = (torch.randn(3, weight.shape[0], generator=gen) * 3 + 0.5).to(weight.device, dtype)
-            theirs = type(module).forward(module, x)
-            ours = _rms_reference(weight, module.variance_epsilon, x)
-            if theirs.dtype != ours.dtype or not torch.equal(theirs, ours):
-                return "its forward differs from the Llama-style RMSNorm formula"
+
+def _rms_reference(weight: Tensor, eps: float, x: Tensor, offset: bool) -> Tensor:
+    """The Llama-style (offset=False) or Gemma-style (offset=True) RMSNorm forward, op for op."""
+    h = _rms_normed(x, eps)
+    if offset:
+        return _rms_scale(h, weight, True).type_as(x)
+    return _rms_scale(h.to(x.dtype), weight, False)
+
+
+def _rms_eps_attr(module: nn.Module) -> str | None:
+    """Llama keeps eps as `variance_epsilon`, Gemma as `eps`; the sliced forward reads the same one."""
+    for attr in ("variance_epsilon", "eps"):
+        if isinstance(getattr(module, attr, None), float):
+            return attr
     return None
+
+
+def _probe_device(t: Tensor) -> torch.device:
+    """Where probes run: the tensor's device, or the CPU for meta and fake tensors (no data there)."""
+    return torch.device("cpu") if t.device.type == "meta" or is_fake(t) else t.device
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, **tensors: Tensor) -> Iterator[None]:
+    """Probe tensors in place of the module's parameters/buffers (works for meta and fake modules)."""
+    saved = {}
+    for name, t in tensors.items():
+        store = module._parameters if name in module._parameters else module._buffers
+        saved[name] = (store, store[name])
+        store[name] = t
+    try:
+        yield
+    finally:
+        for name, (store, old) in saved.items():
+            store[name] = old
+
+
+def _real_probe(fn: Callable[..., bool]) -> Callable[..., bool]:
+    """Run a probe on real tensors without autograd, even inside the planner's FakeTensorMode trace."""
+
+    @functools.wraps(fn)
+    def probe(*args: object) -> bool:
+        with unset_fake_temporarily(), torch.no_grad():
+            return fn(*args)
+
+    return probe
+
+
+@_real_probe
+def _rms_matches(module: nn.Module, eps_attr: str, offset: bool) -> bool:
+    """Whether the module's own forward equals the formula bit for bit on random probe weights.
+
+    Duck typing alone would accept look-alikes with other casts (T5) or offsets; probes with fp32 and
+    bf16 weights and inputs (normal and tiny magnitudes, so eps matters) tell them apart. The weights are
+    random, not the module's, so an init of ones or zeros cannot hide a formula.
+    """
+    n, eps = module.weight.shape[0], getattr(module, eps_attr)
+    dev = _probe_device(module.weight)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    for wdtype in (torch.float32, torch.bfloat16):
+        w = (torch.randn(n, generator=gen) * 0.5 + 0.25).to(dev, wdtype)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(4, n, generator=gen) * torch.tensor([[3.0], [1.0], [1e-3], [3e-4]]) + 0.01
+            x = x.to(dev, dtype)
+            with _swapped(module, weight=w):
+                try:
+                    theirs = type(module).forward(module, x)
+                except Exception:  # a forward that cannot take (rows, features) input is no RMSNorm
+                    return False
+                ours = _rms_reference(w, eps, x, offset)
+            if not isinstance(theirs, Tensor) or theirs.dtype != ours.dtype or not torch.equal(theirs, ours):
+                return False
+    return True
+
+
+@_real_probe
+def _scaled_embedding_matches(module: nn.Embedding) -> bool:
+    """Whether the module's forward is Gemma's `F.embedding(ids, w) * embed_scale.to(w.dtype)`, bit for
+    bit, on random probe weights and a probe scale (a look-alike scaling otherwise is refused)."""
+    scale = module._buffers.get("embed_scale")
+    if not isinstance(scale, Tensor) or scale.dim() != 0 or not scale.is_floating_point():
+        return False
+    pad = module.padding_idx
+    rows = max(16, (pad or 0) + 1)
+    dev = _probe_device(module.weight)
+    gen = torch.Generator(device="cpu").manual_seed(1234)
+    ids = torch.randint(0, rows, (2, 7), generator=gen)
+    if pad is not None:
+        ids[0, 0] = pad
+    ids = ids.to(dev)
+    for wdtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(rows, 8, generator=gen).to(dev, wdtype)
+        s = torch.tensor(54.77, dtype=scale.dtype, device=dev)  # not a bf16 value: casts show
+        with _swapped(module, weight=w, embed_scale=s):
+            try:
+                theirs = type(module).forward(module, ids)
+            except Exception:  # e.g. a forward with other arguments
+                return False
+            ours = F.embedding(ids, w, pad) * s.to(w.dtype)
+        if not isinstance(theirs, Tensor) or theirs.dtype != ours.dtype or not torch.equal(theirs, ours):
+            return False
+    return True
 
 
 def _slice_kind(owner: _Owner, parents: dict[int, nn.Module]) -> tuple[str | None, str]:
@@ -120,11 +217,16 @@ def _slice_kind(owner: _Owner, parents: dict[int, nn.Module]) -> tuple[str | Non
             return None, "nn.MultiheadAttention reads its out_proj weights directly"
         return "linear", ""
     if isinstance(m, nn.Embedding):
-        if cls.forward is not nn.Embedding.forward:
-            return None, f"{cls.__name__} overrides nn.Embedding.forward"
         if m.max_norm is not None:
             return None, "max_norm renormalizes the weight in place during forward"
-        return "embedding", ""
+        if cls.forward is nn.Embedding.forward:
+            return "embedding", ""
+        if owner.attr == "weight" and _scaled_embedding_matches(m):
+            return "scaled_embedding", ""
+        return None, (
+            f"{cls.__name__} overrides nn.Embedding.forward and is not the Gemma-style scaled embedding "
+            "(F.embedding(ids, w) * embed_scale.to(w.dtype))"
+        )
     if isinstance(m, nn.LayerNorm):
         if cls.forward is not nn.LayerNorm.forward:
             return None, f"{cls.__name__} overrides nn.LayerNorm.forward"
@@ -135,14 +237,20 @@ def _slice_kind(owner: _Owner, parents: dict[int, nn.Module]) -> tuple[str | Non
             return None, f"{cls.__name__} overrides Conv1D.forward"
         return "conv1d", ""
     params = dict(m.named_parameters(recurse=False))
+    eps_attr = _rms_eps_attr(m)
     if (
         set(params) == {"weight"}
         and params["weight"].dim() == 1
-        and isinstance(getattr(m, "variance_epsilon", None), float)
+        and eps_attr is not None
         and getattr(m, "bias", None) is None
     ):
-        reason = _verify_rmsnorm(m)
-        return (None, reason) if reason else ("rmsnorm", "")
+        for kind, offset in (("rmsnorm", False), ("rmsnorm_offset", True)):
+            if _rms_matches(m, eps_attr, offset):
+                return kind, ""
+        return None, (
+            "its forward differs from the Llama-style RMSNorm formula (w * x_hat) and from the "
+            "Gemma-style one (x_hat * (1 + w) in fp32)"
+        )
     return None, "no sliced gradient is implemented for this module type"
 
 
@@ -317,26 +425,27 @@ class _SlicedLayerNorm(torch.autograd.Function):
 
 
 class _SlicedScale(torch.autograd.Function):
-    """out = weight * normed (the last op of Llama RMSNorm); weight rows are hidden features."""
+    """The last op of an RMSNorm (`_rms_scale`: Llama's w * x_hat, or Gemma's x_hat * (1 + w) with
+    offset); weight rows are hidden features."""
 
     @staticmethod
-    def forward(ctx, anchor, normed, weight, rows, sink):  # type: ignore[override]
+    def forward(ctx, anchor, normed, weight, rows, sink, offset):  # type: ignore[override]
         ctx.save_for_backward(normed, weight)
-        ctx.args = (rows, sink)
-        return weight * normed
+        ctx.args = (rows, sink, offset)
+        return _rms_scale(normed, weight, offset)
 
     @staticmethod
     def backward(ctx, go):  # type: ignore[override]
         normed, weight = ctx.saved_tensors
-        rows, sink = ctx.args
+        rows, sink, offset = ctx.args
         gn = None
         if ctx.needs_input_grad[1]:
-            gn = (go * weight).to(normed.dtype)
+            gn = (go * (1.0 + weight.float() if offset else weight)).to(normed.dtype)
         n = rows.end - rows.start
         gs = go[..., rows.start : rows.end].to(torch.float32)
         ns = normed[..., rows.start : rows.end].to(torch.float32)
         sink(rows.name, (gs * ns).reshape(-1, n).sum(0))
-        return None, gn, None, None, None
+        return None, gn, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -385,16 +494,35 @@ def _layernorm_forward(m: nn.LayerNorm, rows: dict[str, _Rows], anchor: Callable
     return forward
 
 
-def _rmsnorm_forward(m: nn.Module, rows: dict[str, _Rows], anchor: Callable, sink: _Sink) -> Callable:
+def _scaled_embedding_forward(
+    m: nn.Embedding, rows: dict[str, _Rows], anchor: Callable, sink: _Sink
+) -> Callable:
     w_rows = rows["weight"]
+
+    def forward(input_ids: Tensor) -> Tensor:
+        # Gemma's own scaling op (verified in _scaled_embedding_matches): autograd's own gradient
+        out = _SlicedEmbedding.apply(
+            anchor(input_ids.device), input_ids, m.weight, m.padding_idx, m.scale_grad_by_freq, w_rows, sink
+        )
+        return out * m.embed_scale.to(m.weight.dtype)
+
+    return forward
+
+
+def _rmsnorm_forward(
+    m: nn.Module, rows: dict[str, _Rows], anchor: Callable, sink: _Sink, offset: bool = False
+) -> Callable:
+    w_rows = rows["weight"]
+    eps_attr = _rms_eps_attr(m)
+    assert eps_attr is not None  # _slice_kind checked it
 
     def forward(hidden_states: Tensor) -> Tensor:
         # The same ops as the module's own forward, so the input gradient is autograd's own.
-        input_dtype = hidden_states.dtype
-        h = hidden_states.to(torch.float32)
-        variance = h.pow(2).mean(-1, keepdim=True)
-        h = h * torch.rsqrt(variance + m.variance_epsilon)
-        return _SlicedScale.apply(anchor(hidden_states.device), h.to(input_dtype), m.weight, w_rows, sink)
+        h = _rms_normed(hidden_states, getattr(m, eps_attr))
+        a = anchor(hidden_states.device)
+        if offset:
+            return _SlicedScale.apply(a, h, m.weight, w_rows, sink, True).type_as(hidden_states)
+        return _SlicedScale.apply(a, h.to(hidden_states.dtype), m.weight, w_rows, sink, False)
 
     return forward
 
@@ -403,9 +531,115 @@ _FORWARDS = {
     "linear": _linear_forward,
     "conv1d": _conv1d_forward,
     "embedding": _embedding_forward,
+    "scaled_embedding": _scaled_embedding_forward,
     "layernorm": _layernorm_forward,
     "rmsnorm": _rmsnorm_forward,
+    "rmsnorm_offset": functools.partial(_rmsnorm_forward, offset=True),
 }
+
+
+# ----------------------------------------------------------------------------------------------
+# Foreign uses: an op reading a row-cut weight outside the forward of a module that owns it
+
+# ops that read only metadata or cut the tensor off autograd (no gradient can be lost through them)
+_METADATA_OPS = frozenset(
+    {"detach", "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "is_same_size"}
+)
+
+_Found = Callable[[str, "nn.Module | None", str], None]
+
+
+class _WatchMode(TorchDispatchMode):
+    """Pushed for one outermost module call: hands every op's tensor arguments to the watch."""
+
+    def __init__(self, watch: _UseWatch) -> None:
+        super().__init__()
+        self._watch = watch
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        if func.namespace != "prim" and func._opname not in _METADATA_OPS:
+            self._watch.check(func, args, kwargs)
+        return func(*args, **kwargs)
+
+
+class _UseWatch:
+    """Module hooks keep the stack of running modules; during each grad-enabled outermost call a dispatch
+    mode sees every op. An op reading a watched tensor while the innermost running module is not one of
+    its owners is a foreign use, reported to `found(name, module, op)`: autograd does not route that use
+    through the sliced forwards, so the window gradient would miss it."""
+
+    def __init__(
+        self, model: nn.Module, watched: dict[int, str], owners: dict[str, frozenset[int]], found: _Found
+    ) -> None:
+        self._watched, self._owners, self._found = watched, owners, found
+        self._stack: list[nn.Module] = []
+        self._mode: _WatchMode | None = None
+        self.ran = False  # a checked outermost call completed
+        self._handles = []
+        for m in model.modules():
+            self._handles.append(m.register_forward_pre_hook(self._pre, prepend=True))
+            self._handles.append(m.register_forward_hook(self._post, always_call=True))
+
+    def _pre(self, module: nn.Module, args: object) -> None:
+        if not self._stack:
+            if not torch.is_grad_enabled():
+                return  # no gradient, nothing can be wrong
+            self._mode = _WatchMode(self)
+            self._mode.__enter__()
+        self._stack.append(module)
+
+    def _post(self, module: nn.Module, args: object, output: object) -> None:
+        if not self._stack or self._stack[-1] is not module:
+            return
+        self._stack.pop()
+        if not self._stack and self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+            self.ran = True
+
+    def check(self, func: object, args: object, kwargs: object) -> None:
+        for t in tree_leaves((args, kwargs)):
+            name = self._watched.get(id(t)) if isinstance(t, Tensor) else None
+            if name is None:
+                continue
+            inner = self._stack[-1] if self._stack else None
+            if inner is None or id(inner) not in self._owners[name]:
+                self._found(name, inner, str(func))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._mode is not None:  # only if a forward is interrupted from outside
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+        self._stack = []
+
+
+def foreign_uses(model: nn.Module, forward: Callable[[], object]) -> dict[str, str]:
+    """name -> "path (Class)" of the module that reads it, for every multi-row parameter that `forward()`
+    reads outside the forward of a module owning it (DeBERTa-v2's non-legacy MLM head, `F.linear(x,
+    other.weight)`).
+
+    For the planner, before cutting: such a tensor must stay whole in every window, or the executor
+    refuses the plan on its first step. `forward()` is run once with grad enabled (a fake or meta model
+    works); only what it executes is seen.
+    """
+    sg = SliceGradients(model)
+    watched = {id(p): n for n, p in sg._params.items() if p.dim() and p.shape[0] > 1}
+    found: dict[str, str] = {}
+
+    def record(name: str, module: nn.Module | None, op: str) -> None:
+        found.setdefault(name, sg._describe(module))
+
+    watch = _UseWatch(model, watched, sg._owner_ids, record)
+    try:
+        with torch.enable_grad():
+            forward()
+    finally:
+        watch.remove()
+    return found
 
 
 # ----------------------------------------------------------------------------------------------
@@ -439,6 +673,11 @@ class SliceGradients:
         self._ckpt_modules = [
             (n, m) for n, m in model.named_modules() if hasattr(m, "gradient_checkpointing")
         ]
+        self._owner_ids = {n: frozenset(id(o.module) for o in os) for n, os in self._owners.items()}
+        self._paths = {id(m): path for path, m in model.named_modules()}
+        self._use_checked: set[str] = set()  # straddled tensors seen used only by their owners
+        self._watch: _UseWatch | None = None
+        self._watch_names: set[str] = set()
         self._kind_cache: dict[tuple[int, str], tuple[str | None, str]] = {}
         self._anchors: dict[torch.device, Tensor] = {}
         self._active: Chunk | None = None
@@ -493,9 +732,41 @@ class SliceGradients:
                         raise UnsupportedModuleError(
                             f"chunk {chunk.index} cuts {sl.name!r} at rows [{sl.row_start}, {sl.row_end}), "
                             f"but its owner {owner.path or '<root>'!r} ({type(owner.module).__name__}) "
-                            f"cannot be sliced: {reason}. Sliceable: {SUPPORTED_MODULES}; "
-                            "plan with policy 'whole' or other cut points"
+                            f"cannot be sliced: {reason}. Sliceable: {SUPPORTED_MODULES}; a plan must "
+                            "keep this tensor whole (cut the stream between tensors there)"
                         )
+
+    def _describe(self, module: nn.Module | None) -> str:
+        if module is None:
+            return "code outside the model's modules"
+        return f"module {self._paths.get(id(module), '?') or '<root>'!r} ({type(module).__name__})"
+
+    def _arm_use_check(self, chunk: Chunk, straddled: dict[str, ParamSlice]) -> None:
+        """Watch the next grad-enabled step for foreign reads of the window's unchecked cut tensors."""
+        if not set(straddled) - self._use_checked:
+            return
+
+        def refuse(name: str, module: nn.Module | None, op: str) -> None:
+            sl = straddled[name]
+            owners = ", ".join(repr(o.path or "<root>") for o in self._owners[name])
+            raise UnsupportedModuleError(
+                f"chunk {chunk.index} cuts {name!r} at rows [{sl.row_start}, {sl.row_end}), but "
+                f"{self._describe(module)} reads it ({op}) outside the forward of its owner {owners}, so "
+                "that use would get no gradient; a plan must keep this tensor whole (see "
+                "executor.slicegrad.foreign_uses)"
+            )
+
+        watched = {id(self._params[n]): n for n in straddled}
+        self._watch = _UseWatch(self._model, watched, self._owner_ids, refuse)
+        self._watch_names = set(straddled)
+
+    def _disarm_use_check(self) -> None:
+        if self._watch is None:
+            return
+        if self._watch.ran:
+            self._use_checked |= self._watch_names
+        self._watch.remove()
+        self._watch = None
 
     def _check_checkpointing(self) -> None:
         for path, m in self._ckpt_modules:
@@ -550,6 +821,7 @@ class SliceGradients:
             for owner, kind, rows in per_module.values():
                 owner.module.forward = _FORWARDS[kind](owner.module, rows, self._anchor, self._accumulate)
                 self._patched.append(owner.module)
+            self._arm_use_check(chunk, {n: sl for n, sl in slices.items() if self._straddles(sl)})
         except BaseException:
             self.deactivate()
             raise
@@ -557,6 +829,7 @@ class SliceGradients:
 
     def deactivate(self) -> None:
         """Restore every instance forward and requires_grad flag; drop hooks and buffers."""
+        self._disarm_use_check()
         for h in self._hooks:
             h.remove()
         self._hooks = []
@@ -601,8 +874,10 @@ class SliceGradients:
         """
         if self._active is None:
             raise RuntimeError("no window is active; call activate(chunk) first")
+        self._disarm_use_check()  # the step's forwards and backwards are done
         return {name: buf for name, buf in self._buffers.items() if name in self._shapes}
 
     def zero_grad(self) -> None:
         """Forget the accumulated window gradients (buffers are re-created on the next backward)."""
+        self._disarm_use_check()
         self._buffers = {}
