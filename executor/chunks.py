@@ -79,6 +79,7 @@ def partition(
     bytes_per_chunk: int | None = None,
     state_bytes_per_element: int = 8,
     policy: CutPolicy = "rows",
+    keep_whole: frozenset[str] = frozenset(),
 ) -> tuple[Chunk, ...]:
     """Cut the parameter stream into windows of near-equal bytes.
 
@@ -87,8 +88,10 @@ def partition(
     exceed total/K by less than one row; a "whole" window by up to its largest tensor). The planner
     sizes memory from the windows it gets back, never from the target. Cut k lands on the row
     boundary nearest to byte k*total/K ("rows") or on the tensor boundary nearest to it ("whole",
-    greedy: it may refuse a K that a cleverer cut could satisfy). Raises ValueError when the stream
-    cannot hold K non-empty windows.
+    greedy: it may refuse a K that a cleverer cut could satisfy). keep_whole names tensors that "rows"
+    must not cut either (their modules cannot be sliced: executor.slicegrad unsliceable / foreign_uses):
+    a cut landing in one moves to its nearer boundary. Raises ValueError when the stream cannot hold K
+    non-empty windows.
     """
     if (num_chunks is None) == (bytes_per_chunk is None):
         raise ValueError("give exactly one of num_chunks or bytes_per_chunk")
@@ -119,16 +122,17 @@ def partition(
     for k in range(1, num_chunks):
         target = k * total / num_chunks
         i = _tensor_at(starts, target)
-        if policy == "whole":
+        if policy == "whole" or specs[i].name in keep_whole:
             at_start = target - starts[i] <= starts[i + 1] - target
             cut = (i, 0) if at_start else (i + 1, 0)
         else:
             row = min(specs[i].rows, max(0, round((target - starts[i]) / row_bytes[i])))
             cut = (i + 1, 0) if row == specs[i].rows else (i, row)
         if cut <= cuts[-1]:
+            whole = f" ({len(keep_whole)} tensors kept whole)" if keep_whole and policy == "rows" else ""
             raise ValueError(
                 f"cannot cut {total} bytes into {num_chunks} non-empty windows with policy "
-                f"{policy!r}; use fewer chunks"
+                f"{policy!r}{whole}; use fewer chunks"
             )
         cuts.append(cut)
     cuts.append((len(specs), 0))

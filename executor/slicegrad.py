@@ -720,6 +720,21 @@ class SliceGradients:
         p = self._params[sl.name]
         return p.dim() > 0 and (sl.row_start > 0 or sl.row_end < p.shape[0])
 
+    def unsliceable(self) -> dict[str, str]:
+        """name -> why, for every multi-row trainable parameter a window must not cut: one of its owners
+        is no module this class can slice (the planner keeps these whole; check_supported refuses a
+        plan that cuts one)."""
+        out: dict[str, str] = {}
+        for name, p in self._params.items():
+            if not p.requires_grad or p.dim() == 0 or p.shape[0] < 2:
+                continue
+            for owner in self._owners[name]:
+                kind, reason = self._kind(owner)
+                if kind is None:
+                    out[name] = f"{owner.path or '<root>'} ({type(owner.module).__name__}): {reason}"
+                    break
+        return out
+
     def check_supported(self, chunks: Sequence[Chunk]) -> None:
         """Refuse, before training, any straddling tensor whose owner cannot be sliced (names it)."""
         for chunk in chunks:

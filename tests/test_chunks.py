@@ -176,3 +176,22 @@ def test_param_specs_of_a_real_model() -> None:
     assert {s.dtype for s in param_specs(meta)} == {"bfloat16"}
     chunks = partition(specs, num_chunks=5)
     assert sum(chunk_numel(c, specs) for c in chunks) == sum(s.numel for s in specs)
+
+
+def test_rows_keeps_the_named_tensors_whole() -> None:
+    """A tensor whose module cannot be sliced (executor.slicegrad unsliceable/foreign_uses) is never cut:
+    a cut that would land in it moves to its nearer boundary; the others are still cut between rows."""
+    from executor.chunks import ParamSpec, partition
+
+    specs = [ParamSpec("a", (10, 4), "float32"), ParamSpec("b", (10, 4), "float32"),
+             ParamSpec("c", (10, 4), "float32")]  # fmt: skip
+    free = partition(specs, num_chunks=4)
+    assert any(sl.name == "b" and (sl.row_start, sl.row_end) != (0, 10) for ch in free for sl in ch.slices)
+    kept = partition(specs, num_chunks=4, keep_whole=frozenset({"b"}))
+    for ch in kept:
+        for sl in ch.slices:
+            if sl.name == "b":
+                assert (sl.row_start, sl.row_end) == (0, 10)
+    cut = [sl.name for ch in kept for sl in ch.slices if (sl.row_start, sl.row_end) != (0, 10)]
+    assert cut and set(cut) <= {"a", "c"}
+    assert sum(sl.row_end - sl.row_start for ch in kept for sl in ch.slices) == 30

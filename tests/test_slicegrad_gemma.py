@@ -356,3 +356,23 @@ def test_deberta_v2_mlm_head_reading_the_embedding_is_refused() -> None:
         loss()
     sg.deactivate()
     assert_window_exact(sg, model, Chunk(1, (ParamSlice(name, 0, 100),)), loss, dense)
+
+
+def test_unsliceable_names_what_a_window_must_keep_whole() -> None:
+    """What the planner keeps whole: a module the executor cannot slice is named with its reason; the
+    Llama and Gemma-2 modules are all sliceable now."""
+    import torch.nn as nn
+
+    from executor.slicegrad import SliceGradients
+
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(4, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x @ self.weight.t().exp()
+
+    model = nn.Sequential(nn.Linear(3, 4), Odd())
+    found = SliceGradients(model).unsliceable()
+    assert list(found) == ["1.weight"] and found["1.weight"].startswith("1 (Odd): ")
