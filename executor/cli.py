@@ -54,7 +54,9 @@ GIB = 2**30
     "data",
     required=True,
     type=click.Path(path_type=Path),
-    help="Training data: .txt, .jsonl (text or instruction), .tsv/.csv (text,label). Tokenized with the "
+    help="Training data: .txt, .jsonl (text, instruction, chat `messages` or ShareGPT `conversations`), "
+    ".tsv/.csv (text,label), .parquet/.arrow or a `datasets` save_to_disk directory (the same records). "
+    "Tokenized with the "
     "model directory's own tokenizer, or the byte-level one for presets and tokenizer-less --random-init "
     "(--tokenizer chooses another).",
 )

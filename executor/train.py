@@ -172,7 +172,8 @@ def _check_replayable(plan: Any) -> None:
 
 
 _PADDED_KIND = {
-    "instruction": "instruction JSONL rows",
+    "instruction": "instruction rows",
+    "chat": "chat rows",
     "classification": "classification rows",
     "text": "text rows",
     "jsonl-text": "JSONL text rows",
@@ -358,12 +359,17 @@ def check_identity(plan: Any, opts: RunOptions) -> None:
 
 
 def data_fingerprint(path: Path) -> tuple[str, int]:
-    """(sha256 hex, size in bytes) of the data file, what a checkpoint records to catch another --data."""
+    """(sha256 hex, size in bytes) of the data file, what a checkpoint records to catch another --data; of
+    a `datasets` directory (save_to_disk), over its files' relative names and contents in sorted order."""
     h, size = hashlib.sha256(), 0
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():
+            h.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+                size += len(block)
     return h.hexdigest(), size
 
 
@@ -470,7 +476,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     if out.is_dir():
         _lock_output(lock, log)  # before reading its checkpoints: another run may be writing them
     _check_output_dir(out, opts, total_steps)
-    data_id = data_fingerprint(opts.data_path) if opts.data_path.is_file() else None  # else load_dataset says
+    data_id = data_fingerprint(opts.data_path) if opts.data_path.exists() else None  # else load_dataset says
     point = _resume_point(plan, out, opts, total_steps, log) if opts.resume or opts.resume_from else None
     if point is not None and data_id is not None:
         check_same_data(point, data_id, opts, log)
@@ -500,6 +506,8 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         num_labels=plan.model.num_labels,
         min_train_examples=mbs,
     )
+    for note in dataset.notes:  # e.g. rows too long to leave anything to learn, skipped
+        log.write(f"chunkft-run: note: {note}\n")
     _check_padding(plan, dataset, opts, log)
     batches = Batches(dataset.train, mbs, seed=plan.run.seed)
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)

@@ -130,7 +130,7 @@ def test_csv_with_quotes(tmp_path: Path) -> None:
         ("empty.txt", b"  \n", "data file is empty"),
         ("bin.txt", b"line one\nline two\n\x00\x01", "bin.txt:3: binary data"),
         ("latin.txt", b"ok\nok\ncaf\xe9\n", "latin.txt:3: not valid UTF-8"),
-        ("x.parquet", b"abc", "unknown data format"),
+        ("x.xlsx", b"abc", "unknown data format"),
         ("bad.jsonl", b'{"text": "a"}\n{"text": "b"\n', "bad.jsonl:2: invalid JSON"),
         ("arr.jsonl", b'{"text": "a"}\n[1, 2]\n', "arr.jsonl:2: expected a JSON object"),
         ("mixed.jsonl", b'{"text": "a"}\n{"content": "b"}\n', "mixed.jsonl:2: missing string field 'text'"),
