@@ -474,7 +474,13 @@ def test_chunkft_run_trains_on_chat_jsonl_under_a_padded_plan(tmp_path: Path) ->
     res = CliRunner().invoke(plan_main, [*args, "--steps", "2", "-o", str(unpadded)])
     assert res.exit_code == 0, res.output
     res = CliRunner().invoke(run_main, [str(unpadded), "--data", str(data), "--output", str(tmp_path / "no")])
-    assert res.exit_code == 2 and "are padded (10 of 10 training rows)" in res.output, res.output
+    assert res.exit_code == 2 and "chat rows are padded (10 of 10 training rows)" in res.output, res.output
+    # the data's notes reach the user: a conversation too long to leave an assistant token is skipped
+    long_one = [{"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "yes"}]
+    data = write_jsonl(tmp_path / "long.jsonl", [{"messages": c} for c in [*short, long_one]])
+    res = CliRunner().invoke(run_main, [str(plan), "--data", str(data), "--output", str(tmp_path / "long")])
+    assert res.exit_code == 0, res.output
+    assert "chunkft-run: note: " in res.output and "skipped with no assistant token left" in res.output
 
 
 def test_a_datasets_directory_has_a_fingerprint_for_resume_checks(tmp_path: Path) -> None:
