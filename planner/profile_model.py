@@ -4,7 +4,8 @@ fake-tensor traces of a shallow copy of the model.
 Why shallow: a decoder is one block repeated L times, so three blocks at full width (the first, a
 representative middle one, the last) plus embedding and head carry everything the planner needs; the
 simulator composes the other L-3 blocks from the middle one. Nothing here allocates real storage, so a
-70B-wide block traces on a laptop CPU in well under a second.
+70B-wide block traces on a laptop CPU in well under a second. Traces, and the full model's structure,
+are kept on disk by planner/trace_cache.py: a repeated plan neither traces nor builds the model.
 
 Memory is measured as the live bytes of every storage created during the step (activations, gradients
 of activations, parameter gradients before the executor's hook moves them into its fp32 window buffer,
@@ -35,12 +36,15 @@ import json
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
 
 from executor.chunks import DTYPE_BYTES, ParamSpec, param_specs
+
+if TYPE_CHECKING:
+    from planner.trace_cache import Entry
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -274,7 +278,16 @@ def _model_class(config: object, task: str) -> type | None:
 def supported_attention(config: object, task: str) -> tuple[str, ...]:
     """The plannable attention implementations (chunkft-plan's --attn choices) the model's class
     supports: "eager" always, "sdpa" unless the class has no sdpa path (Gemma-2: transformers refuses
-    it when the model is built)."""
+    it when the model is built). Cached on disk (planner/trace_cache.py): the class's module is heavy."""
+    from planner import trace_cache as tc
+
+    entry = tc.open_model(config, task)
+    return tc.cached(
+        entry, "class", "attention", tc.decode_attention, lambda: _supported_attention(config, task), list
+    )
+
+
+def _supported_attention(config: object, task: str) -> tuple[str, ...]:
     cls = _model_class(config, task)
     if cls is not None and not getattr(cls, "_supports_sdpa", True):
         return ("eager",)
@@ -294,10 +307,43 @@ def check_attention(config: object, task: str, attn: str) -> None:
         )
 
 
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a plan records of the model it was made for (its class, size and parameter specs)."""
+
+    architecture: str  # the Hugging Face class name
+    num_params: int  # distinct parameters (a tied head counted once)
+    specs: tuple[ParamSpec, ...]  # param_specs of the model as built for training
+
+
 def model_structure(config: object, task: str, dtype: str) -> ModelStructure:
-    """Structure of the full-depth model, built on the meta device."""
+    """Structure of the full-depth model, built on the meta device (or read from the model cache)."""
+    return _model_facts(config, task, dtype, "structure")  # type: ignore[return-value]
+
+
+def model_identity(config: object, task: str, dtype: str) -> ModelIdentity:
+    """The model's class, parameter count and specs, from the same meta-device build (or the cache)."""
+    return _model_facts(config, task, dtype, "identity")  # type: ignore[return-value]
+
+
+def _model_facts(config: object, task: str, dtype: str, which: str) -> ModelStructure | ModelIdentity:
+    """Structure or identity of the full-depth model: one meta build computes (and caches) both."""
+    from planner import trace_cache as tc
+
+    entry = tc.open_model(config, task)
+    decode = tc.decode_structure if which == "structure" else tc.decode_identity
+    hit = entry.get(which, dtype, decode) if entry is not None else None
+    if hit is not None:
+        return hit
     model = build_from_config(config, task, "meta", TORCH_DTYPES[dtype])
-    return structure_of(model, task)
+    structure = structure_of(model, task)
+    identity = ModelIdentity(
+        type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(param_specs(model))
+    )
+    if entry is not None:
+        entry.put("structure", dtype, tc.encode_structure(structure))
+        entry.put("identity", dtype, tc.encode_identity(identity))
+    return structure if which == "structure" else identity
 
 
 # ------------------------------------------------------------------------------------- live bytes
@@ -611,13 +657,20 @@ def chunked_loss_supported(plain: ActivationProfile) -> bool:
     accepts only verified causal-LM classes)."""
     from executor.loss import UnsupportedArchitectureError, causal_lm_parts
 
-    if plain.tracer is None or plain.tracer.task != "causal-lm":
+    tracer = plain.tracer
+    if tracer is None or tracer.task != "causal-lm":
         return False
-    try:
-        causal_lm_parts(plain.tracer.model)
-    except UnsupportedArchitectureError:
-        return False
-    return True
+
+    def supported() -> bool:
+        try:
+            causal_lm_parts(tracer.model)
+        except UnsupportedArchitectureError:
+            return False
+        return True
+
+    from planner import trace_cache as tc
+
+    return tc.cached(tracer.store, "facts", "chunked_loss_supported", tc.decode_bool, supported, bool)
 
 
 _CHUNKED: dict[tuple[int, int], tuple[ActivationProfile, ActivationProfile]] = {}
@@ -634,6 +687,25 @@ def chunked_loss_profile(plain: ActivationProfile, chunk_tokens: int) -> Activat
         raise ProfilingError("this activation profile cannot be traced again (no tracer)")
     if tracer.task != "causal-lm":
         raise ProfilingError("chunked cross-entropy applies to causal-LM models only")
+    from planner import trace_cache as tc
+
+    head_fwd, head_bwd = tc.cached(
+        tracer.store,
+        "heads",
+        str(chunk_tokens),
+        tc.decode_heads,
+        lambda: _chunked_heads(tracer, chunk_tokens),
+        tc.encode_heads,
+    )
+    out = replace(plain, head_fwd=head_fwd, head_bwd=head_bwd, chunk_tokens=chunk_tokens)
+    _CHUNKED[key] = (plain, out)
+    return out
+
+
+def _chunked_heads(
+    tracer: _ShallowTracer, chunk_tokens: int
+) -> tuple[tuple[tuple[str, Segment], ...], tuple[tuple[str, Segment], ...]]:
+    """The head's (forward, backward) segments by HeadMode under chunked cross-entropy: 3 step traces."""
     L = TRACE_LAYERS
     traces = {
         "full": tracer.run(lambda _l, _p: True, False, chunk_tokens=chunk_tokens),
@@ -641,14 +713,7 @@ def chunked_loss_profile(plain: ActivationProfile, chunk_tokens: int) -> Activat
         "weight": tracer.run(lambda layer, _p: layer == L, False, chunk_tokens=chunk_tokens),
     }
     heads = {m: _head_segments(tl, L) for m, tl in traces.items()}
-    out = replace(
-        plain,
-        head_fwd=tuple((m, f) for m, (f, _) in heads.items()),
-        head_bwd=tuple((m, b) for m, (_, b) in heads.items()),
-        chunk_tokens=chunk_tokens,
-    )
-    _CHUNKED[key] = (plain, out)
-    return out
+    return tuple((m, f) for m, (f, _) in heads.items()), tuple((m, b) for m, (_, b) in heads.items())
 
 
 def _head_segments(tl: _Timeline, num_layers: int) -> tuple[Segment, Segment]:
@@ -672,18 +737,38 @@ class _ShallowTracer:
     def __init__(
         self, config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
     ) -> None:
+        check_attention(config, task, attn)
+        self._config, self._attn, self._dtype = config, attn, dtype
+        self.task, self.micro_batch, self.seq_len, self.padded = task, micro_batch, seq_len, padded
+        self._block_inputs: tuple[tuple, dict] | None = None
+        self.store: Entry | None = None  # the on-disk traces of this profile (planner/trace_cache.py)
+
+    @functools.cached_property
+    def _built(self) -> tuple[Any, nn.Module, ModelStructure]:
+        """(fake mode, shallow model, its structure), built on first use: a profile read from the trace
+        cache needs no model, and building one imports the model's modeling code."""
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        check_attention(config, task, attn)
-        cfg = _shallow_config(config, TRACE_LAYERS)
-        cfg._attn_implementation = traced_attention(cfg, task, attn, seq_len, padded)  # type: ignore[attr-defined]
-        self.task, self.micro_batch, self.seq_len, self.padded = task, micro_batch, seq_len, padded
-        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-        with self.mode:
-            self.model = build_from_config(cfg, task, "cpu", TORCH_DTYPES[dtype])
-            self.model.train()
-            self.structure = structure_of(self.model, task)
-        self._block_inputs: tuple[tuple, dict] | None = None
+        cfg = _shallow_config(self._config, TRACE_LAYERS)
+        cfg._attn_implementation = traced_attention(cfg, self.task, self._attn, self.seq_len, self.padded)  # type: ignore[attr-defined]
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        with mode:
+            model = build_from_config(cfg, self.task, "cpu", TORCH_DTYPES[self._dtype])
+            model.train()
+            structure = structure_of(model, self.task)
+        return mode, model, structure
+
+    @property
+    def mode(self) -> Any:
+        return self._built[0]
+
+    @property
+    def model(self) -> nn.Module:
+        return self._built[1]
+
+    @property
+    def structure(self) -> ModelStructure:
+        return self._built[2]
 
     def run(
         self,
@@ -730,7 +815,20 @@ class _ShallowTracer:
     @functools.cache  # noqa: B019 - one tracer per profile, kept with it
     def block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
         """Forward and backward of the representative block by itself, with the inputs it gets in the
-        step (captured once), tensors [skip_before, n - skip_after) of it trainable."""
+        step (captured once), tensors [skip_before, n - skip_after) of it trainable; from the trace
+        cache when this pattern was traced before."""
+        from planner import trace_cache as tc
+
+        return tc.cached(
+            self.store,
+            "edges",
+            tc.edge_name(skip_before, skip_after, input_grad),
+            tc.decode_block,
+            lambda: self._trace_block_alone(skip_before, skip_after, input_grad),
+            tc.encode_block,
+        )
+
+    def _trace_block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
         from executor.measure import MemoryTracker
 
         r = _REPRESENTATIVE
@@ -841,7 +939,27 @@ def _activation_profile(
 ) -> ActivationProfile:
     if micro_batch < 1 or seq_len < 1:
         raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
+    from planner import trace_cache as tc
+
     tracer = _ShallowTracer(config, task, micro_batch, seq_len, dtype, attn, padded)
+    store = tracer.store = tc.open_traces(config, task, micro_batch, seq_len, dtype, attn, padded)
+    if store is None:
+        return _traced_profile(tracer, micro_batch, seq_len, dtype, attn)
+    profile = tc.cached(
+        store,
+        "profile",
+        "plain",
+        tc.profile_decoder(store.key),
+        lambda: _traced_profile(tracer, micro_batch, seq_len, dtype, attn),
+        tc.encode_profile,
+    )
+    return replace(profile, tracer=tracer)  # a profile read back gets this tracer for its edges
+
+
+def _traced_profile(
+    tracer: _ShallowTracer, micro_batch: int, seq_len: int, dtype: str, attn: str
+) -> ActivationProfile:
+    """The seven step traces of a plain-loss profile (what the trace cache stores)."""
     st = tracer.structure
     L = TRACE_LAYERS
     r = _REPRESENTATIVE
@@ -947,6 +1065,7 @@ __all__ = [
     "ActivationProfile",
     "BlockFlops",
     "BlockMemory",
+    "ModelIdentity",
     "ModelStructure",
     "ProfilingError",
     "Segment",
@@ -959,6 +1078,7 @@ __all__ = [
     "enable_layer_checkpointing",
     "example_batch",
     "head_flops",
+    "model_identity",
     "model_structure",
     "reference_step_peak",
     "TORCH_DTYPES",

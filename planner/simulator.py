@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
 from executor.safetensors_stream import PIECE_BYTES
@@ -292,10 +293,22 @@ def _grads_made_at(w: Window, num_layers: int, tied: bool) -> dict[int, int]:
     return out
 
 
-@functools.lru_cache(maxsize=256)
+_FLOPS: dict[tuple[int, int, int], tuple[ModelStructure, tuple[tuple[int, int, int], int]]] = {}
+
+
 def _flops(structure: ModelStructure, micro_batch: int, seq_len: int) -> tuple[tuple[int, int, int], int]:
+    """Block (forward, backward input, backward full) and head FLOPs, memoised by the structure's
+    identity: hashing a structure hashes every parameter spec, which cost more than the simulation."""
+    key = (id(structure), micro_batch, seq_len)
+    hit = _FLOPS.get(key)
+    if hit is not None and hit[0] is structure:
+        return hit[1]
+    if len(_FLOPS) > 4096:
+        _FLOPS.clear()
     bf = block_flops(structure, 0, micro_batch, seq_len)
-    return (bf.forward, bf.backward_input, bf.backward_full), head_flops(structure, micro_batch, seq_len)
+    out = (bf.forward, bf.backward_input, bf.backward_full), head_flops(structure, micro_batch, seq_len)
+    _FLOPS[key] = (structure, out)
+    return out
 
 
 def forward_seconds_per_token(setup: Setup, micro_batch: int) -> float:
@@ -514,6 +527,11 @@ _PROFILES: dict[tuple, tuple[object, object, _Profile]] = {}
 
 
 def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -> _Profile:
+    """The window's compute profile, shared by every candidate that runs the same nodes the same way:
+    blocks below the window only run forward, unchanged by checkpointing, so only the checkpointed
+    blocks from the window's lowest group up are part of the key (a checkpointing search over the
+    bottom blocks re-uses the profiles of every window above them)."""
+    low = max(w.low, 0)
     key = (
         id(setup),
         id(act),
@@ -521,7 +539,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
         w.high,
         w.low_skip,
         w.high_skip,
-        cand.checkpoint_layers,
+        tuple(g for g in cand.checkpoint_layers if g >= low),
         cand.micro_batch,
         cand.grad_accum,
         cand.layer_gpu,
@@ -531,78 +549,134 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
         return hit[2]
     if len(_PROFILES) > 50000:
         _PROFILES.clear()
+    prof = _compute_profile(setup, cand, act, w)
+    _PROFILES[key] = (setup, act, prof)
+    return prof
+
+
+@functools.lru_cache(maxsize=4096)
+def _node_plan(
+    num_layers: int, lowest: int
+) -> tuple[tuple[bool, ...], tuple[int, ...], tuple[tuple[int, int], ...]]:
+    """step_order as (is forward, group) per node, and (group, node index) of the backward nodes."""
+    order = step_order(num_layers, lowest)
+    bwd = tuple((n.group, i) for i, n in enumerate(order) if n.kind == "bwd")
+    return tuple(n.kind == "fwd" for n in order), tuple(n.group for n in order), bwd
+
+
+@functools.lru_cache(maxsize=256)
+def _group_gpus(layer_gpu: tuple[int, ...], num_layers: int) -> tuple[int, ...]:
+    """The GPU of each group, indexed by group + 1 (embedding 0, blocks, head L + 1)."""
+    cand = Candidate((), (), (), 1, 1, "gpu", "float32", False, layer_gpu=layer_gpu)
+    return tuple(_gpu_of_group(cand, g, num_layers) for g in range(-1, num_layers + 1))
+
+
+NodeValues = tuple[int, int, float]  # activation change, excursion (both less gradient buffers), seconds
+
+
+def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -> _Profile:
+    """_profile's work, bit-identical to replaying every micro-batch node by node (as _replay does)
+    but faster: segments are looked up per run of blocks in one mode (below the window, inside it,
+    above it), and one micro-batch is walked: each runs the same nodes from no activations, so the later
+    ones peak where the first does (later_max) and only advance the clock again, by the same additions
+    in the same order."""
     st = setup.structure
     L = st.num_layers
     low, high = w.low, w.high
     probe = Window(-1, 0, low, high, 0, (), w.low_skip, w.high_skip)
     (f_fwd, f_bwd_in, f_bwd_full), f_head = _flops(st, cand.micro_batch, setup.seq_len)
     c = setup.cost
-    ckpt = set(cand.checkpoint_layers)
+    ckpt = frozenset(cand.checkpoint_layers)
     head_mode = _head_mode(probe, L, st.tied_embeddings)
     head_fwd, head_bwd = act.head(head_mode)  # type: ignore[arg-type]
-    order = step_order(L, max(low, -1))
+    head_only = head_mode == "weight"
+    seconds: dict[int, float] = {}  # compute_seconds by FLOPs: a handful of distinct values
+
+    def values(seg: Segment, flops: int) -> NodeValues:
+        # relative to the gradient buffers that exist before the node (_window_peaks adds the window's)
+        dt = seconds.get(flops)
+        if dt is None:
+            dt = seconds[flops] = c.compute_seconds(flops)
+        return seg.delta_bytes - seg.grad_bytes, seg.excursion_bytes - seg.grad_bytes, dt
+
+    def fwd(mode: BlockMode | EdgeMode, ck: bool, g: int = -1) -> NodeValues:
+        return values(act.block(mode, ck, g == L - 1, g == 0 and head_only).fwd, f_fwd)
+
+    def bwd(mode: BlockMode | EdgeMode, ck: bool) -> NodeValues:
+        flops = (f_bwd_in if mode == "input" else f_bwd_full) + (f_fwd if ck else 0)
+        return values(act.block(mode, ck).bwd, flops)
+
+    def run(make: Callable[[BlockMode, bool], NodeValues], mode: BlockMode, lo: int, hi: int) -> list:
+        plain = make(mode, False)
+        if not ckpt:
+            return [plain] * (hi - lo)
+        checkpointed = make(mode, True)
+        return [checkpointed if g in ckpt else plain for g in range(lo, hi)]
+
+    # Forward and backward values per group + 1. Below the window: "none" (forward only; checkpointing
+    # changes nothing there), except where the head's neighbour or a head-only window makes it differ.
+    below = min(max(low, 0), L)
+    fv: list[NodeValues | None] = [values(act.embed_fwd, 0)]
+    bv: list[NodeValues | None] = [values(act.embed_bwd_trainable, 0)]
+    if below:
+        none = [fwd("none", False)] * below
+        for g in {0, L - 1} & set(range(below)):
+            none[g] = fwd("none", False, g)
+        fv += none
+        bv += [None] * below  # no backward below the window
+    g = below
+    while g < L:
+        if g in (low, high):  # the window's lowest and highest groups: "first", "full" or an edge
+            mode = _block_mode(g, probe)
+            fv.append(fwd(mode, g in ckpt, g))
+            bv.append(bwd(mode, g in ckpt))
+            g += 1
+        else:  # inside the window ("full") up to its highest group, above it ("input") to the top
+            mode, end = ("full", min(high, L)) if g < high else ("input", L)
+            fv += run(fwd, mode, g, end)
+            bv += run(bwd, mode, g, end)
+            g = end
+    fv.append(values(head_fwd, f_head))
+    # the head's backward (input, and weight when in the window); chunked cross-entropy runs the head's
+    # forward again piece by piece
+    bv.append(values(head_bwd, f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))))
+
+    is_fwd, groups, bwd_index = _node_plan(L, max(low, -1))
+    vals = [fv[g + 1] if f else bv[g + 1] for f, g in zip(is_fwd, groups, strict=True)]
+    gpu_of = _group_gpus(cand.layer_gpu, L)
     n_gpu = cand.num_gpus
-    gpu_of = [_gpu_of_group(cand, g, L) for g in range(-1, L + 1)]
-    acts = [0] * n_gpu
-    node_gpu: list[int] = []
+    node_gpu = [gpu_of[g + 1] for g in groups]
     node_peak: list[int] = []
-    bwd_index: list[tuple[int, int]] = []
-    later = [0] * n_gpu
+    ticks: list[float] = []
+    acts = [0] * n_gpu
+    prev = gpu_of[0]
+    peer = c.peer_seconds(act.hidden_bytes)
+    for gpu, (d, e, dt) in zip(node_gpu, vals, strict=True):  # type: ignore[misc]
+        if gpu != prev:  # the activation (or its gradient) crosses GPUs
+            ticks.append(peer)
+            prev = gpu
+        ticks.append(dt)
+        before = acts[gpu]
+        after = before + d
+        if after < 0:
+            after = 0
+        acts[gpu] = after
+        peak = before + e
+        node_peak.append(peak if peak > after else after)
     now = 0.0
-    for micro in range(cand.grad_accum):
-        prev = gpu_of[0]
-        for node in order:
-            grp = node.group
-            gpu = gpu_of[grp + 1]
-            if gpu != prev:
-                now += c.peer_seconds(act.hidden_bytes)
-                prev = gpu
-            if node.kind == "fwd":
-                if grp < 0:
-                    seg, flops = act.embed_fwd, 0
-                elif grp >= L:
-                    seg, flops = head_fwd, f_head
-                else:
-                    mode = _block_mode(grp, probe)
-                    blk = act.block(mode, grp in ckpt, grp == L - 1, grp == 0 and head_mode == "weight")  # type: ignore[arg-type]
-                    seg, flops = blk.fwd, f_fwd
-            else:
-                if grp < 0:
-                    seg, flops = act.embed_bwd_trainable, 0
-                elif grp >= L:
-                    seg = head_bwd
-                    # backward of the head (input, and weight when in the window); chunked cross-entropy
-                    # runs the head's forward again piece by piece
-                    flops = f_head * ((2 if head_mode == "full" else 1) + (1 if act.chunk_tokens else 0))
-                else:
-                    mode = _block_mode(grp, probe)
-                    seg = act.block(mode, grp in ckpt).bwd  # type: ignore[arg-type]
-                    flops = (f_bwd_in if mode == "input" else f_bwd_full) + (f_fwd if grp in ckpt else 0)
-            # Relative to the gradient buffers that exist before the node; _window_peaks adds the
-            # window's own buffers of this group (made inside the node) on top, as _Walk.segment does.
-            before = acts[gpu]
-            acts[gpu] = max(0, before + seg.delta_bytes - seg.grad_bytes)
-            peak = max(before + seg.excursion_bytes - seg.grad_bytes, acts[gpu])
-            now += c.compute_seconds(flops)
-            if micro == 0:
-                if node.kind == "bwd":
-                    bwd_index.append((grp, len(node_gpu)))
-                node_gpu.append(gpu)
-                node_peak.append(peak)
-            else:
-                later[gpu] = max(later[gpu], peak)
-        acts = [0] * n_gpu
+    for _micro in range(cand.grad_accum):
+        for dt in ticks:
+            now += dt
     prefix = []
-    for g in range(n_gpu):
-        run, out = 0, [0]
-        for ng, pk in zip(node_gpu, node_peak, strict=True):
-            if ng == g:
-                run = max(run, pk)
-            out.append(run)
-        prefix.append(tuple(out))
-    prof = _Profile(tuple(node_gpu), tuple(node_peak), tuple(bwd_index), tuple(prefix), tuple(later), now)
-    _PROFILES[key] = (setup, act, prof)
-    return prof
+    later = [0] * n_gpu
+    for gi in range(n_gpu):
+        mine = node_peak
+        if n_gpu > 1:
+            mine = [p if ng == gi else 0 for ng, p in zip(node_gpu, node_peak, strict=True)]
+        prefix.append(tuple(accumulate(mine, max, initial=0)))  # peaks are >= 0
+        if cand.grad_accum > 1:
+            later[gi] = max(mine, default=0)
+    return _Profile(tuple(node_gpu), tuple(node_peak), bwd_index, tuple(prefix), tuple(later), now)
 
 
 def _window_peaks(

@@ -15,8 +15,10 @@ interval (choose_update_interval).
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from executor.chunks import DTYPE_BYTES, Chunk, partition
@@ -34,6 +36,7 @@ from planner.simulator import (
     Candidate,
     Setup,
     SimResult,
+    Window,
     forward_seconds_per_token,
     hiding_interval,
     simulate,
@@ -238,6 +241,7 @@ class Solver:
         self.activations = activations
         self.space = space
         self._chunks: dict[int, tuple[Chunk, ...] | None] = {}
+        self._windows: dict[int, tuple[Window, ...]] = {}
         self._simulated: dict[Candidate, tuple[Candidate, SimResult]] = {}
         st = setup.structure
         self.state_bytes_per_element = 8 if setup.optimizer == "adamw" else (4 if setup.sgd_momentum else 0)
@@ -271,8 +275,10 @@ class Solver:
             return None
         st = self.setup.structure
         states_on, host_dtype, prefetch = placement
+        if k not in self._windows:  # every checkpointing and placement of a K shares its windows
+            self._windows[k] = windows_of(st, st.specs, chunks)
         return Candidate(
-            windows=windows_of(st, st.specs, chunks),
+            windows=self._windows[k],
             sequence=rotation_sequence(self.space.rotation, k, self.space.rotation_seed),
             checkpoint_layers=ckpt,
             micro_batch=micro,
@@ -377,6 +383,10 @@ class Solver:
         return out
 
     def solve(self) -> Solution:
+        with _imports_frozen():
+            return self._solve()
+
+    def _solve(self) -> Solution:
         ks = [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
         options: list[Option] = []
         fastest = float("inf")  # best feasible rotation seconds per token so far
@@ -454,6 +464,23 @@ class Solver:
         if sync is not None:
             out.append(self.evaluate("baseline: offload everything, synchronous copies", sync))
         return tuple(out)
+
+
+@contextlib.contextmanager
+def _imports_frozen() -> Iterator[None]:
+    """The garbage collector leaves what exists before a solve alone during it (gc.freeze): a solve
+    makes millions of short-lived objects, and each full collection would otherwise also walk the
+    ~400k objects importing torch and transformers left (0.1-0.2 s each, a few per solve). Collection
+    of new objects is unchanged, and everything is collectable again afterwards (gc.unfreeze). Nothing
+    is done when the caller froze objects itself or disabled the collector."""
+    if gc.get_freeze_count() or not gc.isenabled():
+        yield
+        return
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 @dataclass(frozen=True)
@@ -540,20 +567,17 @@ def build_plan(
     measured=None,  # planner.costs.MeasuredRates of --calibrate, recorded in the plan's hardware
 ):
     """The v1 plan of the solver's best option (req: planner.cli.Request)."""
-    import torch
-
-    import profiles
-    from executor.chunks import param_specs
     from planner import plan as P
     from planner.graph import prefetch_schedule
-    from planner.profile_model import default_padded
+    from planner.profile_model import default_padded, model_identity
 
     best = sol.best
     assert best is not None
     cand, res = best.candidate, best.result
-    model = profiles.build_model(preset, device="meta", dtype=getattr(torch, dtype))
-    all_specs = param_specs(model)
-    num_params = sum(p.numel() for p in model.parameters())
+    # the meta-device model profiles.build_model builds, as profile_model builds it (cached on disk)
+    identity = model_identity(preset.config, preset.task, dtype)
+    all_specs = identity.specs
+    num_params = identity.num_params
     chunks = solver_chunks(structure, best.num_chunks, 8 if req.optimizer == "adamw" else 4)
     slots = 2 if cand.prefetch else 1
     ops = ()
@@ -619,7 +643,7 @@ def build_plan(
             path=preset.path,
             task=preset.task,
             num_labels=int(preset.config.num_labels) if preset.task == "sequence-classification" else None,
-            architecture=type(model).__name__,
+            architecture=identity.architecture,
             num_params=num_params,
             fingerprint=P.fingerprint(all_specs),
         ),

@@ -1,13 +1,22 @@
-"""Suite-wide settings: tiny models run fastest (and deterministically) on one intra-op thread."""
+"""Suite-wide settings: tiny models run fastest (and deterministically) on one intra-op thread, and plan
+traces are cached in a directory of this session, never the user's ~/.cache/chunkft."""
 
 from __future__ import annotations
 
+import atexit
 import errno
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+
+# Module level: test modules copy os.environ into their subprocesses' environment when imported.
+_TRACE_CACHE = tempfile.mkdtemp(prefix="chunkft-test-cache-")
+os.environ["CHUNKFT_CACHE_DIR"] = _TRACE_CACHE
+atexit.register(shutil.rmtree, _TRACE_CACHE, True)
 
 torch.set_num_threads(1)
 
