@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from executor.chunks import DTYPE_BYTES, ParamSpec, param_specs
+from executor.slicegrad import SliceGradients
 
 if TYPE_CHECKING:
     from planner.trace_cache import Entry
@@ -172,6 +173,9 @@ class ModelStructure:
     specs: tuple[ParamSpec, ...]  # trainable tensors in stream (forward) order, at the weight dtype
     spec_layer: tuple[int, ...]  # per spec: -1 embedding side, 0..L-1 block, L head side
     tied_embeddings: bool
+    # tensors whose module the executor cannot slice (executor.slicegrad SliceGradients.unsliceable):
+    # windows never cut them, so a written plan is one chunkft-run accepts
+    unsliceable: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -244,6 +248,7 @@ def structure_of(model: nn.Module, task: str) -> ModelStructure:
         specs=tuple(specs),
         spec_layer=tuple(spec_layer),
         tied_embeddings=tied,
+        unsliceable=tuple(sorted(SliceGradients(model).unsliceable())),
     )
 
 

@@ -255,6 +255,7 @@ class Solver:
                     list(self.setup.structure.specs),
                     num_chunks=k,
                     state_bytes_per_element=self.state_bytes_per_element,
+                    keep_whole=frozenset(self.setup.structure.unsliceable),  # the executor refuses cuts
                 )
             except ValueError:
                 self._chunks[k] = None
@@ -687,7 +688,12 @@ def build_plan(
 
 
 def solver_chunks(structure: ModelStructure, k: int, state_bytes: int) -> tuple[Chunk, ...]:
-    return partition(list(structure.specs), num_chunks=k, state_bytes_per_element=state_bytes)
+    return partition(
+        list(structure.specs),
+        num_chunks=k,
+        state_bytes_per_element=state_bytes,
+        keep_whole=frozenset(structure.unsliceable),
+    )
 
 
 # ------------------------------------------------------------------------------------- budget sweep

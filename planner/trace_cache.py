@@ -51,7 +51,7 @@ from planner.profile_model import (
     Segment,
 )
 
-TRACE_FORMAT = 1  # bump when what a file holds, or how it is read, changes
+TRACE_FORMAT = 2  # bump when what a file holds, or how it is read, changes
 ENV = "CHUNKFT_CACHE_DIR"
 OFF = frozenset({"off", "none", "0", "false", "no"})
 # What computes the cached values: an edit to any of these invalidates every entry (part of the key).
@@ -328,6 +328,7 @@ def encode_structure(st: ModelStructure) -> dict[str, Any]:
         "specs": _encode_specs(st.specs),
         "spec_layer": list(st.spec_layer),
         "tied_embeddings": st.tied_embeddings,
+        "unsliceable": list(st.unsliceable),
     }
 
 
@@ -348,6 +349,7 @@ def decode_structure(d: Any) -> ModelStructure:
         specs=specs,
         spec_layer=spec_layer,
         tied_embeddings=_bool(d["tied_embeddings"]),
+        unsliceable=tuple(_str(n) for n in d["unsliceable"]),
     )
 
 

@@ -99,3 +99,60 @@ def test_the_profiling_copy_keeps_per_layer_lists_as_long_as_its_depth(layers: i
     assert copy.num_hidden_layers == TRACE_LAYERS  # type: ignore[attr-defined]
     assert _layer_types(copy) == [before[min(i, layers - 1)] for i in range(TRACE_LAYERS)]  # type: ignore[arg-type]
     assert _layer_types(cfg) == before and cfg.num_hidden_layers == layers
+
+
+# ----------------------------------------------------------------- modules the executor cannot slice
+
+
+def test_windows_never_cut_what_the_executor_cannot_slice_so_the_run_accepts_the_plan(tmp_path: Path) -> None:
+    """Nemotron's LayerNorm1P (x_hat * (1 + w) + b) has no sliced path: the plan keeps those tensors whole
+    and chunkft-run trains it. Before: cuts landed inside them and chunkft-run refused the written plan."""
+    from transformers import NemotronConfig
+
+    from executor.cli import main as run_main
+
+    model = tmp_path / "nemotron"
+    NemotronConfig(num_hidden_layers=2, vocab_size=512, hidden_size=64, intermediate_size=128,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                   max_position_embeddings=128, pad_token_id=None, bos_token_id=0,
+                   eos_token_id=1).save_pretrained(model)  # fmt: skip
+    out = tmp_path / "plan.json"
+    args = [str(model), "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2", "--chunks", "16",
+            "--steps", "2", "--dtype", "fp32", "--random-init", "-o", str(out)]  # fmt: skip
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    plan = load_plan(out)
+    rows = {s.name: s.shape[0] for s in plan.chunk_table.params}
+    whole_only = [n for n in rows if "layernorm" in n or n.startswith("model.norm")]
+    assert whole_only
+    for chunk in plan.chunk_table.chunks:
+        for sl in chunk.slices:
+            if sl.name in whole_only:
+                assert (sl.row_start, sl.row_end) == (0, rows[sl.name]), sl
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 40)
+    res = CliRunner().invoke(run_main, [str(out), "--data", str(data), "--output", str(tmp_path / "run"),
+                                        "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+
+
+def test_the_solvers_partition_keeps_unsliceable_tensors_whole() -> None:
+    """The partition the plan is written with (solver_chunks) moves every cut out of a tensor the
+    structure marks unsliceable (here each tensor that K=8 cuts otherwise)."""
+    import dataclasses
+
+    import profiles
+    from planner.profile_model import model_structure
+    from planner.solver import solver_chunks
+
+    preset = profiles.load_model("tiny-llama")
+    st = model_structure(preset.config, preset.task, "float32")
+    rows = {s.name: s.shape[0] for s in st.specs}
+
+    def cut(structure: object) -> set[str]:
+        return {sl.name for ch in solver_chunks(structure, 8, 8) for sl in ch.slices  # type: ignore[arg-type]
+                if (sl.row_start, sl.row_end) != (0, rows[sl.name])}
+
+    straddled = cut(st)
+    assert straddled and st.unsliceable == ()
+    assert not cut(dataclasses.replace(st, unsliceable=tuple(sorted(straddled)))) & straddled
