@@ -389,11 +389,18 @@ def check_same_data(point: ResumePoint, data: tuple[str, int], opts: RunOptions,
         f"{opts.data_path} (sha256 {data[0][:12]}, {data[1]:,} bytes) is not the data checkpoint {name} was "
         f"trained on (sha256 {meta.data_sha256[:12]}, {meta.data_bytes:,} bytes)"
     )
+    _refuse_data_change(differs, ("on it", "the original --data", "on this file"), opts, log)
+
+
+def _refuse_data_change(differs: str, words: tuple[str, str, str], opts: RunOptions, log: TextIO) -> None:
+    """A resume on other data (or another tokenizer): refused with the command that allows it, or a note
+    under --allow-data-change. words: (continuing ..., resume with ..., or continue ...)."""
+    going_on, original, this = words
     if opts.allow_data_change:
-        log.write(f"chunkft-run: note: {differs}; continuing on it (--allow-data-change)\n")
+        log.write(f"chunkft-run: note: {differs}; continuing {going_on} (--allow-data-change)\n")
         return
     allow = rerun_command(dataclasses.replace(opts, allow_data_change=True))
-    raise RunError(f"{differs}; resume with the original --data, or continue on this file: {allow}")
+    raise RunError(f"{differs}; resume with {original}, or continue {this}: {allow}")
 
 
 def user_tokenizer(plan: Any, opts: RunOptions) -> Tokenizer | None:
@@ -426,11 +433,7 @@ def check_same_tokenizer(point: ResumePoint, identity: str, opts: RunOptions, lo
         f"the tokenizer ({opts.tokenizer_dir or 'the model default'}) is not the one checkpoint "
         f"{point.path.name} was trained with (identity {identity[:12]}, not {recorded[:12]})"
     )
-    if opts.allow_data_change:
-        log.write(f"chunkft-run: note: {differs}; continuing with it (--allow-data-change)\n")
-        return
-    allow = rerun_command(dataclasses.replace(opts, allow_data_change=True))
-    raise RunError(f"{differs}; resume with the original tokenizer, or continue with this one: {allow}")
+    _refuse_data_change(differs, ("with it", "the original tokenizer", "with this one"), opts, log)
 
 
 def chunk_tokens_for(plan: Any) -> int | None:
