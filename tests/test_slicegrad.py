@@ -128,6 +128,16 @@ MODELS = {"llama": llama, "llama_tied": lambda: llama(tied=True), "mistral": mis
 # Helpers
 
 
+def bf16_autocast(loss: Loss) -> Loss:
+    """The same loss computed under CPU bf16 autocast."""
+
+    def autocast_loss() -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss()
+
+    return autocast_loss
+
+
 def dense_grads(model: nn.Module, loss: Loss) -> dict[str, torch.Tensor]:
     """Reference: plain autograd with every parameter trainable."""
     for p in model.parameters():
@@ -458,11 +468,7 @@ def test_reentrant_checkpointing_and_input_grad_hooks_are_reported() -> None:
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
 def test_bf16_autocast_matches_dense_autocast(kind: str) -> None:
     model, plain_loss = MODELS[kind]()
-
-    def loss() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return plain_loss()
-
+    loss = bf16_autocast(plain_loss)
     dense = dense_grads(model, loss)
     sg = SliceGradients(model)
     chunks = [random_chunk(model, random.Random(s), 1.0, 1.0) for s in range(2)]

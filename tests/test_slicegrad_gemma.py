@@ -14,6 +14,7 @@ from test_slicegrad import (
     Loss,
     _checkpointed,
     assert_window_exact,
+    bf16_autocast,
     dense_grads,
     random_chunk,
     straddled_owners,
@@ -137,11 +138,7 @@ def test_cuts_at_several_rows_of_embedding_and_norms(kind: str) -> None:
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_bf16_autocast_matches_dense_autocast(kind: str) -> None:
     model, plain_loss = MODELS[kind]()
-
-    def loss() -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return plain_loss()
-
+    loss = bf16_autocast(plain_loss)
     dense = dense_grads(model, loss)
     sg = SliceGradients(model)
     for s in range(2):
