@@ -29,9 +29,9 @@ import torch
 import transformers
 from torch.distributed._tools.mem_tracker import MemTracker
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
-from executor.chunks import param_specs, partition
-from profiles import build_model, load_model
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
+from chunkft.profiles import build_model, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def chunk_step(model, driver, ids) -> None:
 def tracker_for_frozen_params(model: torch.nn.Module) -> MemTracker:
     """The project's one tracker (executor.measure.MemoryTracker: MemTracker that tolerates frozen
     parameters; see its docstring)."""
-    from executor.measure import MemoryTracker
+    from chunkft.executor.measure import MemoryTracker
 
     return MemoryTracker(model)
 

@@ -32,7 +32,7 @@ def planner_command() -> list[str]:
     script = Path(sys.executable).parent / "chunkft-plan"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-c", "from planner.cli import main; main()"]
+    return [sys.executable, "-c", "from chunkft.planner.cli import main; main()"]
 
 
 def timed_run(cmd: list[str], cache: Path, out: Path) -> tuple[float, bytes]:

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 import transformers
 
-import profiles
-from executor.chunks import partition
-from planner.costs import cost_model
-from planner.profile_model import activation_profile, model_structure, reference_step_peak
-from planner.simulator import Candidate, window_peaks, windows_of
-from planner.solver import make_setup
+from chunkft import profiles
+from chunkft.chunks import partition
+from chunkft.planner.costs import cost_model
+from chunkft.planner.profile_model import activation_profile, model_structure, reference_step_peak
+from chunkft.planner.simulator import Candidate, window_peaks, windows_of
+from chunkft.planner.solver import make_setup
 
 OUT = Path(__file__).parent / "results" / "planner.md"
 MIB = 2**20

@@ -38,12 +38,12 @@ from pathlib import Path
 import torch
 
 from bench import peers
-from executor.chunkft import AdamWHparams, ChunkFT
-from executor.chunks import Chunk, param_specs, partition
-from executor.data import Batches, TokenData
-from executor.rotation import RotationSpec
-from executor.schedule import ScheduleSpec, lr_factor
-from executor.train import evaluate
+from chunkft.chunks import Chunk, param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT
+from chunkft.executor.data import Batches, TokenData
+from chunkft.executor.rotation import RotationSpec
+from chunkft.executor.schedule import ScheduleSpec, lr_factor
+from chunkft.executor.train import evaluate
 
 OUT = Path("bench/results/run.md")
 

@@ -12,7 +12,7 @@ import shlex
 import sys
 
 from bench import peers
-from profiles import ProfileError
+from chunkft.profiles import ProfileError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

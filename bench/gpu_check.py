@@ -1,8 +1,9 @@
 """The GPU check: do chunkft's plans hold on a real GPU, through chunkft-run's own code path?
 
-Every case plans with chunkft-plan (`planner.cli.main`, the plan's own loss: chunked cross-entropy where
-the planner chose it) and trains with `executor.train.train(RunOptions(...))`, the function chunkft-run
-calls, on the tinyshakespeare bytes; the figures come from the run.json that train() writes:
+Every case plans with chunkft-plan (`chunkft.planner.cli.main`, the plan's own loss: chunked
+cross-entropy where the planner chose it) and trains with `chunkft.executor.train.train(RunOptions(...))`,
+the function chunkft-run calls, on the tinyshakespeare bytes; the figures come from the run.json that
+train() writes:
 
     measured.peak_bytes / reserved_bytes   CudaPeak over the measured span (one rotation after step 0)
     measured.phase_peaks                   evaluation, checkpoint and export, each on its own
@@ -81,7 +82,7 @@ from unittest import mock
 
 import torch
 
-from executor.streams import PinnedMemoryError
+from chunkft.executor.streams import PinnedMemoryError
 
 GIB = 2**30
 CAP_BYTES = 25_757_220_864  # the RTX 4090 profile's memory (23.99 GiB, "24 GB"): what the cap stands in for
@@ -179,9 +180,9 @@ def plan_case(case: Case, a: argparse.Namespace, out: Path, row: Row) -> Any:
     """chunkft-plan for the case (its command line is the contract); None when nothing fits."""
     import click
 
-    from planner.cli import main as plan_main
-    from planner.cli_conventions import EXIT_NO_FIT
-    from planner.plan import load_plan
+    from chunkft.cli_conventions import EXIT_NO_FIT
+    from chunkft.plan_format import load_plan
+    from chunkft.planner.cli import main as plan_main
 
     args = [case.model, "--gpu", "4090", "--dtype", "bf16", "--seq-len", str(a.seq_len),
             "--batch-size", str(case.batch_size), "--lr", case.lr, "--schedule", "constant",
@@ -231,8 +232,8 @@ def sink_checkpoint(counted: list[int]) -> Any:
     """A stand-in for executor.checkpoint.save_checkpoint that does its GPU-side work and writes nothing:
     the weights go through the real streaming writer (one tensor's host staging at a time) into /dev/null,
     the trainer state (driver.state_dict(): every window's host states, already gathered) is counted."""
-    from executor.checkpoint import tensor_bytes
-    from executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
+    from chunkft.executor.checkpoint import tensor_bytes
+    from chunkft.executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
 
     def save(
         output_dir: Path, meta: Any, model: torch.nn.Module, trainer: dict[str, Any], keep: int = 2
@@ -249,16 +250,16 @@ def run_plan(
     case: Case, plan_path: Path, a: argparse.Namespace, out: Path, row: Row, device: str, streams: str | None
 ) -> dict[str, Any]:
     """chunkft-run's train() on the plan; returns its run.json."""
-    import executor.train
-    from executor.train import RunOptions
+    import chunkft.executor.train
+    from chunkft.executor.train import RunOptions
 
     opts = RunOptions(plan_path=plan_path, data_path=a.data, output_dir=out, device=device,
                       max_steps=row.steps, progress=False, streams=streams)
     counted: list[int] = []
-    sink = (mock.patch.object(executor.train, "save_checkpoint", sink_checkpoint(counted))
+    sink = (mock.patch.object(chunkft.executor.train, "save_checkpoint", sink_checkpoint(counted))
             if case.sink_checkpoint else contextlib.nullcontext())
     with sink:
-        executor.train.train(opts)
+        chunkft.executor.train.train(opts)
     if case.sink_checkpoint:
         row.checkpoint = (f"streamed to /dev/null, {max(counted, default=0) / GIB:.2f} GiB counted "
                           "(weights + trainer state)")
@@ -294,9 +295,9 @@ def window_visits(metrics: Path) -> dict[str, int]:
 def dense_adamw_losses(plan: Any, data: Path, device: torch.device, steps: int) -> list[float]:
     """Dense torch.optim.AdamW on the plan's model, init, batches, loss and hyperparameters, with fp32
     master weights like ChunkFT's (bf16 weights for forward/backward, the update in fp32, copied back)."""
-    from executor.data import Batches, load_dataset
-    from executor.loss import causal_lm_loss
-    from executor.train import apply_checkpointing, build_model, chunk_tokens_for, step_micro_batches
+    from chunkft.executor.data import Batches, load_dataset
+    from chunkft.executor.loss import causal_lm_loss
+    from chunkft.executor.train import apply_checkpointing, build_model, chunk_tokens_for, step_micro_batches
 
     run, o = plan.run, plan.run.optimizer
     if o.name != "adamw" or run.schedule.kind != "constant" or run.schedule.warmup_steps:
@@ -508,8 +509,8 @@ def train_and_compare(case: Case, plan: Any, plan_path: Path, a: argparse.Namesp
 
 def oom_message(plan_path: Path, run_dir: Path, row: Row, e: BaseException) -> str:
     """chunkft-run's own out-of-memory line (the measured peaks and the re-plan command)."""
-    from executor.cli import out_of_memory_message
-    from executor.train import RunOptions
+    from chunkft.executor.cli import out_of_memory_message
+    from chunkft.executor.train import RunOptions
 
     opts = RunOptions(plan_path=plan_path, data_path=Path("data"), output_dir=run_dir, max_steps=row.steps)
     peaks = None
@@ -617,7 +618,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not a.data.is_file():
             raise CheckError(f"{a.data} not found; give --data (a text file)")
-        from executor.devices import DeviceError, resolve_device
+        from chunkft.executor.devices import DeviceError, resolve_device
 
         used_before = None
         if a.device.startswith("cuda"):  # before CUDA starts: the allocator reads this once; no context yet

@@ -45,10 +45,10 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import nn
 
-from executor.data import Batches, ByteTokenizer, TokenData, load_dataset
-from executor.measure import CpuPeakTracker, measured_steps
-from executor.train import evaluate
-from planner.timeline import CATEGORIES
+from chunkft.executor.data import Batches, ByteTokenizer, TokenData, load_dataset
+from chunkft.executor.measure import CpuPeakTracker, measured_steps
+from chunkft.executor.train import evaluate
+from chunkft.timeline import CATEGORIES
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -253,7 +253,7 @@ def sst2_classification(tokenizer: Any, seq_len: int, train_examples: int, eval_
 
 def build_causal_lm(preset_key: str, seed: int) -> nn.Module:
     """A preset's randomly initialised fp32 causal LM (the presets use the byte vocabulary)."""
-    from profiles import build_model, load_model
+    from chunkft.profiles import build_model, load_model
 
     torch.manual_seed(seed)
     return build_model(load_model(preset_key), device="cpu", dtype=torch.float32)
@@ -310,7 +310,7 @@ def minilm_dir() -> Path:
 
 def minilm_classifier(seed: int) -> nn.Module:
     """all-MiniLM-L6-v2's pre-trained encoder with a fresh 2-way classification head (seeded)."""
-    from profiles import build_model, load_model
+    from chunkft.profiles import build_model, load_model
 
     preset = load_model(str(minilm_dir()), task="sequence-classification")
     preset.config.num_labels = 2
@@ -370,9 +370,9 @@ class ChunkFTRunner:
     """ChunkFT as chunkft-run drives it: a plan from chunkft-plan, then the driver built from the plan."""
 
     def __init__(self, model: nn.Module, spec: MethodSpec, wl: Workload, plan_dir: Path) -> None:
-        from executor.chunks import param_specs
-        from executor.train import apply_checkpointing, build_driver
-        from planner.plan import check_model
+        from chunkft.chunks import param_specs
+        from chunkft.executor.train import apply_checkpointing, build_driver
+        from chunkft.plan_format import check_model
 
         self.plan = make_plan(wl, spec, plan_dir / f"{_slug(spec.label)}.plan.json")
         check_model(self.plan, param_specs(model), source="bench plan", model_name=self.plan.model.name)
@@ -532,8 +532,8 @@ def make_plan(wl: Workload, spec: MethodSpec, out: Path) -> Any:
     """Run chunkft-plan in-process (its command line is the public contract) and load the plan."""
     import click
 
-    from planner.cli import main as plan_main
-    from planner.plan import load_plan
+    from chunkft.plan_format import load_plan
+    from chunkft.planner.cli import main as plan_main
 
     out.parent.mkdir(parents=True, exist_ok=True)
     args = plan_args(wl, spec, out)

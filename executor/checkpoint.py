@@ -42,8 +42,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_model
 
-from executor.safetensors_stream import hf_tied_names, model_tensors_for_save, save_safetensors_streaming
-from planner.files import honour_umask
+from chunkft.executor.safetensors_stream import (
+    hf_tied_names,
+    model_tensors_for_save,
+    save_safetensors_streaming,
+)
+from chunkft.files import honour_umask
 
 FORMAT_VERSION = 1
 CHECKPOINTS = "checkpoints"
@@ -82,8 +86,8 @@ class CheckpointMeta:
     """What identifies a checkpoint and where the run stood; the JSON part of it."""
 
     step: int  # optimizer steps completed
-    model_fingerprint: str  # planner.plan.fingerprint of the trainable parameters
-    plan_sha256: str  # planner.plan.plan_digest of the plan it was trained under
+    model_fingerprint: str  # chunkft.plan_format.fingerprint of the trainable parameters
+    plan_sha256: str  # chunkft.plan_format.plan_digest of the plan it was trained under
     data_epoch: int
     data_index: int
     consecutive_bad_steps: int = 0
@@ -369,7 +373,8 @@ def load_checkpoint(
     meta: CheckpointMeta | None = None,
 ) -> Checkpoint:
     """Verify a checkpoint against this model and plan, load its weights into the model, return the rest.
-    plan_sha256: the plan's digest, or every digest a checkpoint of it may carry (planner.plan.plan_digests).
+    plan_sha256: the plan's digest, or every digest a checkpoint of it may carry
+    (chunkft.plan_format.plan_digests).
     meta: read_meta(path) already done (find_resume_point), so the files are not hashed twice."""
     meta = read_meta(path) if meta is None else meta
     if meta.model_fingerprint != model_fingerprint:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from executor.chunks import Chunk
-from executor.devices import CudaInfo, resolve_device, same_device
-from executor.optimizer import (
+from chunkft.chunks import Chunk
+from chunkft.executor.devices import CudaInfo, resolve_device, same_device
+from chunkft.executor.optimizer import (
     AdamWHparams,
     ChunkedOptimizer,
     HostStateDtype,
@@ -38,11 +38,11 @@ from executor.optimizer import (
     clip_,
     grad_norm,
 )
-from executor.rotation import Rotation, RotationSpec
-from executor.schedule import ScheduleSpec, lr_at
-from executor.slicegrad import SliceGradients
-from executor.streams import Streams
-from executor.transfer import TransferEngine
+from chunkft.executor.rotation import Rotation, RotationSpec
+from chunkft.executor.schedule import ScheduleSpec, lr_at
+from chunkft.executor.slicegrad import SliceGradients
+from chunkft.executor.streams import Streams
+from chunkft.executor.transfer import TransferEngine
 
 __all__ = [
     "AdamWHparams",

@@ -25,12 +25,12 @@ from typing import NoReturn
 
 import click
 
-from executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_checkpoints
-from executor.data import DataError
-from executor.replan import replan_command, rerun_command, resume_command, smaller_budget
-from executor.streams import PinnedMemoryError
-from executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
-from planner.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
+from chunkft.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
+from chunkft.executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_checkpoints
+from chunkft.executor.data import DataError
+from chunkft.executor.replan import replan_command, rerun_command, resume_command, smaller_budget
+from chunkft.executor.streams import PinnedMemoryError
+from chunkft.executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
 
 # the recovery commands live in executor/replan.py; importable from here as before
 __all__ = [
@@ -130,8 +130,8 @@ def main(
     """Fine-tune the model PLAN describes on --data with ChunkFT, writing everything under --output."""
     import torch
 
-    from planner.plan import PlanError
-    from profiles import ProfileError
+    from chunkft.plan_format import PlanError
+    from chunkft.profiles import ProfileError
 
     if not plan.is_file():
         make = f"chunkft-plan MODEL --gpu GPU -o {shlex.quote(str(plan))}"
@@ -220,7 +220,7 @@ _UNIT = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40}
 
 def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[int, int] | None) -> str:
     """One line: what ran out, the measured peak, what is intact, and the exact re-planning command."""
-    from planner.plan import load_plan
+    from chunkft.plan_format import load_plan
 
     plan = load_plan(opts.plan_path)
     budget = plan.hardware.budget_bytes
@@ -244,7 +244,7 @@ def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[i
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:
-    """One line and the exit code; with --debug the traceback first (planner.cli_conventions.fail)."""
+    """One line and the exit code; with --debug the traceback first (chunkft.cli_conventions.fail)."""
     fail("chunkft-run", message, code, debug=debug)
 
 

@@ -25,8 +25,8 @@ import torch
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from torch.utils.weak import WeakIdKeyDictionary
 
-from executor.streams import Streams
-from planner.timeline import CATEGORIES
+from chunkft.executor.streams import Streams
+from chunkft.timeline import CATEGORIES
 
 # MemTracker's ModTracker warns when a backward hook fires for a module whose weakref is already gone
 # (BERT's classifier path, planning and measuring): the bytes are still counted, and the warning would

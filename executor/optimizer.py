@@ -20,9 +20,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from executor.chunks import Chunk, ParamSlice
-from executor.streams import Streams
-from executor.transfer import KindSpec, TransferEngine
+from chunkft.chunks import Chunk, ParamSlice
+from chunkft.executor.streams import Streams
+from chunkft.executor.transfer import KindSpec, TransferEngine
 
 HostStateDtype = Literal["float32", "bfloat16", "reset"]
 StatesOn = Literal["host", "gpu"]

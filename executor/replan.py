@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from executor.train import RunOptions
+    from chunkft.executor.train import RunOptions
 
 _CHECKPOINTING_FLAG = {"none": "none", "all": "all", "selected": "auto"}  # the CLI cannot name layers
 

@@ -45,7 +45,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from executor.chunks import Chunk, ParamSlice
+from chunkft.chunks import Chunk, ParamSlice
 
 __all__ = ["SliceGradients", "UnsupportedModuleError", "SUPPORTED_MODULES", "foreign_uses"]
 

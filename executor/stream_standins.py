@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from executor.streams import CompleteEvent, Event, SyncStreams
+from chunkft.executor.streams import CompleteEvent, Event, SyncStreams
 
 
 def _key(t: Tensor) -> int:

@@ -41,7 +41,8 @@ from typing import Any, TextIO
 
 import torch
 
-from executor.checkpoint import (
+from chunkft.chunks import DTYPE_BYTES, param_specs
+from chunkft.executor.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     NoCheckpoint,
@@ -55,8 +56,7 @@ from executor.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from executor.chunks import DTYPE_BYTES, param_specs
-from executor.data import (
+from chunkft.executor.data import (
     Batches,
     ByteTokenizer,
     DataError,
@@ -68,16 +68,16 @@ from executor.data import (
     eval_batches,
     load_dataset,
 )
-from executor.devices import DeviceError, configure_allocator, resolve_device
-from executor.lock import OutputInUse, OutputLock
-from executor.loss import (
+from chunkft.executor.devices import DeviceError, configure_allocator, resolve_device
+from chunkft.executor.lock import OutputInUse, OutputLock
+from chunkft.executor.loss import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
     UnsupportedArchitectureError,
     causal_lm_loss,
     causal_lm_parts,
 )
-from executor.measure import (
+from chunkft.executor.measure import (
     CudaPeak,
     MemoryMeasurement,
     MemoryTracker,
@@ -85,7 +85,7 @@ from executor.measure import (
     driver_tensors,
     measured_steps,
 )
-from executor.replan import (
+from chunkft.executor.replan import (
     elsewhere_command,
     free_sibling,
     fresh_command,
@@ -94,7 +94,8 @@ from executor.replan import (
     resume_command,
     run_args,
 )
-from planner.files import honour_umask
+from chunkft.files import honour_umask
+from chunkft.profiles.host import available_host_bytes
 
 GIB = 2**30
 MAX_EVAL_EXAMPLES = 256  # the first examples of the held-out split; bounds eval time on large files
@@ -211,19 +212,12 @@ def _streams_for(opts: RunOptions, device: torch.device) -> Any:
         return None
     if device.type != "cpu":
         raise RunError(f"stand-in streams {opts.streams!r} run on the CPU only; drop them on {device}")
-    from executor.stream_standins import standin_streams
+    from chunkft.executor.stream_standins import standin_streams
 
     try:
         return standin_streams(opts.streams)
     except ValueError as e:
         raise RunError(str(e)) from None
-
-
-def available_host_bytes() -> int:
-    """Host memory this machine can give now (MemAvailable), the figure chunkft-plan plans against."""
-    from planner.cli import available_host_bytes as probe
-
-    return probe()
 
 
 def host_bytes_needed(plan: Any, device: torch.device) -> tuple[int, int]:
@@ -335,9 +329,9 @@ def _sibling_plan(plan_path: Path, what: str) -> Path:
 def check_identity(plan: Any, opts: RunOptions) -> None:
     """Refuse a plan made for another model before building it: the fingerprint comes from the model
     built on the meta device (no memory, a second for 8B), exactly as chunkft-plan computes it."""
-    from planner.plan import check_model
-    from profiles import build_model as build_hf_model
-    from profiles import load_model
+    from chunkft.plan_format import check_model
+    from chunkft.profiles import build_model as build_hf_model
+    from chunkft.profiles import load_model
 
     preset = load_model(plan.model.path or plan.model.name, task=plan.model.task)
     if plan.model.task == "sequence-classification" and plan.model.num_labels:
@@ -408,7 +402,7 @@ def user_tokenizer(plan: Any, opts: RunOptions) -> Tokenizer | None:
     the model has no embedding rows for (an index error deep in the forward otherwise)."""
     if opts.tokenizer_dir is None:
         return None
-    from profiles import load_model
+    from chunkft.profiles import load_model
 
     if not Path(opts.tokenizer_dir).is_dir():
         raise RunError(f"--tokenizer {opts.tokenizer_dir} is not a directory; give a tokenizer's directory")
@@ -457,7 +451,7 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
 
 def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # ---- plan, device, model, data: all validated before anything is written
-    from planner.plan import check_model, load_plan, plan_digest, plan_digests
+    from chunkft.plan_format import check_model, load_plan, plan_digest, plan_digests
 
     plan = load_plan(opts.plan_path)
     plan_sha = plan_digest(plan)  # what run.json and new checkpoints record
@@ -691,9 +685,9 @@ def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Token
     """The plan's model on the device, randomly initialised from the plan's seed (presets, and directories
     planned with --random-init: source "hf-config") or loaded (directories), and the tokenizer that goes
     with it: the directory's own, else the byte-level one (presets, config-only directories)."""
-    from executor.data import fresh_model_tokenizer
-    from profiles import build_model as build_hf_model
-    from profiles import load_model
+    from chunkft.executor.data import fresh_model_tokenizer
+    from chunkft.profiles import build_model as build_hf_model
+    from chunkft.profiles import load_model
 
     dtype = getattr(torch, plan.run.weight_dtype)
     preset = load_model(plan.model.path or plan.model.name, task=plan.model.task)
@@ -741,9 +735,9 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ..
 
 def build_driver(model: torch.nn.Module, plan: Any, device: torch.device, streams: Any = None) -> Any:
     """The ChunkFT driver with every setting taken from the plan (streams: None for the device's own)."""
-    from executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
-    from executor.rotation import RotationSpec
-    from executor.schedule import ScheduleSpec
+    from chunkft.executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
+    from chunkft.executor.rotation import RotationSpec
+    from chunkft.executor.schedule import ScheduleSpec
 
     o, s = plan.run.optimizer, plan.run.schedule
     hparams = (
@@ -954,7 +948,7 @@ def _seek(batches: Batches, meta: CheckpointMeta, opts: RunOptions, log: TextIO)
 def _skip_step(driver: Any) -> Any:
     """A step whose loss is not finite: nothing to learn from, so no update, the same window, the
     schedule not advanced (what the driver does for a non-finite gradient norm)."""
-    from executor.chunkft import StepStats
+    from chunkft.executor.chunkft import StepStats
 
     driver.discard_grads()
     return StepStats(driver.active_chunk.index, driver.lr(), math.nan, True, 0.0)
@@ -1137,8 +1131,7 @@ def _write_run_json(
     """run.json: what was measured beside what the plan predicted, and the losses."""
     import transformers
 
-    import executor
-
+    from chunkft import executor
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     steps = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]

@@ -37,7 +37,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from executor.streams import Event, Streams, default_streams
+from chunkft.executor.streams import Event, Streams, default_streams
 
 StoreLocation = Literal["host", "device", "none"]
 

@@ -1,6 +1,6 @@
 """chunkft-plan: will this fine-tuning fit, and how fast will it run? Writes a plan the executor replays.
 
-Exit codes (planner/cli_conventions.py, shared with chunkft-run and chunkft-report): 0 plan written;
+Exit codes (chunkft/cli_conventions.py, shared with chunkft-run and chunkft-report): 0 plan written;
 1 failed while working (an internal error, or the disk refused the plan); 2 bad input: an option, a
 profile, a path that cannot be written (nothing written); 3 nothing fits the budget (the line says the
 smallest budget that would, or, when none on this card would, what to change); 4 the plan was written
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from planner.cli_conventions import (
+from chunkft.cli_conventions import (
     EXIT_BAD_INPUT,
     EXIT_FAILED,
     EXIT_NO_FIT,
@@ -32,9 +32,10 @@ from planner.cli_conventions import (
     OneLineErrors,
     fail,
 )
+from chunkft.profiles.host import available_host_bytes
 
 if TYPE_CHECKING:
-    from planner.solver import Headroom
+    from chunkft.planner.solver import Headroom
 
 PROG = "chunkft-plan"
 GIB = 2**30
@@ -81,7 +82,7 @@ MAX_HEADROOM_FRACTION = 0.5  # a larger share of the peak kept free is a typo (5
 
 def parse_headroom(text: str) -> Headroom:
     """'3%+256MiB', '5%', '1GiB', '0' -> planner.solver.Headroom (a share of the peak, bytes, or both)."""
-    from planner.solver import Headroom
+    from chunkft.planner.solver import Headroom
 
     bad = ValueError(f"cannot read headroom {text!r}; write e.g. 1GiB, 0, 5% or 3%+256MiB")
     fraction, fixed = None, None
@@ -136,18 +137,6 @@ class NormOrNone(click.ParamType):
 
 # Host budget when only this machine's free memory stood in the way and no --host-mem was given.
 UNBOUNDED_HOST_BYTES = 1 << 60
-
-
-def available_host_bytes() -> int:
-    """MemAvailable of this machine (Linux), else total physical memory."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def gib(n: int | float) -> str:
@@ -378,13 +367,13 @@ class Request:
     cross_entropy: str
     task: str | None
     attn: str | None  # None: sdpa where the model's class supports it, else eager (resolved in run_request)
-    efficiency: float
+    efficiency: float | None  # None: the default for the rates used (planner.costs)
     eval_every: int = 0  # optimizer steps between evaluations; 0: only at the end
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end
     padded_batches: bool | None = None  # batches carry padding; None: the task's (default_padded)
     headroom: Headroom | None = None  # None: planner.solver.DEFAULT_HEADROOM on GPUs, none on cpu
     max_grad_norm: float | None = 1.0  # clip the active window's gradient norm; None: no clipping
-    weight_decay_mode: str = "window"  # "window" | "compensated" (planner.plan.OptimizerSettings)
+    weight_decay_mode: str = "window"  # "window" | "compensated" (chunkft.plan_format.OptimizerSettings)
     calibrate: bool = False  # --gpu cpu: measure this machine's matmul and copy rates (planner.costs)
     random_init: bool = False  # a directory's config, randomly initialised (model.source "hf-config")
 
@@ -404,20 +393,40 @@ class Notes:
     rates: str = ""  # the --calibrate line, or ""
 
 
-def run_request(
-    req: Request, out_path: str, report_dir: str | None = None, *, debug: bool = False
-) -> int:
-    """Plan, print the summary, write the plan (and the report); returns the exit code."""
-    import profiles
-    from planner.plan import save_plan
-    from planner.profile_model import check_attention, default_padded, model_structure, supported_attention
-    from planner.solver import build_plan, make_setup
+class NoPlanFits(ValueError):
+    """No choice of chunks, checkpointing and placement fits the budget; the message says what would."""
 
+
+@dataclass(frozen=True)
+class Planned:
+    """A plan and what the summary says about it: the solver's candidates, the budget and its notes."""
+
+    plan: Any  # chunkft.plan_format.Plan
+    solution: Any  # the solver's Solution: the chosen candidate and the runners-up
+    budget: int
+    notes: Notes
+    host_warning: str  # "" or the one warning line about host memory
+    replayed: Any  # the plan's step as the simulator replays it (check_replay)
+    measured: Any  # the --calibrate rates, or None
+
+
+def make_plan(req: Request) -> Planned:
+    """Plan a request: profile the model and GPU, solve, build the plan and check it replays. Raises
+    click.UsageError for inconsistent options, ProfileError/PlanError/ValueError for bad input and
+    NoPlanFits when nothing fits; prints nothing but the profile's own warnings."""
+    from chunkft import profiles
+    from chunkft.planner.costs import CALIBRATED_EFFICIENCY, DEFAULT_EFFICIENCY
+    from chunkft.planner.profile_model import (
+        check_attention,
+        default_padded,
+        model_structure,
+        supported_attention,
+    )
+    from chunkft.planner.solver import build_plan, make_setup
+
+    if req.efficiency is None:
+        req = replace(req, efficiency=CALIBRATED_EFFICIENCY if req.calibrate else DEFAULT_EFFICIENCY)
     check_bounds(req)
-    out = resolve_output(out_path)
-    check_output_path(out)
-    if report_dir is not None:
-        check_report_dir(Path(report_dir))
     preset = initialisation(profiles.load_model(req.model, task=req.task), req.random_init)
     gpu = profiles.load_gpu(req.gpu)
     seq_len, seq_note = resolve_seq_len(req, preset.key, max_positions(preset.config))
@@ -459,31 +468,71 @@ def run_request(
     solver = make_solver(req, preset, structure, setup, budget, dtype)
     sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
     if sol.best is None:
-        error_line(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
-        return EXIT_NO_FIT
+        raise NoPlanFits(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host, measured=measured)
     cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
     plan = replace(plan, run=cadence)
     replayed = check_replay(plan)
-    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above
-    save_plan(plan, out)
     notes = Notes(
         headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype)
     )
-    click.echo(summary(plan, sol, budget, notes=notes))
-    if host_warning:
-        warning_line(host_warning)
+    return Planned(plan, sol, budget, notes, host_warning, replayed, measured)
+
+
+def run_request(
+    req: Request, out_path: str, report_dir: str | None = None, *, debug: bool = False
+) -> int:
+    """chunkft-plan's work: plan, print the summary, write the plan (and the report); the exit code."""
+    from chunkft.plan_format import save_plan
+
+    out = resolve_output(out_path)
+    check_output_path(out)
+    if report_dir is not None:
+        check_report_dir(Path(report_dir))
+    try:
+        planned = make_plan(req)
+    except NoPlanFits as e:
+        error_line(str(e))
+        return EXIT_NO_FIT
+    out.parent.mkdir(parents=True, exist_ok=True)  # checked writable above
+    save_plan(planned.plan, out)
+    click.echo(summary(planned.plan, planned.solution, planned.budget, notes=planned.notes))
+    if planned.host_warning:
+        warning_line(planned.host_warning)
     into_dir = out != Path(out_path)  # -o named a directory (resolve_output)
     click.echo(f"plan written to {out}" + (f" (-o {out_path} is a directory)" if into_dir else ""))
     if report_dir is None:
         return EXIT_OK
-    return write_plan_report(plan, out, report_dir, replayed if measured else None, debug=debug)
+    replayed = planned.replayed if planned.measured else None
+    return write_plan_report(planned.plan, out, report_dir, replayed, debug=debug)
+
+
+def request_from(model: str, gpu: str, **options: Any) -> Request:
+    """A Request from Python values, with chunkft-plan's defaults and checks (its click parameters: one
+    source for both), e.g. request_from("llama-3-8b", "4090", budget="20GiB", seq_len=2048)."""
+    fields = set(Request.__dataclass_fields__) - {"model", "gpu"}
+    params = {p.name: p for p in main.params if p.name in fields}
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        names = ", ".join(sorted(params))
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; the options are {names}")
+    ctx = click.Context(main)
+    values: dict[str, Any] = {}
+    for name, param in params.items():
+        value = options[name] if name in options else param.get_default(ctx)
+        if not isinstance(value, (str, int, float, bool)):  # None, or click's "unset" for a tri-state flag
+            value = None
+        try:
+            values[name] = None if value is None else param.type_cast_value(ctx, value)
+        except click.BadParameter as e:
+            raise ValueError(f"{name}={value!r}: {e.message}") from None
+    return Request(model=model, gpu=gpu, **values)
 
 
 def calibrate(structure: Any, dtype: str, req: Request) -> Any:
     """--calibrate: this machine's rates at the model's shapes (planner.costs.measure_host_rates; looked
     up on the module so that tests can inject a result instead of timing anything)."""
-    from planner import costs
+    from chunkft.planner import costs
 
     shape = costs.probe_shape(structure, req.seq_len * req.batch_size)  # seq_len resolved by run_request
     return costs.measure_host_rates(dtype, shape)
@@ -491,7 +540,7 @@ def calibrate(structure: Any, dtype: str, req: Request) -> Any:
 
 def planning_cost(gpu: Any, dtype: str, efficiency: float, measured: Any) -> Any:
     """The profile's cost model, with the --calibrate figures in place of its FLOP/s and bandwidth."""
-    from planner.costs import cost_model, with_measured_rates
+    from chunkft.planner.costs import cost_model, with_measured_rates
 
     cost = cost_model(gpu, dtype, efficiency)
     if measured is None:
@@ -521,8 +570,8 @@ def rates_note(measured: Any, dtype: str) -> str:
 
 def make_solver(req: Request, preset: Any, structure: Any, setup: Any, budget: int, dtype: str) -> Any:
     """The solver over the request's search space, with this machine's memory as the host limit."""
-    from planner.profile_model import activation_profile
-    from planner.solver import Limits, Solver, Space, balance_layers
+    from chunkft.planner.profile_model import activation_profile
+    from chunkft.planner.solver import Limits, Solver, Space, balance_layers
 
     layer_gpu: tuple[int, ...] = ()
     if req.num_gpus > 1:
@@ -568,7 +617,7 @@ def solve_with_host(solver: Any, req: Request, budget: int) -> tuple[Any, int, s
 
     Without --host-mem the limit is this machine's available memory; when only that is in the way, the
     plan is usually made for another machine (a 4090 box): plan it anyway and say what host it needs."""
-    from planner.solver import Limits
+    from chunkft.planner.solver import Limits
 
     sol = solver.solve()
     host = solver.limits.host_budget_bytes
@@ -628,7 +677,7 @@ def write_plan_report(plan: Any, out: Path, report_dir: str, simulation: Any, *,
     line and exits EXIT_REPORT_FAILED (a script must not read a missing report as success)."""
     import traceback
 
-    from reports import write_report
+    from chunkft.reports import write_report
 
     try:
         Path(report_dir).parent.mkdir(parents=True, exist_ok=True)  # checked creatable above
@@ -649,7 +698,7 @@ def write_plan_report(plan: Any, out: Path, report_dir: str, simulation: Any, *,
 
 
 def report_error_text(e: Exception) -> str:
-    from reports import ReportError
+    from chunkft.reports import ReportError
 
     if isinstance(e, ReportError):
         return str(e)
@@ -673,7 +722,7 @@ def budget_note(req: Request, gpu: Any) -> str:
 
 def headroom_note(req: Request, on_gpu: bool) -> str:
     """What the plan's safety margin covers, for the printed table."""
-    from planner.solver import DEFAULT_HEADROOM
+    from chunkft.planner.solver import DEFAULT_HEADROOM
 
     if req.headroom is not None:
         given = req.headroom.text()
@@ -702,7 +751,7 @@ def optimizer_text(o: Any) -> str:
 def check_replay(plan: Any) -> Any:
     """Re-simulate the plan from the plan alone; refuse to write one the simulator does not reproduce.
     Returns the step simulation (a --calibrate plan's, with its measured rates, for the report)."""
-    from planner.simulator import setup_and_candidate, simulate
+    from chunkft.planner.simulator import setup_and_candidate, simulate
 
     setup, cand, act = setup_and_candidate(plan)  # with a --calibrate plan's measured rates
     res = simulate(setup, cand, act)
@@ -727,7 +776,7 @@ def summary(  # type: ignore[no-untyped-def]
 ) -> str:
     """The table a user reads before spending an hour (notes: where figures came from, when not simply
     from the user or the profile)."""
-    from executor.loss import DEFAULT_CHUNK_TOKENS
+    from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS
 
     pr, hw, run = plan.predictions, plan.hardware, plan.run
     headroom_why = notes.headroom
@@ -801,7 +850,7 @@ def summary(  # type: ignore[no-untyped-def]
 def why_chosen(plan: Any) -> list[str]:
     """The tie rule under the alternatives, and why each one faster per step lost (a faster runner-up
     with nothing said reads as a solver bug)."""
-    from planner.solver import TIE_RULE, Contender, why_not_chosen
+    from chunkft.planner.solver import TIE_RULE, Contender, why_not_chosen
 
     if not plan.alternatives:
         return []
@@ -986,8 +1035,7 @@ def main(
     **options: Any,
 ) -> None:
     """Plan full-parameter ChunkFT fine-tuning of MODEL on --gpu; write the plan with -o."""
-    import profiles
-    from planner.costs import CALIBRATED_EFFICIENCY, DEFAULT_EFFICIENCY
+    from chunkft import profiles
 
     if list_gpus:
         for g in profiles.list_gpus():
@@ -1003,8 +1051,6 @@ def main(
         raise click.UsageError("give --gpu (e.g. --gpu 4090, --gpu cpu, --gpu auto); --list-gpus lists them")
     if output is None:
         raise click.UsageError("give -o plan.json: where to write the plan")
-    default = CALIBRATED_EFFICIENCY if options["calibrate"] else DEFAULT_EFFICIENCY
-    options["efficiency"] = options["efficiency"] or default
     req = Request(**options)  # every other option is a field of the request, by name
     try:
         code = run_request(req, output, report_dir, debug=debug)
@@ -1022,8 +1068,8 @@ def failure(e: Exception, output: str, debug: bool = False) -> tuple[str, int]:
     """The one line and exit code of an exception out of run_request: bad input (a profile, a plan, a
     value the solver refused) is EXIT_BAD_INPUT; the disk refusing the plan or a bug, EXIT_FAILED (with
     a pointer to --debug unless it was given)."""
-    from planner.plan import PlanError
-    from profiles import ProfileError
+    from chunkft.plan_format import PlanError
+    from chunkft.profiles import ProfileError
 
     if isinstance(e, OSError):
         where = e.filename or output

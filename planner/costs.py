@@ -138,7 +138,7 @@ def measure_host_rates(dtype: str, shape: tuple[int, int, int]) -> MeasuredRates
 
 
 def with_measured_rates(cost: CostModel, hardware: object) -> CostModel:
-    """The cost model a plan was made with: its recorded --calibrate figures (planner.plan.Hardware
+    """The cost model a plan was made with: its recorded --calibrate figures (chunkft.plan_format.Hardware
     measured_*; 0 means the profile's) in place of the profile's."""
     from dataclasses import replace
 

@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import nn
 
-from executor.chunks import DTYPE_BYTES, ParamSpec, param_specs
-from executor.slicegrad import SliceGradients
+from chunkft.chunks import DTYPE_BYTES, ParamSpec, param_specs
+from chunkft.executor.slicegrad import SliceGradients, foreign_uses
 
 if TYPE_CHECKING:
-    from planner.trace_cache import Entry
+    from chunkft.planner.trace_cache import Entry
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -252,6 +252,48 @@ def structure_of(model: nn.Module, task: str) -> ModelStructure:
     )
 
 
+def _shallow_forward(config: object, task: str, dtype: str) -> tuple[nn.Module, Callable[[], object]]:
+    """A TRACE_LAYERS-block copy of the model under FakeTensorMode (nothing allocated; a meta model
+    would fail on the masks' .item()) and one training forward of a short batch through it."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cfg = _shallow_config(config, TRACE_LAYERS)
+    cfg._attn_implementation = "eager"  # type: ignore[attr-defined]  # every model has it; reads are the same
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with mode:
+        model = build_from_config(cfg, task, "cpu", TORCH_DTYPES[dtype]).train()
+    batch = example_batch(task, int(cfg.vocab_size), 1, 8)  # type: ignore[attr-defined]
+
+    def forward() -> object:
+        with mode:
+            return model(**batch)
+
+    return model, forward
+
+
+def read_outside_owner(
+    structure: ModelStructure, shallow: nn.Module, forward: Callable[[], object]
+) -> set[str]:
+    """The full model's tensors some module reads outside its owner's forward (executor.slicegrad
+    foreign_uses: DeBERTa-v2's non-legacy MLM head multiplying by the embedding weight), found on the
+    shallow copy: the executor refuses a cut through them, so the planner keeps them whole. A read
+    inside block i of the copy stands for the same tensor of every block (the blocks share their code).
+    A forward that does not run this way finds nothing, and the executor's own check still refuses."""
+    try:
+        found = foreign_uses(shallow, forward)
+    except Exception:  # noqa: BLE001 - best effort ahead of the executor's check, never a planning failure
+        return set()
+    prefix = structure.layers_prefix
+    block = re.compile(re.escape(prefix) + r"\d+\.(.+)")
+    names = {s.name for s in structure.specs}
+    in_block = {n: m[1] for n in names if (m := block.match(n))}  # full-model name -> name within its block
+    out = set()
+    for name in found:
+        m = block.match(name)
+        out |= {name} if m is None else {n for n, rest in in_block.items() if rest == m[1]}
+    return out & names
+
+
 def build_from_config(config: object, task: str, device: str, dtype: torch.dtype) -> nn.Module:
     """An unmodified Hugging Face model from a config (what profiles.build_model does for a preset)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -284,7 +326,7 @@ def supported_attention(config: object, task: str) -> tuple[str, ...]:
     """The plannable attention implementations (chunkft-plan's --attn choices) the model's class
     supports: "eager" always, "sdpa" unless the class has no sdpa path (Gemma-2: transformers refuses
     it when the model is built). Cached on disk (planner/trace_cache.py): the class's module is heavy."""
-    from planner import trace_cache as tc
+    from chunkft.planner import trace_cache as tc
 
     entry = tc.open_model(config, task)
     return tc.cached(
@@ -333,7 +375,7 @@ def model_identity(config: object, task: str, dtype: str) -> ModelIdentity:
 
 def _model_facts(config: object, task: str, dtype: str, which: str) -> ModelStructure | ModelIdentity:
     """Structure or identity of the full-depth model: one meta build computes (and caches) both."""
-    from planner import trace_cache as tc
+    from chunkft.planner import trace_cache as tc
 
     entry = tc.open_model(config, task)
     decode = tc.decode_structure if which == "structure" else tc.decode_identity
@@ -342,6 +384,8 @@ def _model_facts(config: object, task: str, dtype: str, which: str) -> ModelStru
         return hit
     model = build_from_config(config, task, "meta", TORCH_DTYPES[dtype])
     structure = structure_of(model, task)
+    keep = set(structure.unsliceable) | read_outside_owner(structure, *_shallow_forward(config, task, dtype))
+    structure = replace(structure, unsliceable=tuple(sorted(keep)))
     identity = ModelIdentity(
         type(model).__name__, sum(p.numel() for p in model.parameters()), tuple(param_specs(model))
     )
@@ -569,8 +613,8 @@ def _trace(
     chunk_tokens: the loss as chunked cross-entropy in pieces of that many tokens (executor/loss.py)."""
     from torch.distributed._tools.mod_tracker import ModTracker
 
-    from executor.loss import causal_lm_loss
-    from executor.measure import MemoryTracker
+    from chunkft.executor.loss import causal_lm_loss
+    from chunkft.executor.measure import MemoryTracker
 
     params = dict(model.named_parameters())
     buffers: dict[torch.Tensor, torch.Tensor] = {}
@@ -660,7 +704,7 @@ def activation_profile(
 def chunked_loss_supported(plain: ActivationProfile) -> bool:
     """Whether the executor can run this profile's model with chunked cross-entropy (executor/loss.py
     accepts only verified causal-LM classes)."""
-    from executor.loss import UnsupportedArchitectureError, causal_lm_parts
+    from chunkft.executor.loss import UnsupportedArchitectureError, causal_lm_parts
 
     tracer = plain.tracer
     if tracer is None or tracer.task != "causal-lm":
@@ -673,7 +717,7 @@ def chunked_loss_supported(plain: ActivationProfile) -> bool:
             return False
         return True
 
-    from planner import trace_cache as tc
+    from chunkft.planner import trace_cache as tc
 
     return tc.cached(tracer.store, "facts", "chunked_loss_supported", tc.decode_bool, supported, bool)
 
@@ -692,7 +736,7 @@ def chunked_loss_profile(plain: ActivationProfile, chunk_tokens: int) -> Activat
         raise ProfilingError("this activation profile cannot be traced again (no tracer)")
     if tracer.task != "causal-lm":
         raise ProfilingError("chunked cross-entropy applies to causal-LM models only")
-    from planner import trace_cache as tc
+    from chunkft.planner import trace_cache as tc
 
     head_fwd, head_bwd = tc.cached(
         tracer.store,
@@ -822,7 +866,7 @@ class _ShallowTracer:
         """Forward and backward of the representative block by itself, with the inputs it gets in the
         step (captured once), tensors [skip_before, n - skip_after) of it trainable; from the trace
         cache when this pattern was traced before."""
-        from planner import trace_cache as tc
+        from chunkft.planner import trace_cache as tc
 
         return tc.cached(
             self.store,
@@ -834,7 +878,7 @@ class _ShallowTracer:
         )
 
     def _trace_block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
-        from executor.measure import MemoryTracker
+        from chunkft.executor.measure import MemoryTracker
 
         r = _REPRESENTATIVE
         _, layers = _decoder_layers(self.model)
@@ -944,7 +988,7 @@ def _activation_profile(
 ) -> ActivationProfile:
     if micro_batch < 1 or seq_len < 1:
         raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
-    from planner import trace_cache as tc
+    from chunkft.planner import trace_cache as tc
 
     tracer = _ShallowTracer(config, task, micro_batch, seq_len, dtype, attn, padded)
     store = tracer.store = tc.open_traces(config, task, micro_batch, seq_len, dtype, attn, padded)
@@ -1131,10 +1175,10 @@ def reference_step_peak(
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from executor.loss import causal_lm_loss
-    from executor.measure import MemoryTracker, driver_tensors
-    from executor.optimizer import AdamWHparams, ChunkedOptimizer, SGDHparams, grad_norm
-    from executor.slicegrad import SliceGradients
+    from chunkft.executor.loss import causal_lm_loss
+    from chunkft.executor.measure import MemoryTracker, driver_tensors
+    from chunkft.executor.optimizer import AdamWHparams, ChunkedOptimizer, SGDHparams, grad_norm
+    from chunkft.executor.slicegrad import SliceGradients
 
     check_attention(config, task, attn_implementation)
     cfg = copy.deepcopy(config)

@@ -24,11 +24,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
-from executor.safetensors_stream import PIECE_BYTES
-from planner.costs import CostModel
-from planner.graph import StepNode, step_order
-from planner.profile_model import (
+from chunkft.chunks import DTYPE_BYTES, Chunk, ParamSpec
+from chunkft.executor.safetensors_stream import PIECE_BYTES
+from chunkft.planner.costs import CostModel
+from chunkft.planner.graph import StepNode, step_order
+from chunkft.planner.profile_model import (
     ActivationProfile,
     BlockMode,
     EdgeMode,
@@ -38,7 +38,7 @@ from planner.profile_model import (
     group_positions,
     head_flops,
 )
-from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
+from chunkft.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 
 GIB = 2**30
 MIB = 2**20
@@ -818,12 +818,12 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
 
 def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfile]:
     """Rebuild the simulator inputs from a plan alone (model and GPU from profiles, activations traced)."""
-    import profiles
-    from executor.loss import DEFAULT_CHUNK_TOKENS
-    from planner.costs import cost_model, with_measured_rates
-    from planner.profile_model import activation_profile, model_structure
+    from chunkft import profiles
+    from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS
+    from chunkft.planner.costs import cost_model, with_measured_rates
+    from chunkft.planner.profile_model import activation_profile, model_structure
 
-    p = plan  # planner.plan.Plan; typed loosely to keep this module free of the format's imports
+    p = plan  # chunkft.plan_format.Plan; typed loosely to keep this module free of the format's imports
     run = p.run  # type: ignore[attr-defined]
     preset = profiles.load_model(p.model.path or p.model.name, task=p.model.task)  # type: ignore[attr-defined]
     structure = model_structure(preset.config, preset.task, run.weight_dtype)

@@ -21,16 +21,16 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
-from executor.chunks import DTYPE_BYTES, Chunk, partition
-from executor.loss import DEFAULT_CHUNK_TOKENS
-from planner.costs import CostModel
-from planner.profile_model import (
+from chunkft.chunks import DTYPE_BYTES, Chunk, partition
+from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS
+from chunkft.planner.costs import CostModel
+from chunkft.planner.profile_model import (
     ActivationProfile,
     ModelStructure,
     chunked_loss_profile,
     chunked_loss_supported,
 )
-from planner.simulator import (
+from chunkft.planner.simulator import (
     HEADROOM_FIXED_BYTES,
     HEADROOM_FRACTION,
     Candidate,
@@ -177,7 +177,7 @@ class Space:
 def rotation_sequence(order: str, k: int, seed: int) -> tuple[int, ...]:
     """The first cycle of window indices, drawn exactly as the executor draws it (random orders draw a
     fresh permutation every cycle; the plan records the first)."""
-    from executor.rotation import RotationSpec, cycle_order
+    from chunkft.executor.rotation import RotationSpec, cycle_order
 
     return cycle_order(RotationSpec(order=order, update_interval=1, seed=seed), k, 0)  # type: ignore[arg-type]
 
@@ -532,7 +532,7 @@ def make_setup(
 ) -> Setup:
     """The request's shared simulator inputs; None takes the default reserve and headroom (on a GPU:
     CUDA_CONTEXT_BYTES + FRAGMENTATION of the peak, DEFAULT_HEADROOM; none on the host CPU)."""
-    from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
+    from chunkft.planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
 
     if headroom is None:
         headroom = DEFAULT_HEADROOM if on_gpu else NO_HEADROOM
@@ -568,9 +568,9 @@ def build_plan(
     measured=None,  # planner.costs.MeasuredRates of --calibrate, recorded in the plan's hardware
 ):
     """The v1 plan of the solver's best option (req: planner.cli.Request)."""
-    from planner import plan as P
-    from planner.graph import prefetch_schedule
-    from planner.profile_model import default_padded, model_identity
+    from chunkft import plan_format as P
+    from chunkft.planner.graph import prefetch_schedule
+    from chunkft.planner.profile_model import default_padded, model_identity
 
     best = sol.best
     assert best is not None

@@ -39,9 +39,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from executor.chunks import ParamSpec
-from planner.files import honour_umask
-from planner.profile_model import (
+from chunkft.chunks import ParamSpec
+from chunkft.files import honour_umask
+from chunkft.planner.profile_model import (
     _REPRESENTATIVE,
     TRACE_LAYERS,
     ActivationProfile,
@@ -56,11 +56,11 @@ ENV = "CHUNKFT_CACHE_DIR"
 OFF = frozenset({"off", "none", "0", "false", "no"})
 # What computes the cached values: an edit to any of these invalidates every entry (part of the key).
 _SOURCES = (
-    "planner.profile_model",
-    "planner.trace_cache",
-    "executor.measure",
-    "executor.loss",
-    "executor.chunks",
+    "chunkft.planner.profile_model",
+    "chunkft.planner.trace_cache",
+    "chunkft.executor.measure",
+    "chunkft.executor.loss",
+    "chunkft.chunks",
 )
 _IGNORED_CONFIG = ("_name_or_path", "dtype", "torch_dtype")
 
@@ -179,7 +179,7 @@ class Entry:
             fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
-            honour_umask(tmp)  # like every file chunkft writes (planner/files.py), not mkstemp's 0600
+            honour_umask(tmp)  # like every file chunkft writes (chunkft/files.py), not mkstemp's 0600
             os.replace(tmp, self.path)
             tmp = None
         except OSError:

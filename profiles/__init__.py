@@ -24,6 +24,9 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
 
+if __name__ != "chunkft.profiles":  # this folder imported by its bare name from a checkout
+    raise ImportError(f"import chunkft.profiles, not {__name__} (chunkft's packages are chunkft.*)")
+
 __all__ = [
     "FLOP_DTYPES",
     "TASKS",
@@ -126,7 +129,7 @@ def _loose(normed: str) -> str:
 def _data_files(folder: str) -> list[tuple[str, Any]]:
     """(stem, parsed JSON) of every file in profiles/<folder>, via importlib.resources."""
     out = []
-    for entry in sorted(resources.files("profiles").joinpath(folder).iterdir(), key=lambda e: e.name):
+    for entry in sorted(resources.files("chunkft.profiles").joinpath(folder).iterdir(), key=lambda e: e.name):
         if entry.name.endswith(".json"):
             try:
                 out.append((entry.name[: -len(".json")], json.loads(entry.read_text(encoding="utf-8"))))
@@ -251,7 +254,7 @@ def load_gpu(name: str) -> GpuProfile:
 
 def _probe_gpu() -> GpuProfile:
     """The first NVML device's profile, with its measured total and free memory instead of the nominal."""
-    from profiles import nvml
+    from chunkft.profiles import nvml
 
     device = nvml.probe()
     key = _lookup(device.name, _gpu_index())

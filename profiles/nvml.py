@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from profiles import ProfileError
+from chunkft.profiles import ProfileError
 
 _HINT = "pass --gpu NAME, e.g. --gpu 4090"
 

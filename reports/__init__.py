@@ -15,6 +15,9 @@ from .writer import (
     write_report_data,
 )
 
+if __name__ != "chunkft.reports":  # this folder imported by its bare name from a checkout
+    raise ImportError(f"import chunkft.reports, not {__name__} (chunkft's packages are chunkft.*)")
+
 __all__ = [
     "Alternative",
     "ReportData",

@@ -1,6 +1,6 @@
 """chunkft-report: draw a plan (and optionally a run's measurements) as report.html, PNGs and trace.json.
 
-Exit codes (planner/cli_conventions.py): 2 for bad input, refused before anything is written (a missing
+Exit codes (chunkft/cli_conventions.py): 2 for bad input, refused before anything is written (a missing
 or invalid plan, an invalid run.json or one of another model or plan, an -o that cannot become the
 report); 1 for a failure while drawing or writing (the budget sweep failed, the disk is full: nothing is
 half-written) and for internal errors. --debug prints the traceback first and keeps the exit code.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from planner.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
+from chunkft.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
 
 from .runfile import RunFileError, load_run, plan_sha256
 from .writer import ReportError, ReportInputError, write_report
@@ -65,7 +65,7 @@ def output_dir(out_dir: Path | None, legacy_out: Path | None) -> Path:
 
 def report(plan_path: Path, run_path: Path | None, out: Path) -> Path:
     """Load and check the inputs, then write the report; returns the report.html path."""
-    from planner.plan import load_plan
+    from chunkft.plan_format import load_plan
 
     plan = load_plan(plan_path)
     run = None
@@ -82,8 +82,8 @@ def describe(exc: BaseException, debug: bool = False) -> tuple[str, int]:
     """(one-line message, exit code): bad input is refused with 2; a failure while working exits 1 (with
     a pointer to --debug unless it was given)."""
     to_debug = "" if debug else " (rerun with --debug for the traceback)"
-    from planner.plan import PlanError
-    from profiles import ProfileError
+    from chunkft.plan_format import PlanError
+    from chunkft.profiles import ProfileError
 
     if isinstance(exc, PlanError | RunFileError | ReportInputError | ProfileError):
         return str(exc), EXIT_BAD_INPUT

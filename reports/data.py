@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from executor.chunks import Chunk, ParamSpec
-from planner.timeline import StepSimulation
+from chunkft.chunks import Chunk, ParamSpec
+from chunkft.timeline import StepSimulation
 
 
 @dataclass(frozen=True)

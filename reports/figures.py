@@ -14,7 +14,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from planner.timeline import CATEGORIES, LANES
+from chunkft.timeline import CATEGORIES, LANES
 
 from .data import Alternative, ReportData, RunRecord, drawn_step_seconds
 from .layers import chunk_spans, group_boundaries, per_layer_bytes
@@ -314,7 +314,7 @@ def per_layer_figure(data: ReportData) -> Figure:
 
 
 def _largest_window_bytes(data: ReportData) -> int:
-    from executor.chunks import chunk_numel
+    from chunkft.chunks import chunk_numel
 
     per_elem = data.grad_bytes_per_element + data.state_bytes_per_element + data.master_bytes_per_element
     return max((chunk_numel(c, data.params) * per_elem for c in data.chunks), default=0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import html
 
-from executor.chunks import chunk_numel
+from chunkft.chunks import chunk_numel
 
 from .data import ReportData, drawn_step_seconds
 from .layers import chunk_spans

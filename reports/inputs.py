@@ -1,11 +1,11 @@
-"""From a Plan (planner/plan.py, v1) and the simulated step to the ReportData the figures draw."""
+"""From a Plan (chunkft/plan_format.py, v1) and the simulated step to the ReportData the figures draw."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from planner.plan import Plan
-from planner.timeline import StepSimulation
+from chunkft.plan_format import Plan
+from chunkft.timeline import StepSimulation
 
 from .data import Alternative, ReportData, RunRecord, SweepPoint
 
@@ -95,6 +95,6 @@ def report_data(
 
 def default_simulator() -> Callable[[Plan], StepSimulation]:
     """planner.simulator.simulate_plan, imported only when a report needs it."""
-    from planner.simulator import simulate_plan
+    from chunkft.planner.simulator import simulate_plan
 
     return simulate_plan

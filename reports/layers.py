@@ -6,8 +6,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from executor.chunks import DTYPE_BYTES, Chunk, ParamSpec
-from planner.timeline import StepSimulation
+from chunkft.chunks import DTYPE_BYTES, Chunk, ParamSpec
+from chunkft.timeline import StepSimulation
 
 # Block index in the parameter names of the common Hugging Face families:
 # model.layers.3. (Llama, Qwen, Mistral), transformer.h.3. (GPT-2), encoder.layer.3. (BERT), blocks.3.

@@ -15,12 +15,12 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from planner.timeline import CATEGORIES
+from chunkft.timeline import CATEGORIES
 
 from .data import RunRecord
 
 if TYPE_CHECKING:
-    from planner.plan import Plan
+    from chunkft.plan_format import Plan
 
 NO_PLAN_HASH_NOTE = (
     "The run.json records no plan sha256 (written before chunkft-run recorded it), so only its model "
@@ -33,9 +33,9 @@ class RunFileError(ValueError):
 
 
 def plan_sha256(plan: Plan) -> tuple[str, ...]:
-    """The digests a run.json of this plan may record as plan.sha256 (planner.plan.plan_digests: of the
+    """The digests a run.json of this plan may record as plan.sha256 (chunkft.plan_format.plan_digests: of the
     plan's content, not the file's bytes; the first is what chunkft-run records now)."""
-    from planner.plan import plan_digests
+    from chunkft.plan_format import plan_digests
 
     return plan_digests(plan)
 

@@ -14,14 +14,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from planner.plan import Plan
-from planner.profile_model import ActivationProfile, ModelStructure
+from chunkft.plan_format import Plan
+from chunkft.planner.profile_model import ActivationProfile, ModelStructure
 
 from .data import SweepPoint
 
 if TYPE_CHECKING:
-    from planner.simulator import Setup
-    from planner.solver import Space
+    from chunkft.planner.simulator import Setup
+    from chunkft.planner.solver import Space
 
 DEFAULT_GPUS = ("rtx-4090", "a100-80gb", "h100-80gb")
 POINTS_PER_GPU = 10
@@ -48,11 +48,11 @@ def solver_sweep(
     structure / activation: the plan's, when the caller already has them (the report simulated the plan
     with them), so nothing is traced twice.
     """
-    import profiles
-    from planner.costs import cost_model, with_measured_rates
-    from planner.profile_model import activation_profile, model_structure
-    from planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
-    from planner.solver import DEFAULT_HEADROOM, NO_HEADROOM, Headroom, Space, make_setup, sweep
+    from chunkft import profiles
+    from chunkft.planner.costs import cost_model, with_measured_rates
+    from chunkft.planner.profile_model import activation_profile, model_structure
+    from chunkft.planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
+    from chunkft.planner.solver import DEFAULT_HEADROOM, NO_HEADROOM, Headroom, Space, make_setup, sweep
 
     run, hw = plan.run, plan.hardware
     preset = profiles.load_model(plan.model.path or plan.model.name, task=plan.model.task)
@@ -158,8 +158,8 @@ def cross_entropy_mode(
     written before run.cross_entropy existed reads "auto"; a chunked one whose own budget would not have
     made auto try chunked cross-entropy (the logits are small there) was forced, and is kept.
     """
-    from executor.loss import DEFAULT_CHUNK_TOKENS
-    from planner.solver import Limits, Solver
+    from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS
+    from chunkft.planner.solver import Limits, Solver
 
     if plan.run.cross_entropy != "auto":
         return plan.run.cross_entropy
@@ -172,6 +172,6 @@ def cross_entropy_mode(
 
 
 def _dtype_bytes(dtype: str) -> int:
-    from executor.chunks import DTYPE_BYTES
+    from chunkft.chunks import DTYPE_BYTES
 
     return DTYPE_BYTES[dtype]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from planner.timeline import CATEGORIES, LANES, StepSimulation
+from chunkft.timeline import CATEGORIES, LANES, StepSimulation
 
 from .data import drawn_step_seconds
 

@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from planner.files import current_umask
-from planner.timeline import StepSimulation
+from chunkft.files import current_umask
+from chunkft.timeline import StepSimulation
 
 from .data import ReportData, RunRecord, SweepPoint
 from .figures import all_figures, png_bytes
@@ -24,8 +24,8 @@ from .html import render_html
 from .trace import trace_json
 
 if TYPE_CHECKING:
-    from planner.plan import Plan
-    from planner.profile_model import ActivationProfile, ModelStructure
+    from chunkft.plan_format import Plan
+    from chunkft.planner.profile_model import ActivationProfile, ModelStructure
 
 REPORT_FILE = "report.html"
 TRACE_FILE = "trace.json"
@@ -144,7 +144,7 @@ def write_report(
     check_destination(Path(out_dir))
     structure = activation = None
     if simulation is None:
-        from planner.simulator import setup_and_candidate, simulate
+        from chunkft.planner.simulator import setup_and_candidate, simulate
 
         setup, cand, activation = setup_and_candidate(plan)
         structure = setup.structure
@@ -159,7 +159,7 @@ def _sweep(
     plan: Plan, structure: ModelStructure | None, activation: ActivationProfile | None
 ) -> tuple[SweepPoint, ...]:
     """The solver sweep, or ReportError: a report without its sweep would hide a planner bug."""
-    from profiles import ProfileError
+    from chunkft.profiles import ProfileError
 
     from .sweep import solver_sweep
 

@@ -25,7 +25,7 @@ STEPS = 2
 def setup(tmp_path_factory: pytest.TempPathFactory):
     from transformers import LlamaConfig
 
-    from profiles import build_model, load_model
+    from chunkft.profiles import build_model, load_model
 
     d = tmp_path_factory.mktemp("tiny")
     LlamaConfig(vocab_size=264, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

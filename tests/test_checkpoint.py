@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_model
 from tiny_models import tiny_bert, tiny_llama
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from executor.checkpoint import (
+from chunkft.executor.checkpoint import (
     CheckpointDiskFull,
     CheckpointError,
     CheckpointMeta,
@@ -83,7 +83,7 @@ def test_refuses_another_model_or_plan(tmp_path: Path) -> None:
         load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256="plan-b")
     with pytest.raises(CheckpointError, match="another plan .*this plan plan-b"):
         load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256=("plan-b", "plan-c"))
-    # a plan's digests (planner.plan.plan_digests): a checkpoint recording either of them is its own
+    # a plan's digests (chunkft.plan_format.plan_digests): a checkpoint recording either of them is its own
     load_checkpoint(path, _model(0), model_fingerprint="fp-a", plan_sha256=("plan-b", "plan-a"))
     other = torch.nn.Sequential(torch.nn.Embedding(50, 8), torch.nn.Linear(8, 60))
     with pytest.raises(CheckpointError, match="model.safetensors"):
@@ -113,7 +113,7 @@ WRITER = textwrap.dedent(
     """
     import sys, torch
     from pathlib import Path
-    from executor.checkpoint import CheckpointMeta, rng_state, save_checkpoint
+    from chunkft.executor.checkpoint import CheckpointMeta, rng_state, save_checkpoint
     out = Path(sys.argv[1])
     model = torch.nn.Linear(1024, 2048)  # 8 MiB of weights: a write takes a while
     step = int(sys.argv[2])

@@ -29,17 +29,17 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
-from executor.chunks import Chunk, ParamSlice, param_specs, partition
-from executor.loss import (
+from chunkft.chunks import Chunk, ParamSlice, param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
+from chunkft.executor.loss import (
     DEFAULT_CHUNK_TOKENS,
     IGNORE_INDEX,
     UnsupportedArchitectureError,
     causal_lm_loss,
     piece_logit_bytes,
 )
-from executor.measure import MemoryTracker, driver_tensors
-from executor.slicegrad import SliceGradients
+from chunkft.executor.measure import MemoryTracker, driver_tensors
+from chunkft.executor.slicegrad import SliceGradients
 
 BATCH, SEQ = 3, 10  # 30 tokens
 CHUNKS = [1, 6, 7, 10, 64]  # one token; divides 30; does not; one row per piece; more than the batch
@@ -317,7 +317,7 @@ def _replaced(
     plan_path: Path, out: Path, run: dict[str, object], model: dict[str, object] | None = None
 ) -> Path:
     """A plan a test already builds, with fields of its run (and model) replaced."""
-    from planner.plan import load_plan, save_plan
+    from chunkft.plan_format import load_plan, save_plan
 
     plan = load_plan(plan_path)
     plan = dataclasses.replace(
@@ -332,8 +332,8 @@ def _replaced(
 def test_chunkft_run_with_chunked_cross_entropy(tmp_path: Path) -> None:
     from test_run_e2e import _plan, _text
 
-    from executor.cli import main as run_main
-    from executor.train import RunOptions, train
+    from chunkft.executor.cli import main as run_main
+    from chunkft.executor.train import RunOptions, train
 
     # chunkft-plan's tiny Llama (4 windows, 2 micro-batches of 2 rows), at 160 tokens a row so that a
     # micro-batch's 320 tokens make two pieces of DEFAULT_CHUNK_TOKENS (256 + 64)

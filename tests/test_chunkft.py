@@ -9,9 +9,9 @@ import torch
 from tiny_models import VOCAB, tiny_bert, tiny_llama
 from transformers import LlamaForCausalLM
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
-from executor.chunks import Chunk, ParamSlice, param_specs, partition
-from executor.transfer import KindSpec, TransferEngine
+from chunkft.chunks import Chunk, ParamSlice, param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
+from chunkft.executor.transfer import KindSpec, TransferEngine
 
 
 def batches(n: int, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:

@@ -1,4 +1,4 @@
-"""The ChunkFT partition (executor/chunks.py): coverage, balance, policies and refusals."""
+"""The ChunkFT partition (chunkft/chunks.py): coverage, balance, policies and refusals."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from executor.chunks import (
+from chunkft.chunks import (
     Chunk,
     ParamSlice,
     ParamSpec,
@@ -181,7 +181,7 @@ def test_param_specs_of_a_real_model() -> None:
 def test_rows_keeps_the_named_tensors_whole() -> None:
     """A tensor whose module cannot be sliced (executor.slicegrad unsliceable/foreign_uses) is never cut:
     a cut that would land in it moves to its nearer boundary; the others are still cut between rows."""
-    from executor.chunks import ParamSpec, partition
+    from chunkft.chunks import ParamSpec, partition
 
     specs = [ParamSpec("a", (10, 4), "float32"), ParamSpec("b", (10, 4), "float32"),
              ParamSpec("c", (10, 4), "float32")]  # fmt: skip

@@ -11,9 +11,9 @@ from click.testing import CliRunner
 @pytest.mark.parametrize(
     ("target", "expected"),
     [
-        ("planner.cli:main", "chunkft-plan"),
-        ("executor.cli:main", "chunkft-run"),
-        ("reports.cli:main", "chunkft-report"),
+        ("chunkft.planner.cli:main", "chunkft-plan"),
+        ("chunkft.executor.cli:main", "chunkft-run"),
+        ("chunkft.reports.cli:main", "chunkft-report"),
     ],
 )
 def test_help(target: str, expected: str) -> None:

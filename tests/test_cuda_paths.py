@@ -13,13 +13,13 @@ import torch
 from click.testing import CliRunner
 from tiny_models import VOCAB, tiny_llama
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
-from executor.chunks import param_specs, partition
-from executor.devices import CudaInfo, DeviceError, configure_allocator, resolve_device, same_device
-from executor.loss import causal_lm_loss
-from executor.measure import CudaPeak
-from executor.train import RunError, RunOptions, check_host_memory, step_micro_batches, train
-from planner.plan import load_plan
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
+from chunkft.executor.devices import CudaInfo, DeviceError, configure_allocator, resolve_device, same_device
+from chunkft.executor.loss import causal_lm_loss
+from chunkft.executor.measure import CudaPeak
+from chunkft.executor.train import RunError, RunOptions, check_host_memory, step_micro_batches, train
+from chunkft.plan_format import load_plan
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 TWO_GPUS = CudaInfo(available=True, count=2, current=1)
@@ -135,7 +135,7 @@ def test_the_plans_allocator_settings_apply_unless_the_user_chose_others():
 
 
 def _cpu_plan(tmp: Path, *extra: str, name: str = "plan") -> Path:
-    from planner.cli import main as plan_main
+    from chunkft.planner.cli import main as plan_main
 
     path = tmp / f"{name}.json"
     args = ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "4", "--micro-batch", "2",
@@ -219,8 +219,7 @@ def test_stand_in_streams_are_refused_off_the_cpu_and_by_unknown_name(bf16_plan,
 def test_the_final_save_comes_first_and_an_evaluation_oom_keeps_every_weight(
     bf16_plan, tmp_path, monkeypatch
 ):
-    import executor.train as train_module
-
+    import chunkft.executor.train as train_module
     seen: list[tuple[int, bool]] = []
     real = train_module.evaluate
 
@@ -316,9 +315,9 @@ def test_the_planned_checkpoint_host_bytes_are_what_a_checkpoint_holds(bf16_plan
     """planner.simulator.checkpoint_host_bytes against the driver's own state_dict in the middle of a
     visit (the active window's slot updated, not written back): the copies it makes beside the host
     stores are the planned bytes less the weight piece in flight (none for a CPU model)."""
-    from executor.safetensors_stream import PIECE_BYTES
-    from executor.train import build_driver, build_model
-    from planner.simulator import checkpoint_host_bytes, setup_and_candidate
+    from chunkft.executor.safetensors_stream import PIECE_BYTES
+    from chunkft.executor.train import build_driver, build_model
+    from chunkft.planner.simulator import checkpoint_host_bytes, setup_and_candidate
 
     plan = load_plan(bf16_plan)
     assert plan.rotation.update_interval == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from executor.data import (
+from chunkft.executor.data import (
     IGNORE_INDEX,
     Batches,
     ByteTokenizer,

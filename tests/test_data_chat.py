@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from executor.cli import main as run_main
-from executor.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, TokenData, load_dataset
-from planner.cli import main as plan_main
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.data import IGNORE_INDEX, ByteTokenizer, DataError, HFTokenizer, TokenData, load_dataset
+from chunkft.planner.cli import main as plan_main
 
 BYTES = ByteTokenizer()
 CONVERSATION = [
@@ -442,7 +442,7 @@ def test_datasets_is_imported_only_for_datasets_files(tmp_path: Path) -> None:
 
     f = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in conversations(4)])
     code = (
-        "import sys; from executor.data import ByteTokenizer, load_dataset; "
+        "import sys; from chunkft.executor.data import ByteTokenizer, load_dataset; "
         f"load_dataset({str(f)!r}, ByteTokenizer(), task='causal-lm', seq_len=160); "
         "print('datasets' in sys.modules)"
     )
@@ -486,7 +486,7 @@ def test_chunkft_run_trains_on_chat_jsonl_under_a_padded_plan(tmp_path: Path) ->
 def test_a_datasets_directory_has_a_fingerprint_for_resume_checks(tmp_path: Path) -> None:
     """A checkpoint records the data's fingerprint; a save_to_disk directory must have one too (before:
     only files did, so resuming on another directory went unchecked)."""
-    from executor.train import data_fingerprint
+    from chunkft.executor.train import data_fingerprint
 
     d = tmp_path / "ds"
     (d / "train").mkdir(parents=True)

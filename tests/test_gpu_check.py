@@ -39,17 +39,17 @@ def _data(tmp: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import executor.stream_standins
-    import executor.train
+    import chunkft.executor.stream_standins
+    import chunkft.executor.train
 
     tmp = tmp_path_factory.mktemp("gpu_check")
     out, work = tmp / "results" / "gpu_check.json", tmp / "work"
-    real_train = executor.train.train
-    real_loss = executor.train.causal_lm_loss
+    real_train = chunkft.executor.train.train
+    real_loss = chunkft.executor.train.causal_lm_loss
     written: list[int] = []  # rows in the summary at each write
     real_write = gpu_check.write_results
     streams: list[str] = []  # the stand-in streams train() built, one per run
-    real_standins = executor.stream_standins.standin_streams
+    real_standins = chunkft.executor.stream_standins.standin_streams
 
     def standins(name: str) -> Any:
         streams.append(name)
@@ -67,7 +67,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             return real_loss(*args, **kwargs)
 
         with pytest.MonkeyPatch.context() as m:
-            m.setattr(executor.train, "causal_lm_loss", loss)
+            m.setattr(chunkft.executor.train, "causal_lm_loss", loss)
             return real_train(opts, log)
 
     def write(out_path: Path, rows: list[Any], meta: dict[str, Any], pending: list[str]) -> None:
@@ -75,9 +75,9 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         real_write(out_path, rows, meta, pending)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(executor.train, "train", train)
+        m.setattr(chunkft.executor.train, "train", train)
         m.setattr(gpu_check, "write_results", write)
-        m.setattr(executor.stream_standins, "standin_streams", standins)
+        m.setattr(chunkft.executor.stream_standins, "standin_streams", standins)
         argv = ["--device", "cpu", "--model", "tiny-llama", "--seq-len", "64", "--out", str(out),
                 "--work-dir", str(work), "--keep", "--data", str(_data(tmp))]
         code = gpu_check.main(argv)
@@ -208,13 +208,13 @@ def test_a_pinning_failure_stops_the_check_after_writing_its_row(
 ) -> None:
     """A failed cudaHostRegister leaves its CUDA error pending, so no later case could run in this process:
     the check writes the row and stops with exit 1."""
-    import executor.train
-    from executor.streams import PinnedMemoryError
+    import chunkft.executor.train
+    from chunkft.executor.streams import PinnedMemoryError
 
     def train(opts: Any, log: Any = sys.stderr) -> Any:
         raise PinnedMemoryError("page-locking 1.00 GiB of host memory for optimizer states failed (injected)")
 
-    monkeypatch.setattr(executor.train, "train", train)
+    monkeypatch.setattr(chunkft.executor.train, "train", train)
     monkeypatch.setattr(gpu_check, "train", train, raising=False)
     out = tmp_path / "gpu_check.json"
     args = ["--device", "cpu", "--model", "tiny-llama", "--seq-len", "64", "--out", str(out),

@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner, Result
 from transformers import Gemma2Config, PretrainedConfig, Qwen2Config
 
-from planner.cli import main
-from planner.plan import load_plan
-from planner.profile_model import TRACE_LAYERS, _shallow_config, supported_attention
+from chunkft.plan_format import load_plan
+from chunkft.planner.cli import main
+from chunkft.planner.profile_model import TRACE_LAYERS, _shallow_config, supported_attention
 
 TINY = {
     "hidden_size": 64,
@@ -109,7 +109,7 @@ def test_windows_never_cut_what_the_executor_cannot_slice_so_the_run_accepts_the
     and chunkft-run trains it. Before: cuts landed inside them and chunkft-run refused the written plan."""
     from transformers import NemotronConfig
 
-    from executor.cli import main as run_main
+    from chunkft.executor.cli import main as run_main
 
     model = tmp_path / "nemotron"
     NemotronConfig(num_hidden_layers=2, vocab_size=512, hidden_size=64, intermediate_size=128,
@@ -141,9 +141,9 @@ def test_the_solvers_partition_keeps_unsliceable_tensors_whole() -> None:
     structure marks unsliceable (here each tensor that K=8 cuts otherwise)."""
     import dataclasses
 
-    import profiles
-    from planner.profile_model import model_structure
-    from planner.solver import solver_chunks
+    from chunkft import profiles
+    from chunkft.planner.profile_model import model_structure
+    from chunkft.planner.solver import solver_chunks
 
     preset = profiles.load_model("tiny-llama")
     st = model_structure(preset.config, preset.task, "float32")

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-import profiles
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
-from executor.chunks import param_specs, partition
-from executor.measure import MemoryTracker, driver_tensors
-from planner.profile_model import reference_step_peak
-from planner.timeline import CATEGORIES
+from chunkft import profiles
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
+from chunkft.executor.measure import MemoryTracker, driver_tensors
+from chunkft.planner.profile_model import reference_step_peak
+from chunkft.timeline import CATEGORIES
 
 SEQ = 64
 
@@ -153,8 +153,8 @@ def test_chunkft_run_measured_peak_within_5_percent_of_plan(tmp_path: Path) -> N
     accounting, executor/measure.py), tiny Llama on tinyshakespeare, one full rotation measured."""
     from click.testing import CliRunner
 
-    from executor.train import RunOptions, train
-    from planner.cli import main as plan_main
+    from chunkft.executor.train import RunOptions, train
+    from chunkft.planner.cli import main as plan_main
 
     plan = tmp_path / "plan.json"
     args = ["tiny-llama", "--gpu", "cpu", "--seq-len", "128", "--batch-size", "1", "--micro-batch", "1",
@@ -175,8 +175,8 @@ def test_the_step_time_is_the_mean_over_windows_of_each_windows_median() -> None
     """The plan's step_seconds is the simulator's mean over the rotation's windows; the measured one must
     be the same kind of mean. Before: the median over steps, which weighs the window with more steps
     (60 steps at 7 per visit: window 0 trains 11, the others 7) and read 13% slower on the README demo."""
-    from executor.measure import StepClock
-    from executor.streams import SyncStreams
+    from chunkft.executor.measure import StepClock
+    from chunkft.executor.streams import SyncStreams
 
     clock = StepClock(SyncStreams())
     # window 0 is slow (0.4 s) and trains 5 steps; windows 1-3 take 0.1 s and train 2 each

@@ -9,9 +9,9 @@ import torch
 from tiny_models import VOCAB, tiny_bert, tiny_llama
 from transformers import LlamaForCausalLM
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
-from executor.chunks import param_specs, partition
-from executor.schedule import lr_factor
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
+from chunkft.executor.schedule import lr_factor
 
 
 def batches(n: int, model: torch.nn.Module, batch: int = 2, seq: int = 12) -> list[dict[str, torch.Tensor]]:

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import profiles
-from executor.cli import main as run_main
-from executor.data import ByteTokenizer, load_dataset
-from executor.train import RunOptions, _check_padding
-from planner.cli import main as plan_main
-from planner.plan import (
+from chunkft import profiles
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.data import ByteTokenizer, load_dataset
+from chunkft.executor.train import RunOptions, _check_padding
+from chunkft.plan_format import (
     DEFAULT_PADDED_BATCHES,
     Plan,
     PlanError,
@@ -26,8 +25,9 @@ from planner.plan import (
     plan_from_json,
     plan_to_json,
 )
-from planner.profile_model import default_padded, reference_step_peak
-from planner.simulator import setup_and_candidate, window_peaks
+from chunkft.planner.cli import main as plan_main
+from chunkft.planner.profile_model import default_padded, reference_step_peak
+from chunkft.planner.simulator import setup_and_candidate, window_peaks
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 GOLDEN = Path(__file__).parent / "golden" / "plan_v1.json"

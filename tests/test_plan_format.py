@@ -12,8 +12,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from executor.chunks import ParamSpec, param_specs, partition
-from planner.plan import (
+from chunkft.chunks import ParamSpec, param_specs, partition
+from chunkft.plan_format import (
     SCHEMA_VERSION,
     Alternative,
     Checkpointing,
@@ -509,7 +509,7 @@ def test_plan_digest_is_the_same_before_and_after_a_field_is_added() -> None:
     """run.json and checkpoints name their plan by plan_digest: a plan read by a chunkft that added a
     field digests as the file without it, so its earlier runs and checkpoints still match; a field that
     holds anything but what its absence means is part of the digest."""
-    from planner.plan import plan_digest, plan_digests
+    from chunkft.plan_format import plan_digest, plan_digests
 
     data = json.loads(GOLDEN.read_text(encoding="utf-8"))
     for section, key in (("hardware", "measured_flops_per_s"), ("hardware", "measured_memory_bytes_per_s"),

@@ -11,15 +11,15 @@ import pytest
 from click.testing import CliRunner
 from transformers import LlamaConfig
 
-import profiles
-from executor.chunks import partition
-from executor.loss import DEFAULT_CHUNK_TOKENS, piece_logit_bytes
-from planner.cli import main
-from planner.costs import cost_model
-from planner.plan import load_plan
-from planner.profile_model import activation_profile, model_structure, reference_step_peak
-from planner.simulator import Candidate, simulate_plan, window_peaks, windows_of
-from planner.solver import make_setup
+from chunkft import profiles
+from chunkft.chunks import partition
+from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS, piece_logit_bytes
+from chunkft.plan_format import load_plan
+from chunkft.planner.cli import main
+from chunkft.planner.costs import cost_model
+from chunkft.planner.profile_model import activation_profile, model_structure, reference_step_peak
+from chunkft.planner.simulator import Candidate, simulate_plan, window_peaks, windows_of
+from chunkft.planner.solver import make_setup
 
 SEQ = 1024
 VOCAB = 8192
@@ -147,7 +147,7 @@ def test_chunked_cross_entropy_refused_where_the_executor_has_none(tmp_path: Pat
 def test_the_plan_records_a_forced_cross_entropy_and_a_replan_keeps_it(tmp_path: Path) -> None:
     """run.cross_entropy says what was asked: "auto" when the solver chose, the loss when the user forced
     it; the re-plan command chunkft-run prints keeps a forced loss (and leaves an automatic one free)."""
-    from executor.replan import replan_command
+    from chunkft.executor.replan import replan_command
 
     code, output, out = _plan(tmp_path)
     assert code == 0, output

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from planner.cli import main, parse_headroom, parse_size
-from planner.plan import load_plan
-from planner.simulator import simulate_plan
+from chunkft.plan_format import load_plan
+from chunkft.planner.cli import main, parse_headroom, parse_size
+from chunkft.planner.simulator import simulate_plan
 
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -154,7 +154,8 @@ def test_debug_shows_the_traceback_only_when_asked_and_keeps_the_exit_code(tmp_p
 
 
 def test_debug_in_a_real_process_prints_a_traceback(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "planner.cli", "tiny-llama", "--gpu", "nosuch", "-o", str(tmp_path / "p")]
+    cmd = [sys.executable, "-m", "chunkft.planner.cli", "tiny-llama", "--gpu", "nosuch"]
+    cmd += ["-o", str(tmp_path / "p")]
     quiet = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     loud = subprocess.run([*cmd, "--debug"], capture_output=True, text=True, cwd=REPO, env=ENV, timeout=120)
     assert quiet.returncode == 2 and quiet.stderr.count("\n") == 1 and "Traceback" not in quiet.stderr
@@ -165,7 +166,7 @@ def test_debug_in_a_real_process_prints_a_traceback(tmp_path: Path) -> None:
 def test_a_real_process_prints_no_torch_warnings(tmp_path: Path) -> None:
     """Before: planning tiny-bert printed torch's ModTracker warnings ("Module is None. Skipping PRE_BW
     hook", with a source line) above the summary."""
-    cmd = [sys.executable, "-m", "planner.cli", "tiny-bert", "--gpu", "cpu", "--seq-len", "64"]
+    cmd = [sys.executable, "-m", "chunkft.planner.cli", "tiny-bert", "--gpu", "cpu", "--seq-len", "64"]
     proc = subprocess.run([*cmd, "-o", str(tmp_path / "p.json")], capture_output=True, text=True,
                           cwd=REPO, env=ENV, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
@@ -214,7 +215,7 @@ def test_llama3_8b_fits_a_4090(tmp_path: Path) -> None:
 def test_the_readme_main_job_plans_without_host_mem(tmp_path: Path) -> None:
     """`chunkft-plan llama-3-8b --gpu 4090` (no --host-mem) writes a plan on any machine; when this
     machine's free memory is smaller than the states the plan keeps on the host, it says so."""
-    from planner.cli import available_host_bytes
+    from chunkft.planner.cli import available_host_bytes
 
     out = tmp_path / "plan.json"
     r = CliRunner().invoke(main, ["llama-3-8b", "--gpu", "4090", "-o", str(out)])
@@ -234,7 +235,7 @@ def test_an_explicit_host_mem_is_a_hard_limit(tmp_path: Path) -> None:
 
 
 def test_headroom_sizes() -> None:
-    from planner.solver import Headroom
+    from chunkft.planner.solver import Headroom
 
     assert parse_headroom("3%+256MiB") == Headroom(256 * 2**20, 0.03)
     assert parse_headroom("256MiB + 3%") == Headroom(256 * 2**20, 0.03)
@@ -320,7 +321,7 @@ def test_clipping_and_weight_decay_are_plan_choices(tmp_path: Path) -> None:
 
 def test_gpu_auto_budgets_from_the_free_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A display or another process holds part of the card: --gpu auto plans for what NVML says is free."""
-    from profiles import nvml
+    from chunkft.profiles import nvml
 
     total, free = 25_757_220_864, 20 * 2**30
     card = nvml.NvmlDevice(0, "NVIDIA GeForce RTX 4090", total, free)
@@ -361,12 +362,12 @@ def _one_line(r) -> str:  # type: ignore[no-untyped-def]
 def test_an_oserror_while_writing_the_plan_exits_1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    import planner.plan
+    import chunkft.plan_format
 
     def full(plan, path):  # type: ignore[no-untyped-def]
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(planner.plan, "save_plan", full)
+    monkeypatch.setattr(chunkft.plan_format, "save_plan", full)
     r = CliRunner().invoke(main, [*BASE, "--chunks", "2", "-o", str(tmp_path / "p.json")])
     assert r.exit_code == 1, r.output  # EXIT_FAILED: the input was fine
     assert "No space left on device; check the path and free space" in r.output.strip().splitlines()[-1]
@@ -378,8 +379,8 @@ def test_any_report_failure_keeps_the_plan_and_exits_4(
 ) -> None:
     """reports.write_report raises ReportError when its budget sweep fails (or anything else on a bug):
     never exit 0 without the report, never lose the plan."""
-    import reports
-    from reports import ReportError
+    from chunkft import reports
+    from chunkft.reports import ReportError
 
     def broken(plan, out_dir, **kwargs):  # type: ignore[no-untyped-def]
         raise ReportError("the budget sweep failed") if error == "report-error" else RuntimeError("boom")
@@ -399,12 +400,12 @@ def test_an_internal_error_points_to_debug_unless_given(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, debug: bool
 ) -> None:
     """Before: "(rerun with --debug for the traceback)" was printed under the traceback --debug gave."""
-    import planner.cli
+    import chunkft.planner.cli
 
     def boom(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(planner.cli, "run_request", boom)
+    monkeypatch.setattr(chunkft.planner.cli, "run_request", boom)
     r = CliRunner().invoke(main, [*BASE, "-o", str(tmp_path / "p.json"), *(["--debug"] if debug else [])])
     last = r.output.strip().splitlines()[-1]
     assert r.exit_code == 1 and last.startswith("chunkft-plan: error: RuntimeError: boom"), r.output
@@ -442,7 +443,7 @@ def test_sequences_too_short_to_train_are_refused(
 
 
 def test_the_shortest_trainable_sequences_pass_the_check() -> None:
-    from planner.cli import check_trainable_seq_len
+    from chunkft.planner.cli import check_trainable_seq_len
 
     check_trainable_seq_len(2, "causal-lm")
     check_trainable_seq_len(3, "sequence-classification")
@@ -514,7 +515,7 @@ def test_the_host_warning_is_its_own_line_in_order_when_stdout_and_stderr_are_me
     came out before the summary or glued to another line."""
     out = tmp_path / "p.json"
     code = (
-        "import sys, planner.cli as c; c.available_host_bytes = lambda: 2**20; "
+        "import sys, chunkft.planner.cli as c; c.available_host_bytes = lambda: 2**20; "
         "c.main(prog_name='chunkft-plan')"
     )
     args = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--chunks", "2", "-o", str(out)]
@@ -537,7 +538,7 @@ def test_calibrate_plans_with_the_measured_rates_and_records_them(
 ) -> None:
     """Plumbing only (no timing): an injected probe result lands in the plan, the solver plans with it,
     the plan replays with it (chunkft-plan re-simulates before writing) and the summary names it."""
-    from planner import costs
+    from chunkft.planner import costs
 
     def rates(flops: int):  # type: ignore[no-untyped-def]
         return lambda dtype, shape: costs.MeasuredRates(flops, 40_000_000_000, shape)
@@ -562,9 +563,9 @@ def test_a_calibrated_plan_replays_and_sweeps_with_its_measured_rates(
 ) -> None:
     """chunkft-report rebuilds the step from the plan alone (setup_and_candidate) and sweeps budgets:
     both must use the plan's measured rates. Before: the profile's (0.4 s predicted, 0.01 s redrawn)."""
-    from planner import costs
-    from planner.simulator import setup_and_candidate, simulate
-    from reports.sweep import solver_sweep
+    from chunkft.planner import costs
+    from chunkft.planner.simulator import setup_and_candidate, simulate
+    from chunkft.reports.sweep import solver_sweep
 
     measured = costs.MeasuredRates(10**10, 4_000_000_000, (1, 1, 1))  # a slow machine: far from the profile
     monkeypatch.setattr(costs, "measure_host_rates", lambda dtype, shape: measured)
@@ -584,9 +585,9 @@ def test_calibrate_is_for_the_host_cpu_only(tmp_path: Path) -> None:
 
 
 def test_the_probe_shape_follows_the_model() -> None:
-    import profiles
-    from planner.costs import PROBE_MAX_ROWS, probe_shape
-    from planner.profile_model import model_structure
+    from chunkft import profiles
+    from chunkft.planner.costs import PROBE_MAX_ROWS, probe_shape
+    from chunkft.planner.profile_model import model_structure
 
     preset = profiles.load_model("tiny-llama")
     st = model_structure(preset.config, preset.task, "float32")

@@ -1,6 +1,6 @@
 """The execution graph: backward stops at the lowest trainable group; prefetches follow the rotation."""
 
-from planner.graph import prefetch_schedule, step_order
+from chunkft.planner.graph import prefetch_schedule, step_order
 
 
 def test_backward_stops_at_lowest_trainable_layer() -> None:

@@ -2,13 +2,18 @@
 
 import pytest
 
-import profiles
-from executor.chunks import Chunk, ParamSlice, partition
-from planner.costs import cost_model
-from planner.profile_model import _block_segments, activation_profile, model_structure, reference_step_peak
-from planner.simulator import Candidate, simulate, window_peaks, windows_of
-from planner.solver import make_setup
-from planner.timeline import CATEGORIES
+from chunkft import profiles
+from chunkft.chunks import Chunk, ParamSlice, partition
+from chunkft.planner.costs import cost_model
+from chunkft.planner.profile_model import (
+    _block_segments,
+    activation_profile,
+    model_structure,
+    reference_step_peak,
+)
+from chunkft.planner.simulator import Candidate, simulate, window_peaks, windows_of
+from chunkft.planner.solver import make_setup
+from chunkft.timeline import CATEGORIES
 
 
 def _case(
@@ -179,10 +184,10 @@ def test_update_interval_amortises_exposed_copies() -> None:
 def _hand_made(weight_dtype: str, optimizer: str = "adamw", momentum: bool = False) -> tuple:
     """A three-tensor model (embedding 100x8, one block weight 30x8, a norm of 8) cut by hand into two
     windows of 500 and 548 elements."""
-    from executor.chunks import ParamSpec
-    from planner.costs import CostModel
-    from planner.profile_model import ModelStructure
-    from planner.simulator import Setup, Window
+    from chunkft.chunks import ParamSpec
+    from chunkft.planner.costs import CostModel
+    from chunkft.planner.profile_model import ModelStructure
+    from chunkft.planner.simulator import Setup, Window
 
     specs = (
         ParamSpec("embed", (100, 8), weight_dtype),
@@ -214,7 +219,7 @@ def _hand_made(weight_dtype: str, optimizer: str = "adamw", momentum: bool = Fal
 def test_checkpoint_host_bytes_on_a_hand_made_case(
     weight_dtype: str, optimizer: str, momentum: bool, states_on: str, prefetch: bool, expected: int
 ) -> None:
-    from planner.simulator import checkpoint_host_bytes, host_bytes, host_peak_bytes
+    from chunkft.planner.simulator import checkpoint_host_bytes, host_bytes, host_peak_bytes
 
     setup, windows = _hand_made(weight_dtype, optimizer, momentum)
     cand = Candidate(windows, (0, 1), (), 1, 1, states_on, "float32", prefetch)
@@ -225,7 +230,7 @@ def test_checkpoint_host_bytes_on_a_hand_made_case(
 def test_headroom_is_counted_in_the_budget_needed_and_a_share_of_the_peak() -> None:
     from dataclasses import replace
 
-    from planner.simulator import headroom_bytes
+    from chunkft.planner.simulator import headroom_bytes
 
     _, _, setup, _, cand, act = _case(4)
     bare = simulate(setup, cand, act)

@@ -2,10 +2,10 @@
 
 import pytest
 
-import profiles
-from planner.costs import CostModel
-from planner.profile_model import activation_profile, model_structure
-from planner.solver import Limits, Solver, Space, balance_layers, batch_splits, make_setup
+from chunkft import profiles
+from chunkft.planner.costs import CostModel
+from chunkft.planner.profile_model import activation_profile, model_structure
+from chunkft.planner.solver import Limits, Solver, Space, balance_layers, batch_splits, make_setup
 
 GIB = 2**30
 # A made-up GPU: 100 TFLOP/s, 1 TB/s memory, 10 GB/s each way to the host.
@@ -101,8 +101,8 @@ def test_batch_splits_and_layer_balance() -> None:
 
 
 def test_random_rotation_in_the_plan_is_the_one_the_executor_runs() -> None:
-    from executor.rotation import Rotation, RotationSpec
-    from planner.solver import rotation_sequence
+    from chunkft.executor.rotation import Rotation, RotationSpec
+    from chunkft.planner.solver import rotation_sequence
 
     for k, seed in ((4, 0), (7, 3), (16, 11)):
         rot = Rotation(RotationSpec(order="random", seed=seed), k)
@@ -116,7 +116,7 @@ def test_random_rotation_in_the_plan_is_the_one_the_executor_runs() -> None:
 def test_update_interval_rule() -> None:
     """Hand-made cases of choose_update_interval: VISIT_STEPS when the run is long, at least what hides
     the copies, never fewer than MIN_CYCLES visits of every window."""
-    from planner.solver import MIN_CYCLES, VISIT_STEPS, choose_update_interval
+    from chunkft.planner.solver import MIN_CYCLES, VISIT_STEPS, choose_update_interval
 
     assert choose_update_interval(1, 1000, 5) == 1  # one window: nothing rotates
     assert choose_update_interval(4, 10_000, 1) == VISIT_STEPS
@@ -161,7 +161,7 @@ def test_the_host_budget_covers_a_checkpoint_not_only_the_state_stores(tiny) -> 
 
 def test_why_not_chosen_follows_the_tie_rule() -> None:
     """The summary's reason for each alternative faster per step than the chosen plan (issue 17)."""
-    from planner.solver import TIE_RULE, TIE_TOLERANCE, Contender, why_not_chosen
+    from chunkft.planner.solver import TIE_RULE, TIE_TOLERANCE, Contender, why_not_chosen
 
     assert f"within {TIE_TOLERANCE:.0%} of the fastest" in TIE_RULE
     chosen = Contender(k=2, step_seconds=0.100, peak_bytes=2**30, feasible=True)

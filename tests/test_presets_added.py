@@ -13,9 +13,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from planner.cli import main
-from planner.plan import load_plan
-from profiles import count_params, list_models, load_model
+from chunkft.plan_format import load_plan
+from chunkft.planner.cli import main
+from chunkft.profiles import count_params, list_models, load_model
 
 # key -> (published parameter count, tied weights counted once; the hub repository of its config.json)
 ADDED = {

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import profiles
-from profiles import (
+from chunkft import profiles
+from chunkft.profiles import (
     FLOP_DTYPES,
     GpuProfile,
     ProfileError,
@@ -253,7 +253,7 @@ def test_an_nvml_failure_is_one_line_and_still_shuts_nvml_down(monkeypatch: pyte
 
 
 def test_gpu_file_validation_names_the_problem() -> None:
-    entry = resources.files("profiles").joinpath("gpus", "rtx-4090.json")
+    entry = resources.files("chunkft.profiles").joinpath("gpus", "rtx-4090.json")
     good = json.loads(entry.read_text(encoding="utf-8"))
     assert profiles._gpu_from_dict(good, "x") == load_gpu("4090")
     no_source = {**good, "sources": {k: v for k, v in good["sources"].items() if k != "h2d_bytes_per_s"}}
@@ -270,7 +270,7 @@ def test_gpu_file_validation_names_the_problem() -> None:
 
 
 def test_data_files_are_package_resources() -> None:
-    root = resources.files("profiles")
+    root = resources.files("chunkft.profiles")
     gpu_files = sorted(e.name for e in root.joinpath("gpus").iterdir() if e.name.endswith(".json"))
     model_files = sorted(e.name for e in root.joinpath("models").iterdir() if e.name.endswith(".json"))
     assert gpu_files == sorted(f"{g.key}.json" for g in list_gpus())

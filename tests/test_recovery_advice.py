@@ -19,11 +19,11 @@ import pytest
 from click.testing import CliRunner, Result
 from tiny_runs import PLAN_ARGS, SHAKESPEARE, plan_file, plan_tiny, shakespeare_text
 
-import executor.train
-from executor.checkpoint import CheckpointDiskFull, latest_checkpoint, read_meta
-from executor.cli import main as run_main
-from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan
+import chunkft.executor.train
+from chunkft.executor.checkpoint import CheckpointDiskFull, latest_checkpoint, read_meta
+from chunkft.executor.cli import main as run_main
+from chunkft.plan_format import Plan, load_plan
+from chunkft.planner.cli import main as plan_main
 
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
 
@@ -231,19 +231,19 @@ def test_disk_full_resume_command_works(tmp_path: Path, base: Plan, monkeypatch:
         shakespeare_text(tmp_path),
         tmp_path / "run",
     )
-    real = executor.train.save_checkpoint
+    real = chunkft.executor.train.save_checkpoint
 
     def full_at_4(output_dir, meta, *a, **kw):  # type: ignore[no-untyped-def]
         if meta.step == 4:
             raise CheckpointDiskFull(4, "step-000002", "No space left on device")
         return real(output_dir, meta, *a, **kw)
 
-    monkeypatch.setattr(executor.train, "save_checkpoint", full_at_4)
+    monkeypatch.setattr(chunkft.executor.train, "save_checkpoint", full_at_4)
     res = run(str(plan), "--data", str(data), "--output", str(out))
     assert res.exit_code == 1, res.output
     line = error_line(res)
     assert "the previous checkpoint step-000002 is intact; free space and resume with: " in line, line
-    monkeypatch.setattr(executor.train, "save_checkpoint", real)
+    monkeypatch.setattr(chunkft.executor.train, "save_checkpoint", real)
     (command,) = commands_in(line)
     run_command(command)
     assert steps_logged(out) == [1, 2, 3, 4, 5, 6]
@@ -317,26 +317,26 @@ def test_a_gpu_plan_without_a_gpu_is_refused_before_building(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: the GPU plan built the model on the CPU and trained there, nothing said."""
-    from executor.devices import CudaInfo
+    from chunkft.executor.devices import CudaInfo
 
     path = tmp_path / "gpu.json"
     args = ["tiny-llama", "--gpu", "4090", "--seq-len", "32", "--batch-size", "2", "--chunks", "4"]
     res = CliRunner().invoke(plan_main, [*args, "--steps", "2", "--host-mem", "4GiB", "-o", str(path)])
     assert res.exit_code == 0, res.output
     monkeypatch.setattr(CudaInfo, "probe", staticmethod(lambda: CudaInfo(False, 0, 0)))
-    real_build = executor.train.build_model
+    real_build = chunkft.executor.train.build_model
 
     def no_build(*a, **kw):  # type: ignore[no-untyped-def]
         raise AssertionError("the model was built before the device was checked")
 
-    monkeypatch.setattr(executor.train, "build_model", no_build)
+    monkeypatch.setattr(chunkft.executor.train, "build_model", no_build)
     data, out = shakespeare_text(tmp_path), tmp_path / "run"
     line = error_line(run(str(path), "--data", str(data), "--output", str(out)))
     assert f"{path} was made for 1 x NVIDIA GeForce RTX 4090 and this machine has no GPU" in line, line
     assert "GiB host memory" in line and not out.exists()
     (command,) = commands_in(line)
     assert command[command.index("--device") + 1] == "cpu"
-    monkeypatch.setattr(executor.train, "build_model", real_build)
+    monkeypatch.setattr(chunkft.executor.train, "build_model", real_build)
     run_command(command)
 
 
@@ -372,11 +372,11 @@ def test_too_little_host_memory_prints_a_replan_that_works(
     tmp_path: Path, base: Plan, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Before: the printed chunkft-plan command had no -o (chunkft-plan refused it, exit 2)."""
-    from executor.train import host_bytes_needed
+    from chunkft.executor.train import host_bytes_needed
 
     plan, data, out = plan_file(tmp_path, base, steps=2), shakespeare_text(tmp_path), tmp_path / "run"
-    need, _ = host_bytes_needed(base, executor.train.torch.device("cpu"))
-    monkeypatch.setattr(executor.train, "available_host_bytes", lambda: need - 1)
+    need, _ = host_bytes_needed(base, chunkft.executor.train.torch.device("cpu"))
+    monkeypatch.setattr(chunkft.executor.train, "available_host_bytes", lambda: need - 1)
     line = error_line(run(str(plan), "--data", str(data), "--output", str(out)))
     assert "this machine has 0.04 GiB available" in line and not out.exists(), line
     (replan,) = commands_in(line)
@@ -404,7 +404,7 @@ def test_a_seq_len_1_plan_prints_a_replan_that_works(tmp_path: Path, base: Plan)
 def test_a_replan_keeps_the_plans_numbers_exactly(tmp_path: Path, base: Plan) -> None:
     """Before: floats were printed with :g (6 digits), so lr 1.2345678e-05 re-planned as 1.23457e-05;
     the compute efficiency and --calibrate were dropped."""
-    from executor.replan import replan_command
+    from chunkft.executor.replan import replan_command
 
     opt = dataclasses.replace(base.run.optimizer, lr=1.2345678e-05, weight_decay=0.0123456789)
     plan = dataclasses.replace(base, run=dataclasses.replace(base.run, optimizer=opt))
@@ -422,14 +422,14 @@ def test_a_diverged_run_names_what_is_kept_and_prints_a_lower_lr_replan_that_wor
 ) -> None:
     """Before: "lower the learning rate or check the data", no command, exit 2 after training had
     written metrics and checkpoints."""
-    real_loss, calls = executor.train.causal_lm_loss, []
+    real_loss, calls = chunkft.executor.train.causal_lm_loss, []
 
     def nan_after_step_2(*args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         loss = real_loss(*args, **kwargs)
         return loss + float("nan") if len(calls) > 2 else loss
 
-    monkeypatch.setattr(executor.train, "causal_lm_loss", nan_after_step_2)
+    monkeypatch.setattr(chunkft.executor.train, "causal_lm_loss", nan_after_step_2)
     plan, data, out = (
         plan_file(tmp_path, base, steps=20, checkpoint_every=2),
         shakespeare_text(tmp_path),
@@ -443,7 +443,7 @@ def test_a_diverged_run_names_what_is_kept_and_prints_a_lower_lr_replan_that_wor
     replan, again = commands_in(line)
     lr = base.run.optimizer.lr / 10
     assert float(replan[replan.index("--lr") + 1]) == lr and "--chunks" in replan
-    monkeypatch.setattr(executor.train, "causal_lm_loss", real_loss)
+    monkeypatch.setattr(chunkft.executor.train, "causal_lm_loss", real_loss)
     run_command(replan)
     target = Path(replan[replan.index("-o") + 1])
     assert load_plan(target).run.optimizer.lr == lr

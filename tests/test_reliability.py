@@ -20,7 +20,7 @@ import torch
 from click.testing import CliRunner
 from tiny_runs import plan_file, shakespeare_text
 
-from executor.checkpoint import (
+from chunkft.executor.checkpoint import (
     CheckpointDiskFull,
     CheckpointMeta,
     latest_checkpoint,
@@ -29,12 +29,12 @@ from executor.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from executor.cli import main as run_main
-from executor.cli import out_of_memory_message
-from executor.replan import smaller_budget
-from executor.train import RunOptions
-from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan, plan_to_json
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.cli import out_of_memory_message
+from chunkft.executor.replan import smaller_budget
+from chunkft.executor.train import RunOptions
+from chunkft.plan_format import Plan, load_plan, plan_to_json
+from chunkft.planner.cli import main as plan_main
 
 REPO = Path(__file__).parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -58,7 +58,7 @@ def steps_logged(out: Path) -> list[int]:
 
 
 def start_run(plan: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "executor.cli", str(plan), "--data", str(data), "--output", str(out)]
+    cmd = [sys.executable, "-m", "chunkft.executor.cli", str(plan), "--data", str(data), "--output", str(out)]
     return subprocess.Popen([*cmd, "--quiet", *extra], env=ENV, cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 
@@ -357,4 +357,5 @@ def test_run_debug_shows_the_traceback(tmp_path: Path, base_plan: Plan) -> None:
     args = [str(plan), "--data", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "o")]
     assert CliRunner().invoke(run_main, args).exit_code == 2
     res = CliRunner().invoke(run_main, [*args, "--debug"])
-    assert res.exit_code == 2 and "Traceback" in res.output and "executor.data.DataError" in res.output
+    assert res.exit_code == 2 and "Traceback" in res.output
+    assert "chunkft.executor.data.DataError" in res.output

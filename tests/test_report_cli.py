@@ -1,4 +1,4 @@
-"""chunkft-report's conventions (planner/cli_conventions.py): -o/--output (old --out still works), one line
+"""chunkft-report's conventions (chunkft/cli_conventions.py): -o/--output (old --out still works), one line
 per error, exit 2 for bad input refused before anything is written, 1 for a failure while drawing or
 writing (nothing half-written) and for internal errors, --debug adds the traceback and keeps the code.
 """
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from planner.plan import load_plan
-from reports.cli import main as report_cli
+from chunkft.plan_format import load_plan
+from chunkft.reports.cli import main as report_cli
 
 PLAN_ARGS = ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2", "--steps", "3"]
 PREFIX = "chunkft-report: error: "
@@ -20,7 +20,7 @@ PREFIX = "chunkft-report: error: "
 
 @pytest.fixture(scope="module")
 def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from planner.cli import main as plan_cli
+    from chunkft.planner.cli import main as plan_cli
 
     path = tmp_path_factory.mktemp("plan") / "plan.json"
     r = CliRunner().invoke(plan_cli, [*PLAN_ARGS, "-o", str(path)])
@@ -31,7 +31,7 @@ def plan_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def no_sweep(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the solver sweep (seconds per report): these tests are about the command, not the figures."""
-    monkeypatch.setattr("reports.sweep.solver_sweep", lambda *args, **kwargs: ())
+    monkeypatch.setattr("chunkft.reports.sweep.solver_sweep", lambda *args, **kwargs: ())
 
 
 def run_doc(plan: Path, **plan_fields: object) -> dict:
@@ -145,7 +145,7 @@ def test_failed_sweep_exits_1_and_writes_nothing(
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("activation profile has chunk_tokens 256, the candidate None")
 
-    monkeypatch.setattr("reports.sweep.solver_sweep", broken)
+    monkeypatch.setattr("chunkft.reports.sweep.solver_sweep", broken)
     r = invoke(plan_path, "-o", tmp_path / "rep", *(["--debug"] if debug else []))
     check_failure(r, 1, debug, "the budget sweep failed (ValueError: activation profile has chunk_tokens 256")
     assert list(tmp_path.iterdir()) == []
@@ -166,7 +166,7 @@ def test_internal_error_exits_1(
     def kaboom(plan: object) -> None:
         raise RuntimeError("kaboom\nsecond line")
 
-    monkeypatch.setattr("planner.simulator.setup_and_candidate", kaboom)
+    monkeypatch.setattr("chunkft.planner.simulator.setup_and_candidate", kaboom)
     r = invoke(plan_path, "-o", tmp_path / "rep", *(["--debug"] if debug else []))
     check_failure(r, 1, debug, "internal error RuntimeError: kaboom second line")
     assert ("rerun with --debug" in r.stderr) != debug  # not told to add what was given

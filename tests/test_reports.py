@@ -21,17 +21,25 @@ from click.testing import CliRunner
 from matplotlib.image import imread
 from transformers import LlamaConfig
 
-from executor.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, partition
-from planner.plan import load_plan, plan_digest, plan_to_json
-from planner.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
-from profiles import build_model, load_model
-from reports import ReportData, ReportError, RunRecord, load_run, render, trace_events, write_report_data
-from reports.cli import main as report_cli
-from reports.data import Alternative
-from reports.inputs import report_data, sweep_from_alternatives
-from reports.layers import activations_by_layer, chunk_spans, layer_groups, layer_of, per_layer_bytes
-from reports.runfile import RunFileError, run_from_dict
-from reports.writer import write_report
+from chunkft.chunks import DTYPE_BYTES, ParamSpec, chunk_numel, param_specs, partition
+from chunkft.plan_format import load_plan, plan_digest, plan_to_json
+from chunkft.profiles import build_model, load_model
+from chunkft.reports import (
+    ReportData,
+    ReportError,
+    RunRecord,
+    load_run,
+    render,
+    trace_events,
+    write_report_data,
+)
+from chunkft.reports.cli import main as report_cli
+from chunkft.reports.data import Alternative
+from chunkft.reports.inputs import report_data, sweep_from_alternatives
+from chunkft.reports.layers import activations_by_layer, chunk_spans, layer_groups, layer_of, per_layer_bytes
+from chunkft.reports.runfile import RunFileError, run_from_dict
+from chunkft.reports.writer import write_report
+from chunkft.timeline import CATEGORIES, LaneEvent, MemorySample, StepSimulation
 
 GOLDEN_PLAN = Path(__file__).parent / "golden" / "plan_v1.json"
 FIGURES = ("memory", "lanes", "per_layer", "chunk_map", "sweep")
@@ -284,7 +292,7 @@ def test_run_json_parsing() -> None:
 
 def test_run_json_of_another_plan_is_refused() -> None:
     """plan.sha256 must be the plan's digest; an older run.json without it passes with a note."""
-    from reports.runfile import NO_PLAN_HASH_NOTE, plan_sha256
+    from chunkft.reports.runfile import NO_PLAN_HASH_NOTE, plan_sha256
 
     doc = executor_run_doc()
     ours, theirs = "cd34" * 16, "ab12" * 16
@@ -420,7 +428,7 @@ SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" 
 def check_trace_matches_simulator(trace_path: Path, plan_path: Path) -> None:
     """Busy compute + waiting == the drawn step's length, which is the simulator's own timeline_seconds;
     the busy part is exactly the simulator's compute events; the mean step is the plan's prediction."""
-    from planner.simulator import simulate_plan
+    from chunkft.planner.simulator import simulate_plan
 
     plan = load_plan(plan_path)
     sim = simulate_plan(plan)
@@ -440,8 +448,8 @@ def check_trace_matches_simulator(trace_path: Path, plan_path: Path) -> None:
 
 def test_real_plan_run_report_tiny(tmp_path: Path) -> None:
     """The real path, small: chunkft-plan, chunkft-run for 3 steps, chunkft-report with that run.json."""
-    from executor.cli import main as run_cli
-    from planner.cli import main as plan_cli
+    from chunkft.executor.cli import main as run_cli
+    from chunkft.planner.cli import main as plan_cli
 
     plan = tmp_path / "plan.json"
     r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--batch-size", "2",
@@ -467,10 +475,10 @@ def test_real_plan_run_report_tiny(tmp_path: Path) -> None:
 def test_solver_sweep_reproduces_the_plan(tmp_path: Path) -> None:
     """Every sweep point is a real solve: at the plan's own budget it is the plan; below the smallest
     feasible budget nothing fits (the early stop agrees with solving there)."""
-    from planner.cli import main as plan_cli
-    from planner.simulator import setup_and_candidate
-    from planner.solver import Limits, Solver, Space, make_setup
-    from reports.sweep import solver_sweep
+    from chunkft.planner.cli import main as plan_cli
+    from chunkft.planner.simulator import setup_and_candidate
+    from chunkft.planner.solver import Limits, Solver, Space, make_setup
+    from chunkft.reports.sweep import solver_sweep
 
     plan_path = tmp_path / "plan.json"
     r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "4090", "--seq-len", "64", "-o", str(plan_path)])
@@ -505,7 +513,7 @@ def chunked_plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """chunkft-plan's chunked cross-entropy plans (issue 17: llama-3-8b on a 4090, in miniature) of a
     Llama whose vocabulary dwarfs its width: chosen by auto (the full logits do not fit 60 MiB), and
     forced where auto would not have tried it (4 GiB)."""
-    from planner.cli import main as plan_cli
+    from chunkft.planner.cli import main as plan_cli
 
     tmp = tmp_path_factory.mktemp("chunked")
     LlamaConfig(vocab_size=8192, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -526,8 +534,8 @@ def chunked_plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_chunked_cross_entropy_plan_sweeps(chunked_plans: dict[str, Path], how: str) -> None:
     """The sweep, given what write_report gives it (the plan's chunked activation profile), solves; at
     the plan's own budget it is the plan, chunked cross-entropy included (kept where it was forced)."""
-    from planner.simulator import setup_and_candidate
-    from reports.sweep import solver_sweep
+    from chunkft.planner.simulator import setup_and_candidate
+    from chunkft.reports.sweep import solver_sweep
 
     plan = load_plan(chunked_plans[how])
     setup, _, act = setup_and_candidate(plan)
@@ -552,7 +560,7 @@ def test_a_failed_sweep_fails_the_report(tmp_path: Path, monkeypatch: pytest.Mon
     def broken(*args: object, **kwargs: object) -> None:
         raise ValueError("activation profile has chunk_tokens 256,\nthe candidate None")
 
-    monkeypatch.setattr("reports.sweep.solver_sweep", broken)
+    monkeypatch.setattr("chunkft.reports.sweep.solver_sweep", broken)
     with pytest.raises(ReportError) as info:
         write_report(load_plan(GOLDEN_PLAN), tmp_path / "rep", simulation=tiny_sim())
     assert "the budget sweep failed (ValueError: activation profile has chunk_tokens 256, the candidate " \
@@ -562,8 +570,8 @@ def test_a_failed_sweep_fails_the_report(tmp_path: Path, monkeypatch: pytest.Mon
 
 def test_solver_sweep_keeps_the_plans_padding(tmp_path: Path) -> None:
     """A --padded-batches plan is swept padded: at its own budget the sweep's peak is the plan's."""
-    from planner.cli import main as plan_cli
-    from reports.sweep import solver_sweep
+    from chunkft.planner.cli import main as plan_cli
+    from chunkft.reports.sweep import solver_sweep
 
     path = tmp_path / "plan.json"
     r = CliRunner().invoke(plan_cli, ["tiny-llama", "--gpu", "cpu", "--seq-len", "128", "--batch-size", "2",
@@ -581,7 +589,7 @@ def test_solver_sweep_keeps_the_plans_padding(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("model", "extra"), [("llama-3-8b", ["--seq-len", "1024", "--host-mem", "128GiB"])])
 def test_real_plan_end_to_end(tmp_path: Path, model: str, extra: list[str]) -> None:
     """chunkft-plan on --gpu 4090, then chunkft-report on its plan: the real solver and simulator."""
-    from planner.cli import main as plan_cli
+    from chunkft.planner.cli import main as plan_cli
 
     plan = tmp_path / "plan.json"
     result = CliRunner().invoke(plan_cli, [model, "--gpu", "4090", *extra, "-o", str(plan)])

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from executor.cli import main as run_main
-from executor.data import ByteTokenizer, HFTokenizer
-from executor.train import build_model
-from planner.cli import main as plan_main
-from planner.plan import PlanError, load_plan, plan_from_dict
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.data import ByteTokenizer, HFTokenizer
+from chunkft.executor.train import build_model
+from chunkft.plan_format import PlanError, load_plan, plan_from_dict
+from chunkft.planner.cli import main as plan_main
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 GOLDEN = Path(__file__).parent / "golden" / "plan_v1.json"
@@ -60,7 +60,7 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _config_only(directory: Path, **overrides: object) -> Path:
     """A directory with tiny-llama's config.json and nothing else."""
-    from profiles import load_model
+    from chunkft.profiles import load_model
 
     config = load_model("tiny-llama").config
     for k, v in overrides.items():
@@ -132,8 +132,8 @@ def test_random_init_uses_the_directory_tokenizer_and_ignores_its_weights(
 ) -> None:
     import torch
 
-    from profiles import build_model as build_preset
-    from profiles import load_model
+    from chunkft.profiles import build_model as build_preset
+    from chunkft.profiles import load_model
 
     exported = first[1] / "model"
     res = _plan(exported, tmp_path / "plan.json", "--random-init")
@@ -149,7 +149,7 @@ def test_random_init_uses_the_directory_tokenizer_and_ignores_its_weights(
 def test_random_init_without_a_tokenizer_needs_room_for_bytes(tmp_path: Path) -> None:
     import torch
 
-    from executor.train import RunError
+    from chunkft.executor.train import RunError
 
     model = _config_only(tmp_path / "cfg", vocab_size=200, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     res = _plan(model, tmp_path / "plan.json", "--random-init")

@@ -20,11 +20,11 @@ import pytest
 from click.testing import CliRunner, Result
 from tiny_runs import SHAKESPEARE, plan_file, plan_tiny, shakespeare_text
 
-import executor.train
-from executor.checkpoint import latest_checkpoint, read_meta
-from executor.cli import main as run_main
-from executor.train import RunOptions
-from planner.plan import Plan, plan_to_json
+import chunkft.executor.train
+from chunkft.executor.checkpoint import latest_checkpoint, read_meta
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.train import RunOptions
+from chunkft.plan_format import Plan, plan_to_json
 
 REPO = Path(__file__).parents[1]
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
@@ -80,14 +80,14 @@ def test_a_non_finite_loss_is_a_skipped_step_and_json_stays_strict(
 ) -> None:
     """Step 2's loss is NaN while its gradients are finite (a constant NaN added to the loss). Before: the
     step was applied and logged skipped=false, and metrics.jsonl/run.json held NaN (invalid JSON)."""
-    real, calls = executor.train.causal_lm_loss, []
+    real, calls = chunkft.executor.train.causal_lm_loss, []
 
     def nan_on_step_2(*a, **kw):  # type: ignore[no-untyped-def]
         calls.append(1)
         loss = real(*a, **kw)
         return loss + float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(executor.train, "causal_lm_loss", nan_on_step_2)
+    monkeypatch.setattr(chunkft.executor.train, "causal_lm_loss", nan_on_step_2)
     plan, out = plan_file(tmp_path, base, steps=3), tmp_path / "run"
     res = run(str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(out), "--quiet")
     assert res.exit_code == 0, res.output
@@ -183,7 +183,7 @@ def test_two_processes_on_one_output_and_sigkill_leaves_no_stale_lock(tmp_path: 
         shakespeare_text(tmp_path),
         tmp_path / "run",
     )
-    cmd = [sys.executable, "-m", "executor.cli", str(plan), "--data", str(data), "--output", str(out)]
+    cmd = [sys.executable, "-m", "chunkft.executor.cli", str(plan), "--data", str(data), "--output", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([*cmd, "--quiet"], env=env, cwd=REPO, stderr=subprocess.PIPE, text=True)
     try:
@@ -213,7 +213,7 @@ def test_a_plan_for_another_model_is_refused_before_the_model_is_built(
     def no_build(*a, **kw):  # type: ignore[no-untyped-def]
         raise AssertionError("built before the identity check")
 
-    monkeypatch.setattr(executor.train, "build_model", no_build)
+    monkeypatch.setattr(chunkft.executor.train, "build_model", no_build)
     plan = edited(tmp_path, base, lambda d: d["model"].update(fingerprint="0" * 64))
     res = run(
         str(plan), "--data", str(shakespeare_text(tmp_path)), "--output", str(tmp_path / "run"), "--quiet"
@@ -226,7 +226,7 @@ def test_a_plan_for_another_model_is_refused_before_the_model_is_built(
 
 
 def test_past_the_end_of_a_schedule_with_a_floor_runs_with_a_note(base: Plan, tmp_path: Path) -> None:
-    from executor.train import check_schedule_end
+    from chunkft.executor.train import check_schedule_end
 
     schedule = dataclasses.replace(base.run.schedule, kind="cosine", min_lr_ratio=0.1)
     plan = dataclasses.replace(base, run=dataclasses.replace(base.run, schedule=schedule))
@@ -248,7 +248,7 @@ class _Tty(io.StringIO):
 
 def test_progress_is_plain_lines_in_a_log_file_and_rewritten_on_a_terminal() -> None:
     """Before: a log file got one 'line' of 40 progress texts joined by carriage returns."""
-    from executor.train import _Progress
+    from chunkft.executor.train import _Progress
 
     log = io.StringIO()
     progress = _Progress(log, 40, clock=lambda: 0.0)
@@ -291,7 +291,7 @@ def test_quiet_turns_off_transformers_and_hub_progress_bars(
     import huggingface_hub.utils as hub
     from transformers.utils import logging as hf_logging
 
-    from executor.train import _hub_progress_bars
+    from chunkft.executor.train import _hub_progress_bars
 
     with _hub_progress_bars(enabled=False):
         for _ in hf_logging.tqdm(range(3), desc="Loading weights"):
@@ -303,7 +303,7 @@ def test_quiet_turns_off_transformers_and_hub_progress_bars(
         seen.append((hf_logging.is_progress_bar_enabled(), hub.are_progress_bars_disabled()))
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(executor.train, "build_model", record)
+    monkeypatch.setattr(chunkft.executor.train, "build_model", record)
     args = [str(plan_file(tmp_path, base, steps=2)), "--data", str(shakespeare_text(tmp_path))]
     args += ["--output", str(tmp_path / "o")]
     assert run(*args, "--quiet").exit_code == 1

@@ -16,9 +16,9 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from executor.cli import main as run_main
-from executor.train import RunOptions, train
-from planner.plan import Plan, load_plan, save_plan
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.train import RunOptions, train
+from chunkft.plan_format import Plan, load_plan, save_plan
 
 REPO = Path(__file__).parents[1]
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -32,7 +32,7 @@ def _plan(
 ) -> Path:
     """A real CPU plan from chunkft-plan for the tiny Llama (planned once per session), with the step count
     and the eval/checkpoint cadence set for the test."""
-    from planner.cli import main as plan_main
+    from chunkft.planner.cli import main as plan_main
 
     if "plan" not in _PLANNED:
         path = tmp / "planned.json"
@@ -124,7 +124,7 @@ def test_tiny_llama_on_shakespeare_eval_loss_falls_and_exports(tmp_path: Path) -
     m = report["measured"]
     assert m["memory_method"] == "memtracker" and m["memory_steps"] == [1, 2, 3, 4]
     assert m["peak_bytes"] == sum(m["peak_by_category"].values()) > 0
-    from profiles import build_model, load_model
+    from chunkft.profiles import build_model, load_model
 
     ref = build_model(load_model("tiny-llama"), "cpu").eval()
     held = [*ref.parameters(), *ref.buffers()]  # fp32 weights + the rotary inv_freq buffer
@@ -138,7 +138,7 @@ def test_tiny_llama_on_shakespeare_eval_loss_falls_and_exports(tmp_path: Path) -
     exported = AutoModelForCausalLM.from_pretrained(str(out / "model")).eval()
     from safetensors.torch import load_model as load_weights
 
-    from executor.checkpoint import latest_checkpoint
+    from chunkft.executor.checkpoint import latest_checkpoint
 
     load_weights(ref, str(latest_checkpoint(out) / "model.safetensors"))
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -156,7 +156,7 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_143(tmp_path: Path) -> 
         [
             sys.executable,
             "-m",
-            "executor.cli",
+            "chunkft.executor.cli",
             str(plan),
             "--data",
             str(data),
@@ -256,10 +256,10 @@ def test_checkpointing_as_planned_keeps_backward_above_the_window() -> None:
     undo that, or backward would reach the embedding whatever the window."""
     import torch
 
-    from executor.chunks import param_specs, partition
-    from executor.slicegrad import SliceGradients
-    from executor.train import apply_checkpointing
-    from profiles import build_model, load_model
+    from chunkft.chunks import param_specs, partition
+    from chunkft.executor.slicegrad import SliceGradients
+    from chunkft.executor.train import apply_checkpointing
+    from chunkft.profiles import build_model, load_model
 
     torch.manual_seed(0)
     model = build_model(load_model("tiny-llama"), device="cpu")

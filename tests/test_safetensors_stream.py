@@ -17,8 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 from tiny_models import tiny_llama
 
-from executor import safetensors_stream
-from executor.safetensors_stream import (
+from chunkft.executor import safetensors_stream
+from chunkft.executor.safetensors_stream import (
     DTYPES,
     hf_tied_names,
     model_tensors_for_save,
@@ -201,8 +201,8 @@ MEMORY = textwrap.dedent(
     """
     import sys, torch
     from safetensors.torch import save_file, save_model
-    from executor import safetensors_stream
-    from executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
+    from chunkft.executor import safetensors_stream
+    from chunkft.executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
 
     how, path, rows, piece = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     safetensors_stream.PIECE_BYTES = piece

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from planner.plan import load_plan, save_plan
+from chunkft.plan_format import load_plan, save_plan
 
 GOLDEN = Path(__file__).parent / "golden" / "plan_v1.json"
 
@@ -27,7 +27,7 @@ def test_save_plan_honours_the_umask(tmp_path: Path, umask: int, mode: int) -> N
 def test_reading_the_umask_does_not_change_it_even_for_an_instant(monkeypatch: pytest.MonkeyPatch) -> None:
     """current_umask reads /proc/self/status where it can: os.umask(0) then back would, for that instant,
     give other threads' new files mode 0666."""
-    from planner.files import current_umask
+    from chunkft.files import current_umask
 
     if not Path("/proc/self/status").is_file():
         pytest.skip("no /proc (not Linux): the set-and-restore fallback is all there is")

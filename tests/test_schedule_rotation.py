@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from executor.chunkft import AdamWHparams, ChunkFT
-from executor.chunks import param_specs, partition
-from executor.rotation import Rotation, RotationSpec, cycle_order
-from executor.schedule import ScheduleSpec, lr_at, lr_factor
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT
+from chunkft.executor.rotation import Rotation, RotationSpec, cycle_order
+from chunkft.executor.schedule import ScheduleSpec, lr_at, lr_factor
 
 # ----- schedules ----------------------------------------------------------------------------------------
 

@@ -24,8 +24,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
-from executor.chunks import Chunk, ParamSlice, param_specs, partition
-from executor.slicegrad import SliceGradients, UnsupportedModuleError
+from chunkft.chunks import Chunk, ParamSlice, param_specs, partition
+from chunkft.executor.slicegrad import SliceGradients, UnsupportedModuleError
 
 Loss = Callable[[], torch.Tensor]
 

@@ -32,9 +32,9 @@ from transformers import (
 )
 from transformers.models.gemma2.modeling_gemma2 import Gemma2RMSNorm, Gemma2TextScaledWordEmbedding
 
-from executor import slicegrad
-from executor.chunks import Chunk, ParamSlice, param_specs, partition
-from executor.slicegrad import SliceGradients, UnsupportedModuleError
+from chunkft.chunks import Chunk, ParamSlice, param_specs, partition
+from chunkft.executor import slicegrad
+from chunkft.executor.slicegrad import SliceGradients, UnsupportedModuleError
 
 VOCAB = 256
 EMB = "model.embed_tokens.weight"  # tied with lm_head (Gemma's default)
@@ -360,7 +360,7 @@ def test_unsliceable_names_what_a_window_must_keep_whole() -> None:
     Llama and Gemma-2 modules are all sliceable now."""
     import torch.nn as nn
 
-    from executor.slicegrad import SliceGradients
+    from chunkft.executor.slicegrad import SliceGradients
 
     class Odd(nn.Module):
         def __init__(self) -> None:

@@ -14,12 +14,12 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_llama
 
-from executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
-from executor.chunks import param_specs, partition
-from executor.measure import StepClock
-from executor.stream_standins import EarlyStreams, LateStreams, standin_streams
-from executor.streams import PAGE_BYTES, PinnedMemoryError, SyncStreams, host_block, pin_in_place
-from executor.transfer import KindSpec, TransferEngine
+from chunkft.chunks import param_specs, partition
+from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec, SGDHparams
+from chunkft.executor.measure import StepClock
+from chunkft.executor.stream_standins import EarlyStreams, LateStreams, standin_streams
+from chunkft.executor.streams import PAGE_BYTES, PinnedMemoryError, SyncStreams, host_block, pin_in_place
+from chunkft.executor.transfer import KindSpec, TransferEngine
 
 K = 4
 
@@ -252,7 +252,7 @@ def test_a_failed_pin_raises_in_words_instead_of_leaving_a_cuda_error_pending():
 def test_cuda_streams_equal_synchronous_copies_on_the_gpu(config):
     """The real side stream, events and pinned stores against synchronous copies on the same GPU (the
     kernels are the same; only the copies' timing differs). `pytest -m gpu` on a machine with a GPU."""
-    from executor.streams import CudaStreams
+    from chunkft.executor.streams import CudaStreams
 
     gpu = torch.device("cuda", torch.cuda.current_device())
     reference = train(lambda: SyncStreams(gpu), steps=steps_for(config), **config)

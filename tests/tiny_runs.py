@@ -7,8 +7,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from planner.cli import main as plan_main
-from planner.plan import Plan, load_plan, save_plan
+from chunkft.plan_format import Plan, load_plan, save_plan
+from chunkft.planner.cli import main as plan_main
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared" / "data" / "tinyshakespeare" / "input.txt"
 PLAN_ARGS = [

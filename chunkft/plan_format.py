@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Union
 
-from executor.chunks import DTYPE_BYTES, Chunk, CutPolicy, ParamSpec
-from planner.timeline import CATEGORIES
+from chunkft.chunks import DTYPE_BYTES, Chunk, CutPolicy, ParamSpec
+from chunkft.timeline import CATEGORIES
 
 SCHEMA_VERSION = 1
 CREATED_BY = "chunkft 0.1.0"
@@ -287,7 +287,7 @@ class Plan:
 def fingerprint(specs: Sequence[ParamSpec]) -> str:
     """sha256 hex of one "name|d0,d1,...|dtype" line per parameter, in the order given.
 
-    Both sides pass executor.chunks.param_specs(model) of the model as freshly built/loaded for
+    Both sides pass chunkft.chunks.param_specs(model) of the model as freshly built/loaded for
     training, where every parameter still requires grad, so the lines cover all of them (a tied head
     appears once). A different model, shape or dtype gives a different fingerprint.
     """
@@ -362,7 +362,7 @@ def plan_to_json(plan: Plan) -> str:
 
 def save_plan(plan: Plan, path: str | os.PathLike[str]) -> None:
     """Write atomically: a temp file in the same directory, fsync, then rename over `path`."""
-    from planner.files import honour_umask
+    from chunkft.files import honour_umask
 
     text = plan_to_json(plan)  # raises before anything is written
     target = Path(path)
