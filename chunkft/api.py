@@ -1,9 +1,10 @@
 """chunkft.plan() and chunkft.run(): the library calls chunkft-plan and chunkft-run make.
 
 Each takes the command line's options as keyword arguments, by the same names (--seq-len is seq_len)
-and with the same defaults and checks, and raises instead of printing: click.UsageError for options
-that contradict each other, ValueError (NoPlanFits, PlanError, ProfileError's kin) for bad input,
-chunkft.executor.train.RunError and friends from a run.
+and with the same defaults and checks, and raises instead of printing: TypeError for an unknown
+option, click.UsageError for options that contradict each other, ProfileError, PlanError or ValueError
+for bad input (chunkft.planner.cli.NoPlanFits when nothing fits: its message says what would), and
+chunkft.executor.train.RunError and the other errors chunkft-run turns into its one line from a run.
 """
 
 from __future__ import annotations
