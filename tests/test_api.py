@@ -8,13 +8,13 @@ from pathlib import Path
 import click
 import pytest
 from click.testing import CliRunner
+from tiny_runs import PLAN_ARGS, shakespeare_text
 
 import chunkft
 from chunkft.plan_format import load_plan, plan_to_json
 from chunkft.planner.cli import NoPlanFits, request_from
 from chunkft.planner.cli import main as plan_main
 from chunkft.profiles import ProfileError
-from tests.tiny_runs import PLAN_ARGS, shakespeare_text
 
 OPTIONS = {"seq_len": 32, "batch_size": 2, "chunks": 4, "lr": 2e-3, "dtype": "fp32",
            "checkpointing": "none", "host_mem": "4GiB", "steps": 3}  # fmt: skip  (PLAN_ARGS, as keywords)

@@ -68,6 +68,19 @@ def test_nothing_imports_the_bare_folder_names() -> None:
     assert bare == []
 
 
+def test_tests_import_their_helpers_by_module_name() -> None:
+    """tests/ is no package: pytest puts the folder itself on sys.path, so `from tiny_runs import ...`
+    works from any checkout, while `from tests.tiny_runs import ...` only where the repository root
+    happens to be importable (it broke CI once)."""
+    by_package = [
+        f"{path.relative_to(REPO)}:{line} imports {module}"
+        for path in sources("tests", "bench")
+        for line, module in imported(path)
+        if module.split(".")[0] == "tests"
+    ]
+    assert by_package == []
+
+
 @pytest.mark.parametrize("name", OLD_NAMES)
 def test_a_bare_folder_name_refuses_to_import(name: str) -> None:
     """From a checkout (the repository on sys.path) `import planner` would make a second copy of every
