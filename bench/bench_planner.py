@@ -20,7 +20,7 @@ from chunkft import profiles
 from chunkft.chunks import partition
 from chunkft.planner.costs import cost_model
 from chunkft.planner.profile_model import activation_profile, model_structure, reference_step_peak
-from chunkft.planner.simulator import Candidate, window_peaks, windows_of
+from chunkft.planner.simulator import Candidate, edge_patterns, window_peaks, windows_of
 from chunkft.planner.solver import make_setup
 
 OUT = Path(__file__).parent / "results" / "planner.md"
@@ -51,7 +51,6 @@ def accuracy_rows(cases):  # type: ignore[no-untyped-def]
     for name, dtype, k, micro, accum, seq, ckpt, only, ce in cases:
         preset = profiles.load_model(name)
         st = model_structure(preset.config, preset.task, dtype)
-        act = activation_profile(preset.config, preset.task, micro, seq, dtype, chunk_tokens=ce)
         setup = make_setup(
             st,
             cost_model(profiles.load_gpu("cpu"), dtype),
@@ -63,6 +62,8 @@ def accuracy_rows(cases):  # type: ignore[no-untyped-def]
         )
         chunks = partition(list(st.specs), num_chunks=k, policy="rows", state_bytes_per_element=8)
         windows = windows_of(st, st.specs, chunks)
+        edges = edge_patterns(windows, st.num_layers)
+        act = activation_profile(preset.config, preset.task, micro, seq, dtype, chunk_tokens=ce, edges=edges)
         cand = Candidate(
             windows, tuple(range(k)), ckpt, micro, accum, "host", "float32", True, chunk_tokens=ce
         )

@@ -570,7 +570,7 @@ def rates_note(measured: Any, dtype: str) -> str:
 
 def make_solver(req: Request, preset: Any, structure: Any, setup: Any, budget: int, dtype: str) -> Any:
     """The solver over the request's search space, with this machine's memory as the host limit."""
-    from chunkft.planner.profile_model import activation_profile
+    from chunkft.planner.profile_model import tables_for
     from chunkft.planner.solver import Limits, Solver, Space, balance_layers
 
     layer_gpu: tuple[int, ...] = ()
@@ -600,16 +600,9 @@ def make_solver(req: Request, preset: Any, structure: Any, setup: Any, budget: i
         cross_entropy=req.cross_entropy,
         layer_gpu=layer_gpu,
     )
-    seq_len, padded = req.seq_len, req.padded_batches
     host = available_host_bytes() if req.host_mem is None else req.host_mem
-    return Solver(
-        setup,
-        Limits(budget, host),
-        lambda mb: activation_profile(
-            preset.config, preset.task, mb, seq_len, dtype, req.attn, padded=padded
-        ),
-        space,
-    )
+    tables = tables_for(preset.config, preset.task, req.seq_len, dtype, req.attn, padded=req.padded_batches)
+    return Solver(setup, Limits(budget, host), tables, space)
 
 
 def solve_with_host(solver: Any, req: Request, budget: int) -> tuple[Any, int, str, str]:

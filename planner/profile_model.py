@@ -34,8 +34,8 @@ import copy
 import functools
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -65,9 +65,12 @@ Task = Literal["causal-lm", "sequence-classification"]
 BlockMode = Literal["full", "first", "input", "none"]
 # A block at the edge of a window that holds only some of its tensors: ("edge", tensors of the block
 # before the window, tensors after it, whether the block's input needs a gradient). The tensors outside
-# the window change what autograd saves (a frozen Linear keeps no input), so these are traced, per
-# pattern, the first time a window needs one. Whole-block patterns are the BlockModes above.
+# the window change what autograd saves (a frozen Linear keeps no input), so each pattern is traced (the
+# block alone) into the activation table before solving: the patterns a candidate needs follow from its
+# windows (planner.simulator.edge_patterns). Whole-block patterns are the BlockModes above.
 EdgeMode = tuple[Literal["edge"], int, int, bool]
+# An edge pattern as the table files it: (skip_before, skip_after, input_grad).
+EdgeKey = tuple[int, int, bool]
 # The head (final norm, LM/classifier head, loss): "full" when the window touches the head and a block
 # below it, "input" when the window is below the head, "weight" when the window is only in the head.
 HeadMode = Literal["full", "input", "weight"]
@@ -104,9 +107,16 @@ class BlockMemory:
     bwd: Segment  # ZERO_SEGMENT in mode "none"
 
 
+class IncompleteTableError(ProfilingError):
+    """A window needs an edge pattern its activation table was not built with (a planner bug: tables
+    are completed for the candidates' windows before solving)."""
+
+
 @dataclass(frozen=True)
 class ActivationProfile:
-    """Traced activation memory of one micro-batch (sequences of seq_len tokens) at one dtype."""
+    """The activation table of one micro-batch (sequences of seq_len tokens) at one dtype: every
+    segment the simulator composes a step from, traced before solving, so that the simulator is a pure
+    function of (table, candidate) and a test can hand it a made-up table."""
 
     micro_batch: int
     seq_len: int
@@ -119,7 +129,10 @@ class ActivationProfile:
     head_bwd: tuple[tuple[str, Segment], ...]  # by HeadMode: loss.backward() -> first block gradient
     hidden_bytes: int  # one block input/output, B*S*H in the compute dtype (what goes between GPUs)
     chunk_tokens: int | None = None  # the loss as chunked cross-entropy in pieces of this many tokens
-    tracer: _ShallowTracer | None = field(default=None, compare=False, repr=False)  # edges, traced lazily
+    # The representative block traced alone, by edge pattern, with (0, 0, input_grad) for each
+    # input_grad present: an edge is the whole block's step segments moved by their difference.
+    edges: tuple[tuple[EdgeKey, BlockMemory], ...] = ()
+    chunked_loss_supported: bool = False  # the executor has chunked cross-entropy for this model
 
     def block(
         self,
@@ -134,10 +147,14 @@ class ActivationProfile:
         `head_only` (block 0 when the window is only the head): the decoder holds the embedding output
         until it returns, and the head segment of that trace counts the free, so block 0 keeps it."""
         if isinstance(mode, tuple):
-            if self.tracer is None:
-                raise ProfilingError("this activation profile cannot trace window edges (no tracer)")
-            whole = self.block("full" if mode[3] else "first", checkpointed)
-            return self.tracer.edge(mode, checkpointed, whole)
+            _, skip_before, skip_after, input_grad = mode
+            whole = self.block("full" if input_grad else "first", checkpointed)
+            return edge_block(
+                whole,
+                self._edge((skip_before, skip_after, input_grad)),
+                self._edge((0, 0, input_grad)),
+                checkpointed,
+            )
         if head_only and mode == "none":
             return self._blocks["first-none"]
         if last and mode == "none":
@@ -148,6 +165,22 @@ class ActivationProfile:
     def head(self, mode: HeadMode) -> tuple[Segment, Segment]:
         return self._heads[mode]
 
+    def edge_keys(self) -> frozenset[EdgeKey]:
+        return frozenset(self._edges)
+
+    def _edge(self, key: EdgeKey) -> BlockMemory:
+        hit = self._edges.get(key)
+        if hit is None:
+            raise IncompleteTableError(
+                f"the activation table has no trace of window edge {key}; build it with that pattern "
+                "in edges (planner.simulator.edge_patterns of the candidate's windows)"
+            )
+        return hit
+
+    @functools.cached_property
+    def _edges(self) -> dict[EdgeKey, BlockMemory]:
+        return dict(self.edges)
+
     @functools.cached_property
     def _blocks(self) -> dict[str, BlockMemory]:
         return dict(self.blocks)
@@ -156,6 +189,28 @@ class ActivationProfile:
     def _heads(self) -> dict[str, tuple[Segment, Segment]]:
         bwd = dict(self.head_bwd)
         return {m: (f, bwd[m]) for m, f in self.head_fwd}
+
+
+def with_full_edges(edges: Iterable[EdgeKey]) -> frozenset[EdgeKey]:
+    """The patterns plus the whole block alone for each input_grad among them (what block() offsets by)."""
+    keys = frozenset(edges)
+    return keys | {(0, 0, ig) for _, _, ig in keys}
+
+
+def edge_block(whole: BlockMemory, part: BlockMemory, full: BlockMemory, checkpointed: bool) -> BlockMemory:
+    """The representative block with only some of its tensors in the window (see EdgeMode).
+
+    `whole`: the same block with all its tensors in the window (mode "full" when its input needs a
+    gradient, else "first"), traced in the 3-block step; `part` and `full`: the block alone with the
+    pattern's tensors and with all of them trainable (a few hundred ops instead of a whole step). The
+    edge is `whole` plus their difference: what the surrounding step adds to the block's segments does
+    not depend on which of its tensors train.
+    """
+    if checkpointed:
+        # A checkpointed block saves its inputs whatever trains; its backward recomputes the forward
+        # (keeping what the pattern saves) and then runs the pattern's backward.
+        return BlockMemory(whole.fwd, _shift(whole.bwd, _recompute(part), _recompute(full)))
+    return BlockMemory(_shift(whole.fwd, part.fwd, full.fwd), _shift(whole.bwd, part.bwd, full.bwd))
 
 
 @dataclass(frozen=True)
@@ -670,9 +725,6 @@ def _trace(
     return timeline
 
 
-_CACHE: dict[tuple[str, str, int, int, str, str, bool], ActivationProfile] = {}
-
-
 def activation_profile(
     config: object,
     task: str,
@@ -682,73 +734,55 @@ def activation_profile(
     attn_implementation: str = "sdpa",
     padded: bool | None = None,
     chunk_tokens: int | None = None,
+    edges: Iterable[EdgeKey] = (),
 ) -> ActivationProfile:
-    """Traced activation memory of one micro-batch (cached per configuration). `padded`: whether the
-    batches carry padding (None: the executor's data for the task, `default_padded`). `chunk_tokens`:
-    the loss as chunked cross-entropy (executor/loss.py); only the head's segments change, so they are
-    traced again and the blocks' (and the tracer for window edges) are shared."""
+    """The activation table of one micro-batch, complete for the window-edge patterns `edges`
+    (planner.simulator.edge_patterns of the windows to simulate); the same object for the same request.
+
+    `padded`: whether the batches carry padding (None: the executor's data for the task,
+    `default_padded`). `chunk_tokens`: the loss as chunked cross-entropy (executor/loss.py); only the
+    head's segments change, so they are traced again and everything else is shared. Every piece is
+    traced once per process (a tracer per configuration) and kept on disk by planner/trace_cache.py."""
     pad = default_padded(task) if padded is None else padded
     text = json.dumps(config.to_dict(), sort_keys=True, default=str)  # type: ignore[attr-defined]
-    key = (text, task, micro_batch, seq_len, dtype, attn_implementation, pad, chunk_tokens)
+    base = (text, task, micro_batch, seq_len, dtype, attn_implementation, pad)
+    want = with_full_edges(edges)
+    key = (base, chunk_tokens, want)
     if key not in _CACHE:
-        if chunk_tokens is None:
-            _CACHE[key] = _activation_profile(
+        tracer = _TRACERS.get(base)
+        if tracer is None:
+            if micro_batch < 1 or seq_len < 1:
+                raise ProfilingError(
+                    f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}"
+                )
+            tracer = _TRACERS[base] = _ShallowTracer(
                 config, task, micro_batch, seq_len, dtype, attn_implementation, pad
             )
-        else:
-            plain = activation_profile(config, task, micro_batch, seq_len, dtype, attn_implementation, pad)
-            _CACHE[key] = chunked_loss_profile(plain, chunk_tokens)
+        _CACHE[key] = tracer.table(chunk_tokens, want)
     return _CACHE[key]
 
 
-def chunked_loss_supported(plain: ActivationProfile) -> bool:
-    """Whether the executor can run this profile's model with chunked cross-entropy (executor/loss.py
-    accepts only verified causal-LM classes)."""
-    from chunkft.executor.loss import UnsupportedArchitectureError, causal_lm_parts
+def tables_for(
+    config: object,
+    task: str,
+    seq_len: int,
+    dtype: str,
+    attn_implementation: str = "sdpa",
+    padded: bool | None = None,
+) -> Callable[[int, int | None, frozenset[EdgeKey]], ActivationProfile]:
+    """The solver's tables (planner.solver.Tables) of one model at one sequence length: activation_profile
+    by (micro-batch, chunk_tokens, edges)."""
 
-    tracer = plain.tracer
-    if tracer is None or tracer.task != "causal-lm":
-        return False
+    def table(micro_batch: int, chunk_tokens: int | None, edges: frozenset[EdgeKey]) -> ActivationProfile:
+        return activation_profile(
+            config, task, micro_batch, seq_len, dtype, attn_implementation, padded, chunk_tokens, edges
+        )
 
-    def supported() -> bool:
-        try:
-            causal_lm_parts(tracer.model)
-        except UnsupportedArchitectureError:
-            return False
-        return True
-
-    from chunkft.planner import trace_cache as tc
-
-    return tc.cached(tracer.store, "facts", "chunked_loss_supported", tc.decode_bool, supported, bool)
+    return table
 
 
-_CHUNKED: dict[tuple[int, int], tuple[ActivationProfile, ActivationProfile]] = {}
-
-
-def chunked_loss_profile(plain: ActivationProfile, chunk_tokens: int) -> ActivationProfile:
-    """The profile with the head's segments traced under chunked cross-entropy (cached per profile)."""
-    key = (id(plain), chunk_tokens)
-    hit = _CHUNKED.get(key)
-    if hit is not None and hit[0] is plain:
-        return hit[1]
-    tracer = plain.tracer
-    if tracer is None:
-        raise ProfilingError("this activation profile cannot be traced again (no tracer)")
-    if tracer.task != "causal-lm":
-        raise ProfilingError("chunked cross-entropy applies to causal-LM models only")
-    from chunkft.planner import trace_cache as tc
-
-    head_fwd, head_bwd = tc.cached(
-        tracer.store,
-        "heads",
-        str(chunk_tokens),
-        tc.decode_heads,
-        lambda: _chunked_heads(tracer, chunk_tokens),
-        tc.encode_heads,
-    )
-    out = replace(plain, head_fwd=head_fwd, head_bwd=head_bwd, chunk_tokens=chunk_tokens)
-    _CHUNKED[key] = (plain, out)
-    return out
+_TRACERS: dict[tuple, _ShallowTracer] = {}  # by configuration: its traces, in memory and on disk
+_CACHE: dict[tuple, ActivationProfile] = {}  # by (configuration, chunk_tokens, edges): complete tables
 
 
 def _chunked_heads(
@@ -780,17 +814,20 @@ def _head_segments(tl: _Timeline, num_layers: int) -> tuple[Segment, Segment]:
 
 
 class _ShallowTracer:
-    """The shallow fake model of one profile, kept so that edge patterns can be traced when a window
-    first needs them (lazily: a solve over many K values meets a few dozen of them at most)."""
+    """The shallow fake model of one profile configuration and its traces: what builds the activation
+    tables (activation_profile) before anything is simulated."""
 
     def __init__(
         self, config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
     ) -> None:
         check_attention(config, task, attn)
-        self._config, self._attn, self._dtype = config, attn, dtype
+        self._config, self.attn, self.dtype = config, attn, dtype
         self.task, self.micro_batch, self.seq_len, self.padded = task, micro_batch, seq_len, padded
         self._block_inputs: tuple[tuple, dict] | None = None
-        self.store: Entry | None = None  # the on-disk traces of this profile (planner/trace_cache.py)
+        from chunkft.planner import trace_cache as tc
+
+        # the on-disk traces of this configuration (planner/trace_cache.py); None when the cache is off
+        self.store: Entry | None = tc.open_traces(config, task, micro_batch, seq_len, dtype, attn, padded)
 
     @functools.cached_property
     def _built(self) -> tuple[Any, nn.Module, ModelStructure]:
@@ -799,10 +836,10 @@ class _ShallowTracer:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
         cfg = _shallow_config(self._config, TRACE_LAYERS)
-        cfg._attn_implementation = traced_attention(cfg, self.task, self._attn, self.seq_len, self.padded)  # type: ignore[attr-defined]
+        cfg._attn_implementation = traced_attention(cfg, self.task, self.attn, self.seq_len, self.padded)  # type: ignore[attr-defined]
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         with mode:
-            model = build_from_config(cfg, self.task, "cpu", TORCH_DTYPES[self._dtype])
+            model = build_from_config(cfg, self.task, "cpu", TORCH_DTYPES[self.dtype])
             model.train()
             structure = structure_of(model, self.task)
         return mode, model, structure
@@ -843,25 +880,69 @@ class _ShallowTracer:
                 chunk_tokens,
             )
 
-    @functools.cache  # noqa: B019 - one tracer per profile, kept with it
-    def edge(self, mode: EdgeMode, ckpt: bool, whole: BlockMemory) -> BlockMemory:
-        """The representative block with only some of its tensors in the window (see EdgeMode).
+    def table(self, chunk_tokens: int | None, edges: frozenset[EdgeKey]) -> ActivationProfile:
+        """The plain profile, with the chunked-loss heads when chunk_tokens is set, and every pattern
+        of `edges` traced alone."""
+        table = self.plain
+        if chunk_tokens is not None:
+            if self.task != "causal-lm":
+                raise ProfilingError("chunked cross-entropy applies to causal-LM models only")
+            head_fwd, head_bwd = self.chunked_heads(chunk_tokens)
+            table = replace(table, head_fwd=head_fwd, head_bwd=head_bwd, chunk_tokens=chunk_tokens)
+        return replace(
+            table,
+            edges=tuple((k, self.block_alone(*k)) for k in sorted(edges)),
+            chunked_loss_supported=self.chunked_loss_supported,
+        )
 
-        `whole`: the same block with all its tensors in the window (mode "full" when its input needs a
-        gradient, else "first"), traced in the 3-block step. The edge is that plus the difference the
-        pattern makes to the block alone (block_alone, a few hundred ops instead of a whole step): what
-        the surrounding step adds to the block's segments does not depend on which of its tensors train.
-        """
-        _, skip_before, skip_after, input_grad = mode
-        part = self.block_alone(skip_before, skip_after, input_grad)
-        full = self.block_alone(0, 0, input_grad)  # cached: one per input_grad
-        if ckpt:
-            # A checkpointed block saves its inputs whatever trains; its backward recomputes the
-            # forward (keeping what the pattern saves) and then runs the pattern's backward.
-            return BlockMemory(whole.fwd, _shift(whole.bwd, _recompute(part), _recompute(full)))
-        return BlockMemory(_shift(whole.fwd, part.fwd, full.fwd), _shift(whole.bwd, part.bwd, full.bwd))
+    @functools.cached_property
+    def plain(self) -> ActivationProfile:
+        """The seven step traces of the plain-loss profile, from the trace cache when it has them."""
+        from chunkft.planner import trace_cache as tc
 
-    @functools.cache  # noqa: B019 - one tracer per profile, kept with it
+        if self.store is None:
+            return _traced_profile(self)
+        return tc.cached(
+            self.store,
+            "profile",
+            "plain",
+            tc.profile_decoder(self.store.key),
+            lambda: _traced_profile(self),
+            tc.encode_profile,
+        )
+
+    @functools.cache  # noqa: B019 - one tracer per configuration, kept for the process
+    def chunked_heads(self, chunk_tokens: int) -> tuple[tuple[tuple[str, Segment], ...], ...]:
+        from chunkft.planner import trace_cache as tc
+
+        return tc.cached(
+            self.store,
+            "heads",
+            str(chunk_tokens),
+            tc.decode_heads,
+            lambda: _chunked_heads(self, chunk_tokens),
+            tc.encode_heads,
+        )
+
+    @functools.cached_property
+    def chunked_loss_supported(self) -> bool:
+        """Whether the executor can run this model with chunked cross-entropy (executor/loss.py
+        accepts only verified causal-LM classes)."""
+        if self.task != "causal-lm":
+            return False
+        from chunkft.executor.loss import UnsupportedArchitectureError, causal_lm_parts
+        from chunkft.planner import trace_cache as tc
+
+        def supported() -> bool:
+            try:
+                causal_lm_parts(self.model)
+            except UnsupportedArchitectureError:
+                return False
+            return True
+
+        return tc.cached(self.store, "facts", "chunked_loss_supported", tc.decode_bool, supported, bool)
+
+    @functools.cache  # noqa: B019 - one tracer per configuration, kept for the process
     def block_alone(self, skip_before: int, skip_after: int, input_grad: bool) -> BlockMemory:
         """Forward and backward of the representative block by itself, with the inputs it gets in the
         step (captured once), tensors [skip_before, n - skip_after) of it trainable; from the trace
@@ -983,33 +1064,10 @@ def _block_segments(tl: _Timeline, r: int, backward: bool) -> BlockMemory:
     return BlockMemory(fwd, tl.segment(c, d))
 
 
-def _activation_profile(
-    config: object, task: str, micro_batch: int, seq_len: int, dtype: str, attn: str, padded: bool
-) -> ActivationProfile:
-    if micro_batch < 1 or seq_len < 1:
-        raise ProfilingError(f"micro-batch and sequence length must be >= 1, got {micro_batch} and {seq_len}")
-    from chunkft.planner import trace_cache as tc
-
-    tracer = _ShallowTracer(config, task, micro_batch, seq_len, dtype, attn, padded)
-    store = tracer.store = tc.open_traces(config, task, micro_batch, seq_len, dtype, attn, padded)
-    if store is None:
-        return _traced_profile(tracer, micro_batch, seq_len, dtype, attn)
-    profile = tc.cached(
-        store,
-        "profile",
-        "plain",
-        tc.profile_decoder(store.key),
-        lambda: _traced_profile(tracer, micro_batch, seq_len, dtype, attn),
-        tc.encode_profile,
-    )
-    return replace(profile, tracer=tracer)  # a profile read back gets this tracer for its edges
-
-
-def _traced_profile(
-    tracer: _ShallowTracer, micro_batch: int, seq_len: int, dtype: str, attn: str
-) -> ActivationProfile:
+def _traced_profile(tracer: _ShallowTracer) -> ActivationProfile:
     """The seven step traces of a plain-loss profile (what the trace cache stores)."""
     st = tracer.structure
+    micro_batch, seq_len, dtype = tracer.micro_batch, tracer.seq_len, tracer.dtype
     L = TRACE_LAYERS
     r = _REPRESENTATIVE
 
@@ -1051,14 +1109,13 @@ def _traced_profile(
         micro_batch=micro_batch,
         seq_len=seq_len,
         dtype=dtype,
-        attn_implementation=attn,
+        attn_implementation=tracer.attn,
         embed_fwd=embed_fwd,
         embed_bwd_trainable=embed_bwd,
         blocks=tuple(blocks.items()),
         head_fwd=tuple(head_fwd.items()),
         head_bwd=tuple(head_bwd.items()),
         hidden_bytes=hidden,
-        tracer=tracer,
     )
 
 
@@ -1114,16 +1171,17 @@ __all__ = [
     "ActivationProfile",
     "BlockFlops",
     "BlockMemory",
+    "EdgeKey",
+    "IncompleteTableError",
     "ModelIdentity",
     "ModelStructure",
     "ProfilingError",
     "Segment",
     "activation_profile",
     "block_flops",
-    "chunked_loss_profile",
     "check_attention",
-    "chunked_loss_supported",
     "default_padded",
+    "edge_block",
     "enable_layer_checkpointing",
     "example_batch",
     "head_flops",
@@ -1133,8 +1191,11 @@ __all__ = [
     "TORCH_DTYPES",
     "structure_of",
     "supported_attention",
+    "tables_for",
     "traced_attention",
     "UNPADDED_SDPA",
+    "with_full_edges",
+    "ZERO_SEGMENT",
 ]
 
 

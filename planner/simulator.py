@@ -9,11 +9,16 @@ device-to-host) with every allocation and free, in the memory categories the run
   stay on the GPU;
 - gradients: the active window's fp32 gradient buffers, created by the first backward that reaches each
   tensor and freed after the update;
-- activations / temporaries: traced segments (planner/profile_model.py) composed block by block.
+- activations / temporaries: segments of the activation table (planner/profile_model.py, traced before
+  solving) composed block by block.
 
 The peak is the maximum over windows (the bottom window keeps every block's activations; others keep
 less), the step time the mean over the rotation. Copies follow the executor's transfer engine: one FIFO
 copy stream, the write-back of the previous window then the fill of the one after next.
+
+Pure: simulate(setup, candidate, table) reads its arguments only (nothing is traced here; a table that
+lacks an edge pattern the candidate's windows need is refused, see edge_patterns), so the solver can be
+tested on made-up tables. The caches below memoise by identity and never change a result.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ from chunkft.planner.graph import StepNode, step_order
 from chunkft.planner.profile_model import (
     ActivationProfile,
     BlockMode,
+    EdgeKey,
     EdgeMode,
+    IncompleteTableError,
     ModelStructure,
     Segment,
     block_flops,
@@ -274,6 +281,21 @@ def _block_mode(group: int, w: Window) -> BlockMode | EdgeMode:
         # the lowest block: nothing below the window needs a gradient, so neither does this block's input
         return "first" if group == w.low else "full"
     return ("edge", low_edge, high_edge, group > w.low)
+
+
+@functools.lru_cache(maxsize=64)
+def edge_patterns(windows: tuple[Window, ...], num_layers: int) -> frozenset[EdgeKey]:
+    """The window-edge patterns (profile_model.EdgeMode) these windows' steps run, i.e. what their
+    activation table must hold: a block at a window's lowest or highest group with only some of its
+    tensors in the window. Every other block runs a whole-block mode."""
+    found: set[EdgeKey] = set()
+    for w in windows:
+        for g in {w.low, w.high}:
+            if 0 <= g < num_layers:
+                mode = _block_mode(g, w)
+                if isinstance(mode, tuple):
+                    found.add((mode[1], mode[2], mode[3]))
+    return frozenset(found)
 
 
 def _head_mode(w: Window, num_layers: int, tied: bool = False) -> str:
@@ -768,6 +790,12 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         raise ValueError(
             f"activation profile has chunk_tokens {act.chunk_tokens}, the candidate {cand.chunk_tokens}"
         )
+    missing = edge_patterns(cand.windows, setup.structure.num_layers) - act.edge_keys()
+    if missing:
+        raise IncompleteTableError(
+            f"the activation table lacks the window-edge patterns {sorted(missing)} of this candidate; "
+            "build it with edges=edge_patterns(windows, num_layers)"
+        )
     pers_cats, slot = _persistent(setup, cand)
     persistent = [sum(m.values()) for m in pers_cats]
     total_s = 0.0
@@ -869,6 +897,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         run.attn_implementation,
         padded=run.padded_batches,  # padding changes the attention path (and its saved tensors)
         chunk_tokens=cand.chunk_tokens,
+        edges=edge_patterns(cand.windows, L),
     )
     return setup, cand, act
 

@@ -24,12 +24,7 @@ from dataclasses import dataclass, replace
 from chunkft.chunks import DTYPE_BYTES, Chunk, partition
 from chunkft.executor.loss import DEFAULT_CHUNK_TOKENS
 from chunkft.planner.costs import CostModel
-from chunkft.planner.profile_model import (
-    ActivationProfile,
-    ModelStructure,
-    chunked_loss_profile,
-    chunked_loss_supported,
-)
+from chunkft.planner.profile_model import ActivationProfile, EdgeKey, ModelStructure
 from chunkft.planner.simulator import (
     HEADROOM_FIXED_BYTES,
     HEADROOM_FRACTION,
@@ -37,6 +32,7 @@ from chunkft.planner.simulator import (
     Setup,
     SimResult,
     Window,
+    edge_patterns,
     forward_seconds_per_token,
     hiding_interval,
     simulate,
@@ -58,6 +54,10 @@ K_CHOICES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # Predictions within 1% of the fastest are a tie the cost model cannot resolve (its error is larger):
 # among them the fewer windows win (each visit builds Adam's moments longer), then the lower peak.
 TIE_TOLERANCE = 0.01
+# The activation tables the solver simulates with: (micro-batch, chunk_tokens or None for the plain
+# loss, the window-edge patterns the table must hold) -> a complete table. planner.profile_model's
+# tables_for traces them; a test can hand the solver made-up ones.
+Tables = Callable[[int, int | None, frozenset[EdgeKey]], ActivationProfile]
 TIE_RULE = (
     f"the least time to update every parameter once (K x step time); within {TIE_TOLERANCE:.0%} of the "
     "fastest is a tie, won by fewer chunks, then the lower peak"
@@ -227,27 +227,30 @@ def balance_layers(
 
 
 class Solver:
-    """Holds one request's fixed inputs and caches partitions and activation profiles."""
+    """Holds one request's fixed inputs and caches partitions and activation tables.
 
-    def __init__(
-        self,
-        setup: Setup,
-        limits: Limits,
-        activations: Callable[[int], ActivationProfile],
-        space: Space,
-    ) -> None:
+    The tables are complete before anything is simulated: the windows depend on K alone, so the edge
+    patterns of every K the search may try are known up front (edges), and each (micro-batch, loss)
+    table is built once with all of them (table). The simulator only reads them."""
+
+    def __init__(self, setup: Setup, limits: Limits, tables: Tables, space: Space) -> None:
         self.setup = setup
         self.limits = limits
-        self.activations = activations
+        self.tables = tables
         self.space = space
         self._chunks: dict[int, tuple[Chunk, ...] | None] = {}
         self._windows: dict[int, tuple[Window, ...]] = {}
+        self._tables: dict[tuple[int, int | None], ActivationProfile] = {}
+        self._edges: frozenset[EdgeKey] | None = None
         self._simulated: dict[Candidate, tuple[Candidate, SimResult]] = {}
         st = setup.structure
         self.state_bytes_per_element = 8 if setup.optimizer == "adamw" else (4 if setup.sgd_momentum else 0)
         self.num_layers = st.num_layers
 
     # -- pieces ---------------------------------------------------------------------------------------
+    def k_choices(self) -> list[int]:
+        return [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
+
     def chunks(self, k: int) -> tuple[Chunk, ...] | None:
         if k not in self._chunks:
             try:
@@ -261,6 +264,34 @@ class Solver:
                 self._chunks[k] = None
         return self._chunks[k]
 
+    def windows(self, k: int) -> tuple[Window, ...] | None:
+        """K's windows, shared by every checkpointing and placement of that K (None: no partition)."""
+        chunks = self.chunks(k)
+        if chunks is None:
+            return None
+        if k not in self._windows:
+            st = self.setup.structure
+            self._windows[k] = windows_of(st, st.specs, chunks)
+        return self._windows[k]
+
+    def edges(self) -> frozenset[EdgeKey]:
+        """The window-edge patterns of every K the search may try, and of the dense baseline (K=1)."""
+        if self._edges is None:
+            found: set[EdgeKey] = set()
+            for k in {1, *self.k_choices()}:
+                ws = self.windows(k)
+                if ws is not None:
+                    found |= edge_patterns(ws, self.num_layers)
+            self._edges = frozenset(found)
+        return self._edges
+
+    def table(self, micro: int, chunk_tokens: int | None = None) -> ActivationProfile:
+        """The activation table of every candidate with this micro-batch and loss."""
+        key = (micro, chunk_tokens)
+        if key not in self._tables:
+            self._tables[key] = self.tables(micro, chunk_tokens, self.edges())
+        return self._tables[key]
+
     def candidate(
         self,
         k: int,
@@ -271,15 +302,12 @@ class Solver:
         synchronous: bool = False,
         chunk_tokens: int | None = None,
     ) -> Candidate | None:
-        chunks = self.chunks(k)
-        if chunks is None:
+        windows = self.windows(k)
+        if windows is None:
             return None
-        st = self.setup.structure
         states_on, host_dtype, prefetch = placement
-        if k not in self._windows:  # every checkpointing and placement of a K shares its windows
-            self._windows[k] = windows_of(st, st.specs, chunks)
         return Candidate(
-            windows=self._windows[k],
+            windows=windows,
             sequence=rotation_sequence(self.space.rotation, k, self.space.rotation_seed),
             checkpoint_layers=ckpt,
             micro_batch=micro,
@@ -294,9 +322,7 @@ class Solver:
 
     def evaluate(self, label: str, cand: Candidate) -> Option:
         if cand not in self._simulated:  # a re-solve under other limits simulates nothing again
-            act = self.activations(cand.micro_batch)
-            if cand.chunk_tokens is not None:
-                act = chunked_loss_profile(act, cand.chunk_tokens)
+            act = self.table(cand.micro_batch, cand.chunk_tokens)
             chosen = cand
             if not cand.synchronous_copies:
                 chosen = replace(cand, update_interval=self.update_interval(cand, act))
@@ -325,7 +351,7 @@ class Solver:
         mode = self.space.cross_entropy
         if mode == "full":
             return [None]
-        supported = chunked_loss_supported(self.activations(micro))
+        supported = self.table(micro).chunked_loss_supported
         if mode == "chunked":
             if not supported:
                 st = self.setup.structure
@@ -388,7 +414,7 @@ class Solver:
             return self._solve()
 
     def _solve(self) -> Solution:
-        ks = [self.space.num_chunks] if self.space.num_chunks else list(K_CHOICES)
+        ks = self.k_choices()
         options: list[Option] = []
         fastest = float("inf")  # best feasible rotation seconds per token so far
         for micro, accum in batch_splits(self.space):
@@ -711,7 +737,7 @@ class BudgetPoint:
 def sweep(
     setups: Sequence[tuple[str, Setup]],
     space: Space,
-    activations: Callable[[int], ActivationProfile],
+    tables: Tables,
     budgets: Callable[[str], Sequence[int]] | Sequence[int],
     host_budget_bytes: int,
 ) -> tuple[BudgetPoint, ...]:
@@ -722,18 +748,19 @@ def sweep(
     Each point is a full Solver.solve(), so the curve is exactly what chunkft-plan would choose.
 
     Fast because nothing is profiled or partitioned twice: one Solver per GPU (its partition cache)
-    re-solves with each budget's limits; one activation profile per micro-batch is shared by every
-    GPU and budget (it does not depend on either), and the simulator's compute profiles are cached per
-    (setup, profile). Budgets are solved from the largest down; once nothing fits, nothing fits below
+    re-solves with each budget's limits; one activation table per (micro-batch, loss, edges) is shared
+    by every GPU and budget (it does not depend on either), and the simulator's compute profiles are
+    cached per (setup, table). Budgets are solved from the largest down; once nothing fits, nothing fits below
     either (every candidate's need is independent of the budget, and the checkpointing search stops at
     "all layers" when that does not fit), so the rest are recorded as infeasible without solving.
     """
-    profiles: dict[int, ActivationProfile] = {}
+    built: dict[tuple[int, int | None, frozenset[EdgeKey]], ActivationProfile] = {}
 
-    def shared(micro_batch: int) -> ActivationProfile:
-        if micro_batch not in profiles:
-            profiles[micro_batch] = activations(micro_batch)
-        return profiles[micro_batch]
+    def shared(micro_batch: int, chunk_tokens: int | None, edges: frozenset[EdgeKey]) -> ActivationProfile:
+        key = (micro_batch, chunk_tokens, edges)
+        if key not in built:
+            built[key] = tables(*key)
+        return built[key]
 
     out: list[BudgetPoint] = []
     for label, setup in setups:

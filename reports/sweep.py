@@ -10,18 +10,18 @@ its answers into SweepPoints.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from chunkft.plan_format import Plan
-from chunkft.planner.profile_model import ActivationProfile, ModelStructure
+from chunkft.planner.profile_model import ModelStructure
 
 from .data import SweepPoint
 
 if TYPE_CHECKING:
     from chunkft.planner.simulator import Setup
-    from chunkft.planner.solver import Space
+    from chunkft.planner.solver import Space, Tables
 
 DEFAULT_GPUS = ("rtx-4090", "a100-80gb", "h100-80gb")
 POINTS_PER_GPU = 10
@@ -39,18 +39,17 @@ def solver_sweep(
     plan: Plan,
     *,
     structure: ModelStructure | None = None,
-    activation: ActivationProfile | None = None,
     gpus: Sequence[str] = DEFAULT_GPUS,
     points_per_gpu: int = POINTS_PER_GPU,
 ) -> tuple[SweepPoint, ...]:
     """SweepPoints for the plan's GPU (its budget included) and each of `gpus`, up to each one's memory.
 
-    structure / activation: the plan's, when the caller already has them (the report simulated the plan
-    with them), so nothing is traced twice.
+    structure: the plan's, when the caller already has it. Nothing is traced twice either way: the
+    activation tables are kept per process (planner.profile_model.activation_profile).
     """
     from chunkft import profiles
     from chunkft.planner.costs import cost_model, with_measured_rates
-    from chunkft.planner.profile_model import activation_profile, model_structure
+    from chunkft.planner.profile_model import model_structure, tables_for
     from chunkft.planner.simulator import CUDA_CONTEXT_BYTES, FRAGMENTATION
     from chunkft.planner.solver import DEFAULT_HEADROOM, NO_HEADROOM, Headroom, Space, make_setup, sweep
 
@@ -59,25 +58,14 @@ def solver_sweep(
     if structure is None:
         structure = model_structure(preset.config, preset.task, run.weight_dtype)
 
-    def activations(micro_batch: int) -> ActivationProfile:
-        # The solver wants the plain profile (it applies chunked cross-entropy itself per candidate);
-        # the plan's own profile is chunked when the plan is, so only a plain one is reused.
-        if (
-            activation is not None
-            and activation.chunk_tokens is None
-            and activation.micro_batch == micro_batch
-        ):
-            return activation
-        return activation_profile(
-            preset.config,
-            preset.task,
-            micro_batch,
-            run.seq_len,
-            run.compute_dtype,
-            run.attn_implementation,
-            padded=run.padded_batches,  # the plan's padding: it changes the attention path
-        )
-
+    tables = tables_for(
+        preset.config,
+        preset.task,
+        run.seq_len,
+        run.compute_dtype,
+        run.attn_implementation,
+        padded=run.padded_batches,  # the plan's padding: it changes the attention path
+    )
     plan_gpu = profiles.load_gpu(hw.gpu)
     plan_on_gpu = plan_gpu.pcie_gen is not None
     pred = plan.predictions
@@ -119,8 +107,8 @@ def solver_sweep(
         layer_gpu=tuple(plan.placement.layer_gpu),
     )
     plan_setup = setups[0][1]  # the plan's GPU comes first
-    space = replace(space, cross_entropy=cross_entropy_mode(plan, plan_setup, activations, space))
-    points = sweep(setups, space, activations, lambda label: budgets[label], hw.host_budget_bytes)
+    space = replace(space, cross_entropy=cross_entropy_mode(plan, plan_setup, tables, space))
+    points = sweep(setups, space, tables, lambda label: budgets[label], hw.host_budget_bytes)
     out = []
     for p in points:
         b = p.best
@@ -147,9 +135,7 @@ def solver_sweep(
     return tuple(out)
 
 
-def cross_entropy_mode(
-    plan: Plan, setup: Setup, activations: Callable[[int], ActivationProfile], space: Space
-) -> str:
+def cross_entropy_mode(plan: Plan, setup: Setup, tables: Tables, space: Space) -> str:
     """The sweep's --cross-entropy: what the plan's user forced (run.cross_entropy), else "auto".
 
     Kept where forced, so the sweep's point at the plan's budget is the plan; otherwise the loss is free
@@ -166,7 +152,7 @@ def cross_entropy_mode(
     if not plan.run.chunked_cross_entropy:
         return "auto"
     hw = plan.hardware
-    probe = Solver(setup, Limits(hw.budget_bytes, hw.host_budget_bytes), activations, space)
+    probe = Solver(setup, Limits(hw.budget_bytes, hw.host_budget_bytes), tables, space)
     auto_tries = DEFAULT_CHUNK_TOKENS in probe.loss_options(plan.run.micro_batch_size)
     return "auto" if auto_tries else "chunked"
 

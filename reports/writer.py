@@ -25,7 +25,7 @@ from .trace import trace_json
 
 if TYPE_CHECKING:
     from chunkft.plan_format import Plan
-    from chunkft.planner.profile_model import ActivationProfile, ModelStructure
+    from chunkft.planner.profile_model import ModelStructure
 
 REPORT_FILE = "report.html"
 TRACE_FILE = "trace.json"
@@ -137,12 +137,12 @@ def write_report(
     the solver (unless given the sweep), then write out_dir. Returns the report.html path.
 
     run: a RunRecord (reports.runfile.load_run) or None. The model is traced once: the simulation and
-    the sweep share its structure and activation profile.
+    the sweep share its structure (and the process's activation tables).
     """
     from .inputs import report_data
 
     check_destination(Path(out_dir))
-    structure = activation = None
+    structure = None
     if simulation is None:
         from chunkft.planner.simulator import setup_and_candidate, simulate
 
@@ -150,21 +150,19 @@ def write_report(
         structure = setup.structure
         simulation = simulate(setup, cand, activation).step
     if sweep is None:
-        sweep = _sweep(plan, structure, activation)
+        sweep = _sweep(plan, structure)
     data = report_data(plan, simulation, run=run, sweep=sweep)
     return write_report_data(data, out_dir)
 
 
-def _sweep(
-    plan: Plan, structure: ModelStructure | None, activation: ActivationProfile | None
-) -> tuple[SweepPoint, ...]:
+def _sweep(plan: Plan, structure: ModelStructure | None) -> tuple[SweepPoint, ...]:
     """The solver sweep, or ReportError: a report without its sweep would hide a planner bug."""
     from chunkft.profiles import ProfileError
 
     from .sweep import solver_sweep
 
     try:
-        return solver_sweep(plan, structure=structure, activation=activation)
+        return solver_sweep(plan, structure=structure)
     except ProfileError as exc:  # the plan's model (or GPU) is not here: bad input, not a bug
         raise ReportInputError(f"cannot sweep the plan's budgets: {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - any failure of the sweep is the report's failure

@@ -18,7 +18,7 @@ from chunkft.plan_format import load_plan
 from chunkft.planner.cli import main
 from chunkft.planner.costs import cost_model
 from chunkft.planner.profile_model import activation_profile, model_structure, reference_step_peak
-from chunkft.planner.simulator import Candidate, simulate_plan, window_peaks, windows_of
+from chunkft.planner.simulator import Candidate, edge_patterns, simulate_plan, window_peaks, windows_of
 from chunkft.planner.solver import make_setup
 
 SEQ = 1024
@@ -53,9 +53,11 @@ def test_prediction_matches_the_traced_step(chunk_tokens: int | None) -> None:
         on_gpu=False,
     )
     chunks = partition(list(st.specs), num_chunks=3, policy="rows", state_bytes_per_element=8)
-    act = activation_profile(cfg, "causal-lm", 1, SEQ, "float32", chunk_tokens=chunk_tokens)
+    windows = windows_of(st, st.specs, chunks)
+    edges = edge_patterns(windows, st.num_layers)
+    act = activation_profile(cfg, "causal-lm", 1, SEQ, "float32", chunk_tokens=chunk_tokens, edges=edges)
     cand = Candidate(
-        windows_of(st, st.specs, chunks),
+        windows,
         (0, 1, 2),
         (),
         1,

@@ -573,7 +573,7 @@ def test_a_calibrated_plan_replays_and_sweeps_with_its_measured_rates(
     setup, cand, act = setup_and_candidate(plan)
     redrawn = simulate(setup, cand, act).step.step_seconds
     assert redrawn == pytest.approx(plan.predictions.step_seconds, rel=1e-9)
-    points = solver_sweep(plan, structure=setup.structure, activation=act, gpus=(), points_per_gpu=3)
+    points = solver_sweep(plan, structure=setup.structure, gpus=(), points_per_gpu=3)
     mine = next(p for p in points if p.budget_bytes == plan.hardware.budget_bytes)
     assert (mine.k, mine.step_seconds) == (plan.chunk_table.num_chunks, plan.predictions.step_seconds)
 

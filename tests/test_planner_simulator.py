@@ -7,11 +7,13 @@ from chunkft.chunks import Chunk, ParamSlice, partition
 from chunkft.planner.costs import cost_model
 from chunkft.planner.profile_model import (
     _block_segments,
+    _ShallowTracer,
     activation_profile,
+    default_padded,
     model_structure,
     reference_step_peak,
 )
-from chunkft.planner.simulator import Candidate, simulate, window_peaks, windows_of
+from chunkft.planner.simulator import Candidate, edge_patterns, simulate, window_peaks, windows_of
 from chunkft.planner.solver import make_setup
 from chunkft.timeline import CATEGORIES
 
@@ -28,7 +30,6 @@ def _case(
 ):  # type: ignore[no-untyped-def]
     preset = profiles.load_model(model)
     st = model_structure(preset.config, preset.task, dtype)
-    act = activation_profile(preset.config, preset.task, micro, seq, dtype)
     setup = make_setup(
         st,
         cost_model(profiles.load_gpu("cpu"), dtype),
@@ -42,6 +43,8 @@ def _case(
     cand = Candidate(
         windows_of(st, st.specs, chunks), tuple(range(k)), ckpt, micro, accum, states_on, "float32", True
     )
+    edges = edge_patterns(cand.windows, st.num_layers)
+    act = activation_profile(preset.config, preset.task, micro, seq, dtype, edges=edges)
     return preset, st, setup, chunks, cand, act
 
 
@@ -119,11 +122,13 @@ def test_window_edges_inside_a_block_compose_like_a_step_trace() -> None:
     hidden state: whether the block above keeps this block's output (above a window's lowest block it is
     in the window, above a window inside one block it is not) moves one free between neighbours'
     segments. The full-step accuracy test above checks the composition as a whole."""
-    preset, st, _, _, _, act = _case(4)
-    tracer = act.tracer
-    assert tracer is not None
+    preset, st, _, _, _, _ = _case(4)
+    patterns = [(3, 0, False), (0, 4, True), (2, 5, False), (6, 0, False)]
+    act = activation_profile(preset.config, preset.task, 1, 128, "float32", edges=patterns)
+    padded = default_padded(preset.task)
+    tracer = _ShallowTracer(preset.config, preset.task, 1, 128, "float32", "sdpa", padded)
     r, n = 1, sum(1 for g in st.spec_layer if g == 0)
-    for skip_before, skip_after, input_grad in [(3, 0, False), (0, 4, True), (2, 5, False), (6, 0, False)]:
+    for skip_before, skip_after, input_grad in patterns:
         whole = act.block("full" if input_grad else "first")
         edge = act.block(("edge", skip_before, skip_after, input_grad))
 

@@ -4,7 +4,7 @@ import pytest
 
 from chunkft import profiles
 from chunkft.planner.costs import CostModel
-from chunkft.planner.profile_model import activation_profile, model_structure
+from chunkft.planner.profile_model import model_structure, tables_for
 from chunkft.planner.solver import Limits, Solver, Space, balance_layers, batch_splits, make_setup
 
 GIB = 2**30
@@ -36,7 +36,7 @@ def _solve(tiny, budget: int, **space):  # type: ignore[no-untyped-def]
     solver = Solver(
         setup,
         Limits(budget, 64 * GIB),
-        lambda mb: activation_profile(preset.config, preset.task, mb, 256, "float32"),
+        tables_for(preset.config, preset.task, 256, "float32"),
         sp,
     )
     return solver.solve()
@@ -152,9 +152,9 @@ def test_the_host_budget_covers_a_checkpoint_not_only_the_state_stores(tiny) -> 
     states = best.result.step.host_bytes
     assert best.result.host_peak_bytes > states
     sp = Space(global_batch=2, num_chunks=best.num_chunks)
-    act = lambda mb: activation_profile(preset.config, preset.task, mb, 256, "float32")  # noqa: E731
+    tables = tables_for(preset.config, preset.task, 256, "float32")
     for host, fits in ((best.result.host_peak_bytes, True), (best.result.host_peak_bytes - 1, False)):
-        sol = Solver(setup, Limits(64 * GIB, host), act, sp).solve()
+        sol = Solver(setup, Limits(64 * GIB, host), tables, sp).solve()
         ok = [o.candidate for o in (sol.best, *sol.runners_up) if o is not None]
         assert (best.candidate in ok) == fits
 

@@ -476,6 +476,7 @@ def test_solver_sweep_reproduces_the_plan(tmp_path: Path) -> None:
     """Every sweep point is a real solve: at the plan's own budget it is the plan; below the smallest
     feasible budget nothing fits (the early stop agrees with solving there)."""
     from chunkft.planner.cli import main as plan_cli
+    from chunkft.planner.profile_model import tables_for
     from chunkft.planner.simulator import setup_and_candidate
     from chunkft.planner.solver import Limits, Solver, Space, make_setup
     from chunkft.reports.sweep import solver_sweep
@@ -497,11 +498,13 @@ def test_solver_sweep_reproduces_the_plan(tmp_path: Path) -> None:
         assert flags == sorted(flags) and flags[-1] and not flags[0]  # infeasible, then feasible
         assert all(p.peak_bytes <= p.budget_bytes for p in row if p.feasible)
     no = max(p.budget_bytes for p in pts if p.gpu == hw.gpu_name and not p.feasible)
-    fixed, _, act = setup_and_candidate(plan)
+    fixed, _, _ = setup_and_candidate(plan)
     setup = make_setup(fixed.structure, fixed.cost, weight_dtype=fixed.weight_dtype,
                        optimizer=fixed.optimizer, sgd_momentum=fixed.sgd_momentum, seq_len=fixed.seq_len,
                        on_gpu=True)
-    solver = Solver(setup, Limits(no, hw.host_budget_bytes), lambda mb: act, Space(global_batch=1))
+    preset = load_model(plan.model.name)
+    tables = tables_for(preset.config, preset.task, fixed.seq_len, plan.run.compute_dtype)
+    solver = Solver(setup, Limits(no, hw.host_budget_bytes), tables, Space(global_batch=1))
     assert solver.solve().best is None
 
 
@@ -532,7 +535,7 @@ def chunked_plans(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.mark.parametrize("how", ["auto", "forced"])
 def test_chunked_cross_entropy_plan_sweeps(chunked_plans: dict[str, Path], how: str) -> None:
-    """The sweep, given what write_report gives it (the plan's chunked activation profile), solves; at
+    """The sweep, after the plan's own (chunked) table was built as write_report builds it, solves; at
     the plan's own budget it is the plan, chunked cross-entropy included (kept where it was forced)."""
     from chunkft.planner.simulator import setup_and_candidate
     from chunkft.reports.sweep import solver_sweep
@@ -540,7 +543,7 @@ def test_chunked_cross_entropy_plan_sweeps(chunked_plans: dict[str, Path], how: 
     plan = load_plan(chunked_plans[how])
     setup, _, act = setup_and_candidate(plan)
     assert act.chunk_tokens is not None
-    pts = solver_sweep(plan, structure=setup.structure, activation=act, gpus=(), points_per_gpu=4)
+    pts = solver_sweep(plan, structure=setup.structure, gpus=(), points_per_gpu=4)
     assert any(p.feasible for p in pts) and not all(p.feasible for p in pts)
     mine = next(p for p in pts if p.budget_bytes == plan.hardware.budget_bytes)
     assert (mine.k, mine.step_seconds) == (plan.chunk_table.num_chunks, plan.predictions.step_seconds)

@@ -21,12 +21,12 @@ TINY = ["--gpu", "cpu", "--seq-len", "128", "--host-mem", "4GiB"]
 def fresh_process_caches(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each plan starts like a new process: the in-memory profile caches would hide the disk."""
     monkeypatch.setattr(pm, "_CACHE", {})
-    monkeypatch.setattr(pm, "_CHUNKED", {})
+    monkeypatch.setattr(pm, "_TRACERS", {})
 
 
 def _fresh(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pm, "_CACHE", {})
-    monkeypatch.setattr(pm, "_CHUNKED", {})
+    monkeypatch.setattr(pm, "_TRACERS", {})
 
 
 def _plan(out: Path, model: str = "tiny-llama", *extra: str, batch: int = 1) -> bytes:
