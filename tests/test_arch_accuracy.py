@@ -1,0 +1,73 @@
+"""Predicted peaks of architectures the presets do not cover, against the executor's own traced step
+(issue 15, item 6): tiny Qwen2, GPT-2 and Gemma-2 configs, every window within 3%.
+
+Known miss, kept as a strict xfail so that a fix shows up: Gemma-2 alternates sliding-window and full
+attention layers, and the profile traces one representative middle block (a full-attention one) for
+every block; with every block checkpointed the prediction is 4.5% low. With all layers of one type the
+same case is exact (-0.03%), so the fix is a representative block per layer type.
+"""
+
+import pytest
+from transformers import Gemma2Config, GPT2Config, Qwen2Config
+
+from chunkft import profiles
+from chunkft.chunks import partition
+from chunkft.planner.costs import cost_model
+from chunkft.planner.profile_model import activation_profile, model_structure, reference_step_peak
+from chunkft.planner.simulator import Candidate, edge_patterns, window_peaks, windows_of
+from chunkft.planner.solver import make_setup
+
+SEQ = 128
+TINY = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "vocab_size": 256,
+    "max_position_embeddings": 256,
+}
+
+
+def _config(kind: str):  # type: ignore[no-untyped-def]
+    if kind == "qwen2":
+        cfg = Qwen2Config(num_hidden_layers=4, **TINY)
+    elif kind == "gemma2":
+        cfg = Gemma2Config(num_hidden_layers=4, **TINY)
+    else:
+        cfg = GPT2Config(n_layer=4, n_embd=64, n_head=2, vocab_size=256, n_positions=256, bos_token_id=0,
+                         eos_token_id=0)  # fmt: skip
+    return cfg, "eager" if kind == "gemma2" else "sdpa"  # Gemma-2 has no sdpa in transformers
+
+
+@pytest.mark.parametrize(
+    ("kind", "k", "ckpt"),
+    [
+        ("qwen2", 4, (0, 1)),  # measured -0.04 .. -0.00%
+        ("gpt2", 4, ()),  # +1.4 .. +2.6% (Conv1D weights, learned positions, post-block norm)
+        ("gemma2", 4, ()),  # -0.00 .. +2.1% (scaled embedding, four norms per block, soft-capping)
+        pytest.param(
+            "gemma2",
+            1,
+            (0, 1, 2, 3),
+            marks=pytest.mark.xfail(strict=True, reason="one representative block for two layer types"),
+        ),
+    ],
+)
+def test_every_window_within_three_percent_of_trace(kind: str, k: int, ckpt: tuple[int, ...]) -> None:
+    cfg, attn = _config(kind)
+    st = model_structure(cfg, "causal-lm", "float32")
+    setup = make_setup(st, cost_model(profiles.load_gpu("cpu"), "float32"), weight_dtype="float32",
+                       optimizer="adamw", sgd_momentum=False, seq_len=SEQ, on_gpu=False)  # fmt: skip
+    chunks = partition(list(st.specs), num_chunks=k, policy="rows", state_bytes_per_element=8,
+                       keep_whole=frozenset(st.unsliceable))  # fmt: skip
+    windows = windows_of(st, st.specs, chunks)
+    edges = edge_patterns(windows, st.num_layers)
+    act = activation_profile(cfg, "causal-lm", 1, SEQ, "float32", attn, edges=edges)
+    cand = Candidate(windows, tuple(range(len(chunks))), ckpt, 1, 1, "host", "float32", k > 1)
+    for w, predicted in enumerate(window_peaks(setup, cand, act)):
+        traced, _ = reference_step_peak(
+            cfg, "causal-lm", chunks, w, micro_batch=1, grad_accum=1, seq_len=SEQ, dtype="float32",
+            attn_implementation=attn, checkpoint_layers=ckpt, state_slots=2 if k > 1 else 1,
+        )  # fmt: skip
+        assert abs(predicted - traced) <= 0.03 * traced, (w, predicted, traced)
