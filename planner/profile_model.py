@@ -636,11 +636,17 @@ def _is_per_layer(key: str) -> bool:
 def _shallow_config(config: object, layers: int) -> object:
     """The config of the `layers`-block profiling copy, its per-layer lists (`layer_types`, ...) kept
     as long as num_hidden_layers: Hugging Face indexes them by block and raises IndexError past the end.
-    Block i of the copy is block min(i, L-1) of the model: the first blocks of a deep model, and a 1- or
-    2-block model's last block repeated."""
+    Block i of the copy takes the per-layer settings of block min(i, L-1) of the model (the first blocks
+    of a deep model, a 1- or 2-block model's last block repeated), except block 0, which takes the
+    representative block's: a block below it of the same layer type. Why: with activation checkpointing
+    a block keeps its layer type's attention mask alive until its backward, and the lowest block of a
+    type frees it; were the representative the lowest of its type (Gemma-2 alternates sliding and full
+    attention), every composed block would free a mask (measured: -4.5% on a checkpointed Gemma-2)."""
     cfg = copy.deepcopy(config)
     depth = int(getattr(config, "num_hidden_layers", layers) or layers)
     source = [min(i, depth - 1) for i in range(layers)]
+    if layers > _REPRESENTATIVE:
+        source[0] = source[_REPRESENTATIVE]
     for key, value in config.to_dict().items():  # type: ignore[attr-defined]
         if _is_per_layer(key) and isinstance(value, (list, tuple)) and len(value) == depth:
             setattr(cfg, key, [copy.deepcopy(value[j]) for j in source])

@@ -92,12 +92,17 @@ def _layer_types(cfg: PretrainedConfig) -> list[str]:
 @pytest.mark.parametrize("layers", [1, 2, 3, 6])
 def test_the_profiling_copy_keeps_per_layer_lists_as_long_as_its_depth(layers: int) -> None:
     """Block i of the copy is block min(i, L-1) of the model: a deep model's first blocks, a shallow
-    model's last block repeated; the model's own config is left as it was."""
+    model's last block repeated; but block 0 is of the representative block's type (a same-type block
+    below it, see _shallow_config). The model's own config is left as it was."""
     cfg = Gemma2Config(num_hidden_layers=layers, **TINY)
     before = _layer_types(cfg)
     copy = _shallow_config(cfg, TRACE_LAYERS)
     assert copy.num_hidden_layers == TRACE_LAYERS  # type: ignore[attr-defined]
-    assert _layer_types(copy) == [before[min(i, layers - 1)] for i in range(TRACE_LAYERS)]  # type: ignore[arg-type]
+    source = [min(i, layers - 1) for i in range(TRACE_LAYERS)]
+    source[0] = source[1]
+    assert _layer_types(copy) == [before[j] for j in source]  # type: ignore[arg-type]
+    if layers >= 3:  # Gemma-2 alternates: the copy is [full, full, sliding], the model [sliding, full, ...]
+        assert _layer_types(copy)[0] == _layer_types(copy)[1] != before[0]
     assert _layer_types(cfg) == before and cfg.num_hidden_layers == layers
 
 
