@@ -15,6 +15,7 @@ simulator until the lowest checkpointed block's backward.
 """
 
 import pytest
+from test_hf_configs import TINY  # the same tiny widths as the config-directory tests
 from transformers import Gemma2Config, GPT2Config, Qwen2Config
 
 from chunkft import profiles
@@ -25,15 +26,6 @@ from chunkft.planner.simulator import Candidate, edge_patterns, window_peaks, wi
 from chunkft.planner.solver import make_setup
 
 SEQ = 128
-TINY = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "head_dim": 32,
-    "vocab_size": 256,
-    "max_position_embeddings": 256,
-}
 
 
 def _config(kind: str):  # type: ignore[no-untyped-def]
