@@ -7,11 +7,9 @@ type below it (planner.profile_model._shallow_config), every checkpointed block 
 a mask: fully checkpointed -4.5%.
 
 Known miss, a strict xfail so that the fix shows: with only some blocks checkpointed (K=4, blocks 0
-and 1) the prediction is 3.9% low. The checkpointed blocks keep both masks (2 x S x S fp32, 128 KiB
-here) from the end of the forward to their backward; the composed step takes the head's forward from
-an uncheckpointed trace, where the masks are freed when the forward returns. Fix: measure what
-checkpointing keeps past the forward (head forward, checkpointed trace minus plain) and hold it in the
-simulator until the lowest checkpointed block's backward.
+and 1) window 1 is predicted 3.9% low, by 132 232 bytes: two S x S fp32 tensors (the size of the two
+attention masks) and 1 KiB. Not yet explained: with every block checkpointed the same masks cost
+nothing (-0.03%), and with one block checkpointed neither (-0.02%).
 """
 
 import pytest
