@@ -17,6 +17,7 @@ code unchanged) that says what is wrong and what to do: where that is a command,
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shlex
 import signal
@@ -28,6 +29,7 @@ import click
 from chunkft.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
 from chunkft.executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_checkpoints
 from chunkft.executor.data import DataError
+from chunkft.executor.distributed import DistributedError
 from chunkft.executor.replan import replan_command, rerun_command, resume_command, smaller_budget
 from chunkft.executor.streams import PinnedMemoryError
 from chunkft.executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
@@ -163,6 +165,8 @@ def main(
         _fail(f"{e}; free space and {then}", EXIT_FAILED, debug)
     except torch.OutOfMemoryError as e:
         _fail(out_of_memory_message(opts, e, _cuda_peaks()), EXIT_FAILED, debug)
+    except DistributedError as e:  # init failed (nothing written) or a rank was lost mid-run
+        _fail(str(e), EXIT_FAILED if "lost the other ranks" in str(e) else EXIT_BAD_INPUT, debug)
     except TrainingDiverged as e:  # a RunError, but raised mid-run: failed while working
         _fail(str(e), EXIT_FAILED, debug)
     except (RunError, DataError, CheckpointError, PlanError, ProfileError) as e:
@@ -179,6 +183,8 @@ def main(
         first = str(e).splitlines()[0] if str(e) else ""
         hint = "" if debug else " (rerun with --debug for the traceback)"
         _fail(f"internal error {type(e).__name__}: {first}; {_after_failure(opts)}{hint}", EXIT_FAILED, debug)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports the run
     ev = result.evals[-1] if result.evals else None
     final = result.train_losses[-1] if result.train_losses else None
     final_text = "not finite" if final is None else f"{final:.4f}"
