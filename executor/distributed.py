@@ -23,7 +23,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-DEFAULT_TIMEOUT_S = 180  # a dead rank turns into an error on the others within this, not a hang
+# a dead rank turns into an error on the others within this, not a hang; CHUNKFT_COLLECTIVE_TIMEOUT_S
+# overrides it (the tests use a few seconds)
+DEFAULT_TIMEOUT_S = float(os.environ.get("CHUNKFT_COLLECTIVE_TIMEOUT_S", "180"))
 
 
 class DistributedError(RuntimeError):
