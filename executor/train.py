@@ -274,13 +274,21 @@ def my_micro_batches(micro: list, world: World) -> list:
     return [(b, scale * world.size) for b, scale in micro[world.rank :: world.size]]
 
 
+def _collective_failure(e: BaseException) -> bool:
+    """gloo reports a dead peer as a plain RuntimeError from its transport."""
+    text = str(e)
+    return torch.distributed.is_initialized() and any(
+        k in text for k in ("gloo", "Connection closed by peer", "NCCL", "timed out", "Timed out")
+    )
+
+
 def lost_rank_message(opts: RunOptions, e: BaseException) -> str:
     """One line for a collective that failed mid-run (a rank killed, hung past the timeout)."""
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
     return (
         f"rank {os.environ.get('RANK', '?')}: lost the other ranks ({first}); a rank died or hung past "
-        f"{opts.collective_timeout_s:.0f} s. The last complete checkpoint in {opts.output_dir} is intact: "
-        "relaunch every rank with --resume"
+        f"{opts.collective_timeout_s:.0f} s; the last complete checkpoint in {opts.output_dir} is intact: "
+        f"relaunch every rank with --resume ({resume_command(opts)})"
     )
 
 
@@ -493,8 +501,10 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
     try:
         with _hub_progress_bars(opts.progress):
             return _train(opts, log, lock)
-    except torch.distributed.DistError as e:  # a collective failed: another rank died or timed out
-        raise DistributedError(lost_rank_message(opts, e)) from None
+    except RuntimeError as e:  # a collective failed: another rank died or timed out
+        if isinstance(e, torch.distributed.DistError) or _collective_failure(e):
+            raise DistributedError(lost_rank_message(opts, e)) from None
+        raise
     finally:
         lock.release()
 
