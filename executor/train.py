@@ -766,7 +766,10 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         return RunResult(out, total_steps, tuple(losses), (), skipped, memory, run_json, model_dir)
     with tracker.phase("export"):
         model_dir = export_model(model, tokenizer, out / "model")
-    result = _write_run_json(opts, plan, plan_sha, device, out, memory, clock, model_dir)
+    host_states = driver.host_state_bytes()
+    result = _write_run_json(
+        opts, plan, plan_sha, device, out, memory, clock, model_dir, host_state_bytes=host_states
+    )
     dist_.shutdown(world)
     return result
 
@@ -1223,6 +1226,7 @@ def _write_run_json(
     memory: MemoryMeasurement | None,
     clock: StepClock,
     model_dir: Path,
+    host_state_bytes: int | None = None,
 ) -> RunResult:
     """run.json: what was measured beside what the plan predicted, and the losses."""
     import transformers
@@ -1247,6 +1251,8 @@ def _write_run_json(
         "transfer_wait_s": clock.median_transfer_wait_s(),  # per step, median; inside step_seconds
         "transfer_wait_s_total": clock.total_transfer_wait_s(),
         "timed_steps_this_session": len(clock.seconds),
+        # master + optimizer states kept on the host by this rank (data parallel: ~1/N each)
+        "host_state_bytes": host_state_bytes,
     }
     predicted = {
         "peak_bytes": pred.peak_bytes,
