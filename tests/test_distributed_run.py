@@ -134,3 +134,16 @@ def test_a_killed_rank_stops_the_other_with_one_line_and_the_checkpoint_stays(pl
     assert len(lines) == 1 and "lost the other ranks" in lines[0] and "--resume" in lines[0], err[-2000:]
     newest = complete_checkpoints(out)[0]
     assert read_meta(newest).step % 2 == 0  # a complete checkpoint, loadable
+
+
+def test_nproc_above_the_gpus_present_is_refused_for_a_cuda_plan(plans, tmp_path) -> None:
+    plan2, _, data = plans
+    p = load_plan(plan2)
+    gpu_plan = tmp_path / "gpu.json"
+    save_plan(dataclasses.replace(p, hardware=dataclasses.replace(p.hardware, gpu="h100-80gb")), gpu_plan)
+    args = [str(gpu_plan), "--data", str(data), "--output", str(tmp_path / "o"), "--nproc", "64"]
+    res = CliRunner().invoke(run_main, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("chunkft-run: error:")]
+    assert len(lines) == 1 and "--nproc 64 needs 64 GPUs" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
