@@ -75,6 +75,14 @@ def test_two_ranks_train_like_one_and_say_so_in_run_json(plans, tmp_path) -> Non
     assert [e["eval_loss"] for e in a["losses"]["eval"]] == pytest.approx(
         [e["eval_loss"] for e in b["losses"]["eval"]], rel=1e-5
     )
+    # stopped after 2 steps and resumed on 2 ranks: exactly the uninterrupted 2-rank run
+    base = [sys.executable, "-m", "chunkft.executor.cli", plan2, "--data", data, "--output", tmp_path / "re",
+            "--quiet", "--nproc", "2"]  # fmt: skip
+    for extra in (["--max-steps", "2"], ["--resume"]):
+        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    c = json.loads((tmp_path / "re" / "run.json").read_text())
+    assert c["losses"]["train"] == a["losses"]["train"]
 
 
 def test_a_plan_for_two_ranks_on_one_is_refused_with_the_replan_command(plans, tmp_path) -> None:
