@@ -155,3 +155,17 @@ def test_nproc_above_the_gpus_present_is_refused_for_a_cuda_plan(plans, tmp_path
     lines = [ln for ln in res.output.splitlines() if ln.startswith("chunkft-run: error:")]
     assert len(lines) == 1 and "--nproc 64 needs 64 GPUs" in lines[0], res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_gpu_plan_for_two_gpus_is_data_parallel_when_the_model_fits_one(tmp_path) -> None:
+    args = ["tiny-llama", "--gpu", "h100-80gb", "--seq-len", "32", "--batch-size", "4",
+            "--micro-batch", "1", "--grad-accum", "4", "--chunks", "4", "--host-mem", "4GiB",
+            "--steps", "4", "--num-gpus", "2"]  # fmt: skip
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "2 x" in res.output and "(data parallel: one rank each)" in res.output
+    plan = load_plan(tmp_path / "p.json")
+    assert plan.hardware.parallel == "data" and not any(plan.placement.layer_gpu)
+    odd = [a if a != "4" else "3" for a in args]  # --grad-accum 3 over 2 ranks
+    res = CliRunner().invoke(plan_main, [*odd, "-o", str(tmp_path / "q.json")])
+    assert res.exit_code == 2 and "a multiple of 2" in res.output, res.output
