@@ -12,9 +12,9 @@ typos should take one round trip to fix, not three. Bump SCHEMA_VERSION on any i
 keep tests/golden/plan_v1.json loading. A field added later is compatible when a file without it has one
 right reading, so it stays v1. _with_added_fields fills them in: `run.padded_batches` with the task's
 default (what those plans were planned for); `hardware.headroom_bytes` 0, `run.cuda_alloc_conf` "",
-`run.optimizer.weight_decay_mode` "window", `run.cross_entropy` "auto", the `hardware.measured_*` rates 0
-and `predictions.host_peak_bytes` = host_bytes (what those plans assumed and were run with). Such a file
-is rewritten with the fields spelled out.
+`run.optimizer.weight_decay_mode` "window", `run.cross_entropy` "auto", the `hardware.measured_*` rates 0,
+`hardware.parallel` "none" and `predictions.host_peak_bytes` = host_bytes (what those plans assumed and
+were run with). Such a file is rewritten with the fields spelled out.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ HostStateDtype = Literal["float32", "bfloat16", "reset"]
 WeightsPlacement = Literal["resident", "streamed"]
 WeightDecayMode = Literal["window", "compensated"]
 CheckpointMode = Literal["none", "all", "selected"]
+# How num_gpus > 1 GPUs are used: "none" splits the decoder layers across them (placement.layer_gpu;
+# what every plan before the field meant), "data" runs one rank per GPU, each on its own micro-batches,
+# every window's master and states sharded 1/N per rank (executor/distributed.py).
+Parallel = Literal["none", "data"]
 
 # Whether a task's batches are padded when the plan does not say (files written before
 # run.padded_batches): what the planner assumed then, planner.profile_model.default_padded (causal-LM
@@ -105,6 +109,8 @@ class Hardware:
     # (planner.costs.with_measured_rates); 0: the profile's figure. Files written before them: 0.
     measured_flops_per_s: int = 0
     measured_memory_bytes_per_s: int = 0
+    # Files written before it: "none" (layers split across num_gpus, what they were planned for).
+    parallel: Parallel = "none"
 
 
 @dataclass(frozen=True)
@@ -566,6 +572,7 @@ def _added_fields(data: dict) -> list[tuple[tuple[str, ...], str, object]]:
         (("run",), "cross_entropy", "auto"),
         (("hardware",), "measured_flops_per_s", 0),
         (("hardware",), "measured_memory_bytes_per_s", 0),
+        (("hardware",), "parallel", "none"),
     ]
     predictions = data.get("predictions")
     if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported
@@ -1081,6 +1088,11 @@ def _cross_checks(v: dict[str, typing.Any], problems: list[str]) -> None:
                 f"rotation.sequence must be {k - 1}..0 in order for 'top-down'",
             )
     if pl is not None and hw is not None:
+        _need(
+            hw.parallel == "none" or not any(pl.layer_gpu),
+            problems,
+            "placement.layer_gpu must be all 0 when hardware.parallel is 'data' (each rank holds all layers)",
+        )
         for i, g in enumerate(pl.layer_gpu):
             _need(
                 0 <= g < hw.num_gpus,

@@ -25,7 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from chunkft.chunks import Chunk
+from chunkft.executor import distributed as dist_
 from chunkft.executor.devices import CudaInfo, resolve_device, same_device
+from chunkft.executor.distributed import World
 from chunkft.executor.optimizer import (
     AdamWHparams,
     ChunkedOptimizer,
@@ -102,6 +104,7 @@ class ChunkFT:
         weight_decay_mode: WeightDecayMode = "window",
         streams: Streams | None = None,
         cuda: CudaInfo | None = None,
+        world: World | None = None,
     ) -> None:
         chunks = tuple(chunks)
         if not chunks:
@@ -142,6 +145,7 @@ class ChunkFT:
         self.hparams = hparams
         self.schedule = schedule
         self.max_grad_norm = max_grad_norm
+        self.world = world if world is not None else World.single()
         self._prefetch_order = prefetch_order
         self._prefetch = prefetch_order is None or len(prefetch_order) > 0
         self._slicegrad = SliceGradients(model)
@@ -157,6 +161,7 @@ class ChunkFT:
             # "compensated": each window is updated 1/K of the time, so it decays K steps' worth per update
             decay_steps=len(chunks) if weight_decay_mode == "compensated" else 1,
             streams=streams,
+            world=self.world,
         )
         self._rotation = Rotation(rotation, len(chunks))
         self._schedule_step = 0
@@ -203,6 +208,8 @@ class ChunkFT:
         chunk = self._rotation.current()
         lr = self.lr()
         grads = self._slicegrad.window_grads()
+        if self.world.parallel:
+            return self._step_parallel(chunk, lr, grads)
         norm = grad_norm(list(grads.values()))
         norm_value = float(norm)  # one host sync per step: skipping is decided on the host
         if not math.isfinite(norm_value):
@@ -211,6 +218,39 @@ class ChunkFT:
         if self.max_grad_norm is not None:
             clip_(list(grads.values()), norm, self.max_grad_norm)
         wait_s = self._optimizer.update(chunk, grads, lr)
+        self._slicegrad.zero_grad()
+        self._schedule_step += 1
+        if self._rotation.advance():
+            self._optimizer.engine.write_back(chunk)
+            self._slicegrad.deactivate()
+            self._activate(self._rotation.current())
+            self._optimizer.begin_window(self._rotation.current())
+        return StepStats(chunk, lr, norm_value, False, wait_s)
+
+    def _step_parallel(self, chunk: int, lr: float, grads: dict[str, Tensor]) -> StepStats:
+        """Data parallel step: reduce-scatter the window's flat gradient (mean over ranks), global clip
+        norm from the all-reduced fp64 sum of squares, update this rank's shard, all-gather the rows."""
+        layout = self._optimizer.layouts[chunk]
+        device = self._optimizer.engine.device
+        flat = torch.zeros(self._optimizer.numels[chunk], dtype=torch.float32, device=device)
+        present = torch.zeros(len(layout), dtype=torch.float32, device=device)
+        for i, s in enumerate(layout):
+            g = grads.get(s.slice.name)
+            if g is not None:
+                flat[s.offset : s.offset + s.numel].copy_(g.reshape(-1))
+                present[i] = 1.0
+        # a slice that got a gradient on any rank is updated on all (its gradient is zero on the others)
+        present = dist_.all_reduce_sum(present, self.world)
+        shard = dist_.reduce_scatter_mean(flat, self.world)
+        del flat
+        norm = dist_.global_sq_norm(shard, self.world).sqrt().to(torch.float32).reshape(())
+        norm_value = float(norm)  # the same on every rank, so every rank skips the same steps
+        if not math.isfinite(norm_value):
+            self._slicegrad.zero_grad()
+            return StepStats(chunk, lr, norm_value, True, 0.0)
+        if self.max_grad_norm is not None:
+            clip_([shard], norm, self.max_grad_norm)
+        wait_s = self._optimizer.update_shard(chunk, shard, [bool(x > 0) for x in present.tolist()], lr)
         self._slicegrad.zero_grad()
         self._schedule_step += 1
         if self._rotation.advance():
@@ -236,7 +276,9 @@ class ChunkFT:
     def state_dict(self) -> dict:
         """Everything but the model weights needed to continue exactly: rotation position, schedule step,
         every chunk's states, step counts and master copies. Plain containers and tensors only, so it loads
-        with torch.load(weights_only=True). Take it between steps (accumulated gradients are not saved)."""
+        with torch.load(weights_only=True). Take it between steps (accumulated gradients are not saved).
+        Data parallel: a collective (every rank calls it); the whole windows' states land on rank 0 only
+        (the other ranks' optimizer engine entry is None), in the same format as one rank's."""
         return {
             "version": STATE_VERSION,
             "optimizer_kind": type(self.hparams).__name__,

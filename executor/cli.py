@@ -17,6 +17,7 @@ code unchanged) that says what is wrong and what to do: where that is a command,
 from __future__ import annotations
 
 import errno
+import os
 import re
 import shlex
 import signal
@@ -28,6 +29,7 @@ import click
 from chunkft.cli_conventions import EXIT_BAD_INPUT, EXIT_FAILED, OneLineErrors, fail
 from chunkft.executor.checkpoint import CheckpointDiskFull, CheckpointError, complete_checkpoints
 from chunkft.executor.data import DataError
+from chunkft.executor.distributed import DistributedError
 from chunkft.executor.replan import replan_command, rerun_command, resume_command, smaller_budget
 from chunkft.executor.streams import PinnedMemoryError
 from chunkft.executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
@@ -113,6 +115,13 @@ GIB = 2**30
     is_flag=True,
     help="No progress output (neither chunkft's nor transformers'/huggingface_hub's progress bars).",
 )
+@click.option(
+    "--nproc",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Data parallel: start this many ranks with torchrun (python -m torch.distributed.run --standalone "
+    "--nproc-per-node N) on this machine; the plan must be made for it (chunkft-plan --num-gpus N).",
+)
 @click.option("--debug", is_flag=True, help="Print the traceback before the one-line error (same exit code).")
 def main(
     plan: Path,
@@ -125,6 +134,7 @@ def main(
     allow_data_change: bool,
     device: str | None,
     quiet: bool,
+    nproc: int | None,
     debug: bool,
 ) -> None:
     """Fine-tune the model PLAN describes on --data with ChunkFT, writing everything under --output."""
@@ -139,6 +149,8 @@ def main(
     if max_steps is not None and max_steps > MAX_STEPS:
         _fail(f"--max-steps {max_steps} is absurdly large (at most {MAX_STEPS:,}); check the number",
               EXIT_BAD_INPUT, debug)
+    if nproc is not None and "RANK" not in os.environ:
+        _launch(plan, nproc, device, debug)
     out = output if output is not None else Path("runs") / plan.stem
     opts = RunOptions(
         plan_path=plan,
@@ -163,6 +175,8 @@ def main(
         _fail(f"{e}; free space and {then}", EXIT_FAILED, debug)
     except torch.OutOfMemoryError as e:
         _fail(out_of_memory_message(opts, e, _cuda_peaks()), EXIT_FAILED, debug)
+    except DistributedError as e:  # init failed (nothing written) or a rank was lost mid-run
+        _fail(str(e), EXIT_FAILED if "lost the other ranks" in str(e) else EXIT_BAD_INPUT, debug)
     except TrainingDiverged as e:  # a RunError, but raised mid-run: failed while working
         _fail(str(e), EXIT_FAILED, debug)
     except (RunError, DataError, CheckpointError, PlanError, ProfileError) as e:
@@ -179,6 +193,8 @@ def main(
         first = str(e).splitlines()[0] if str(e) else ""
         hint = "" if debug else " (rerun with --debug for the traceback)"
         _fail(f"internal error {type(e).__name__}: {first}; {_after_failure(opts)}{hint}", EXIT_FAILED, debug)
+    if os.environ.get("RANK", "0") != "0":
+        return  # rank 0 reports the run
     ev = result.evals[-1] if result.evals else None
     final = result.train_losses[-1] if result.train_losses else None
     final_text = "not finite" if final is None else f"{final:.4f}"
@@ -241,6 +257,40 @@ def out_of_memory_message(opts: RunOptions, error: BaseException, peaks: tuple[i
         f"(another process may hold memory: nvidia-smi); or re-plan with a smaller budget: "
         f"{replan_command(plan, new_budget, target)} (a new plan starts from step 0)"
     )
+
+
+def _launch(plan_path: Path, nproc: int, device: str | None, debug: bool) -> NoReturn:
+    """chunkft-run --nproc N: this command again under torchrun, N ranks, without --nproc."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from chunkft.plan_format import PlanError, load_plan
+
+    try:
+        plan = load_plan(plan_path)
+    except PlanError as e:
+        _fail(str(e), EXIT_BAD_INPUT, debug)
+    on_cuda = plan.hardware.gpu != "cpu" and device != "cpu"
+    if on_cuda and nproc > torch.cuda.device_count():
+        _fail(
+            f"--nproc {nproc} needs {nproc} GPUs and torch sees {torch.cuda.device_count()}; use at most "
+            f"that many (and re-plan with chunkft-plan ... --num-gpus N to match)",
+            EXIT_BAD_INPUT,
+            debug,
+        )
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            args.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    cmd += ["-m", "chunkft.executor.cli", *args]
+    raise SystemExit(subprocess.call(cmd))
 
 
 def _fail(message: str, code: int, debug: bool) -> NoReturn:

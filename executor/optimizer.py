@@ -21,6 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from chunkft.chunks import Chunk, ParamSlice
+from chunkft.executor import distributed as dist_
+from chunkft.executor.distributed import World
 from chunkft.executor.streams import Streams
 from chunkft.executor.transfer import KindSpec, TransferEngine
 
@@ -183,6 +185,7 @@ class ChunkedOptimizer:
         state_slots: int = 1,
         decay_steps: int = 1,
         streams: Streams | None = None,
+        world: World | None = None,
     ) -> None:
         if not isinstance(hparams, AdamWHparams | SGDHparams):
             raise TypeError(f"hparams must be AdamWHparams or SGDHparams, got {type(hparams).__name__}")
@@ -202,6 +205,10 @@ class ChunkedOptimizer:
         self.decay_steps = decay_steps
         self._params = params
         self.layouts = [chunk_layout(c, params) for c in chunks]
+        # data parallel: this rank keeps master and states only for its 1/N of each window's flat elements
+        self.world = world if world is not None else World.single()
+        self.numels = [sum(s.numel for s in lay) for lay in self.layouts]
+        self.bounds = [dist_.shard_bounds(n, self.world) for n in self.numels]
         used = [params[sl.name] for c in chunks for sl in c.slices]
         self.needs_master = any(p.dtype != torch.float32 for p in used)
         location = "host" if states_on == "host" else "device"
@@ -212,7 +219,7 @@ class ChunkedOptimizer:
         for name in state_kinds(hparams):
             kinds.append(KindSpec(name, "none" if host_state_dtype == "reset" else location, store_dtype))
         self.engine = TransferEngine(
-            [sum(s.numel for s in lay) for lay in self.layouts],
+            [b[2] for b in self.bounds] if self.world.parallel else self.numels,
             kinds,
             device=device,
             max_slots=state_slots,
@@ -222,6 +229,11 @@ class ChunkedOptimizer:
         if self.needs_master:
             for c, lay in enumerate(self.layouts):
                 master = self.engine.store(c, "master")
+                if self.world.parallel:
+                    lo, hi, _ = self.bounds[c]
+                    for s, a, b in self._pieces(c):
+                        master[a - lo : b - lo].copy_(self._rows(s)[a - s.offset : b - s.offset])
+                    continue
                 for s in lay:
                     master[s.offset : s.offset + s.numel].copy_(self._rows(s))
 
@@ -266,14 +278,117 @@ class ChunkedOptimizer:
                 self._rows(s).copy_(master)
         return fetched.wait_s
 
+    # ----- data parallel ---------------------------------------------------------------------------------
+    def _pieces(self, chunk: int) -> list[tuple[SliceLayout, int, int]]:
+        """(slice, a, b): the part [a, b) of each slice's flat range that lies in this rank's shard."""
+        lo, hi, _ = self.bounds[chunk]
+        out = []
+        for s in self.layouts[chunk]:
+            a, b = max(lo, s.offset), min(hi, s.offset + s.numel)
+            if a < b:
+                out.append((s, a, b))
+        return out
+
+    def update_shard(self, chunk: int, shard: Tensor, present: Sequence[bool], lr: float) -> float:
+        """Data parallel: update this rank's shard of the chunk from its reduced (and clipped) flat
+        gradient shard, then all-gather the updated rows into every rank's weights. `present[i]`: slice i
+        got a gradient on some rank (the others are left alone, as update() leaves a missing entry).
+        AdamW and SGD are elementwise, so a flat shard updates exactly as the whole window would."""
+        fetched = self.engine.wait(chunk)
+        t = fetched.tensors
+        lo, _, per = self.bounds[chunk]
+        for i, _s in enumerate(self.layouts[chunk]):
+            if present[i]:
+                self.steps[chunk][i] += 1  # identical on every rank, whether or not the slice is in its shard
+        index = {s.slice.name: i for i, s in enumerate(self.layouts[chunk])}
+        for s, a, b in self._pieces(chunk):
+            i = index[s.slice.name]
+            if not present[i]:
+                continue
+            grad = shard[a - lo : b - lo]
+            master = self._master_piece(t, s, a, b, lo)
+            if isinstance(self.hparams, AdamWHparams):
+                adamw_update_(
+                    master,
+                    grad,
+                    t["exp_avg"][a - lo : b - lo],
+                    t["exp_avg_sq"][a - lo : b - lo],
+                    step=self.steps[chunk][i],
+                    lr=lr,
+                    hp=self.hparams,
+                    decay_steps=self.decay_steps,
+                )
+            else:
+                buf = t["momentum_buffer"][a - lo : b - lo] if "momentum_buffer" in t else None
+                sgd_update_(master, grad, buf, lr=lr, hp=self.hparams)
+        self._gather_rows(chunk, t)
+        return fetched.wait_s
+
+    def _master_piece(self, t: Mapping[str, Tensor], s: SliceLayout, a: int, b: int, lo: int) -> Tensor:
+        """The fp32 values updated in place for flat elements [a, b) of slice s (shard starts at lo)."""
+        if self.needs_master:
+            return t["master"][a - lo : b - lo]
+        return self._rows(s)[a - s.offset : b - s.offset]
+
+    def _gather_rows(self, chunk: int, t: Mapping[str, Tensor]) -> None:
+        """All-gather the updated rows into the weights, in the weights' dtype when the window has one
+        (bf16 rows travel as bf16: rounding the fp32 master before or after the gather is the same)."""
+        lo, _, per = self.bounds[chunk]
+        dtypes = {self._params[s.slice.name].dtype for s in self.layouts[chunk]}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+        device = self.engine.device
+        mine = torch.zeros(per, dtype=dtype, device=device)
+        for s, a, b in self._pieces(chunk):
+            mine[a - lo : b - lo].copy_(self._master_piece(t, s, a, b, lo))
+        full = dist_.all_gather_flat(mine, self.world)
+        for s in self.layouts[chunk]:
+            self._rows(s).copy_(full[s.offset : s.offset + s.numel])
+
+    def _full_engine_state(self) -> dict | None:
+        """The engine state as one rank would have it (whole windows), on rank 0; None elsewhere."""
+        state = self.engine.state_dict()
+        stores = []
+        for c, s in enumerate(state["stores"]):
+            full = {k: dist_.gather_flat_to_main(v, self.numels[c], self.world) for k, v in s.items()}
+            stores.append(full)
+        live = []
+        for entry in state["live_slots"]:  # the same chunks on every rank: the rotation is the same
+            c = int(entry["chunk"])
+            n = self.numels[c]
+            tensors = {k: dist_.gather_flat_to_main(v, n, self.world) for k, v in entry["tensors"].items()}
+            live.append({"chunk": c, "tensors": tensors})
+        return {"stores": stores, "live_slots": live} if self.world.is_main else None
+
+    def _my_engine_state(self, state: dict) -> dict:
+        """This rank's shard of a whole-window engine state (saved on any number of ranks)."""
+
+        def cut(c: int, v: Tensor) -> Tensor:
+            lo, hi, per = self.bounds[c]
+            out = torch.zeros(per, dtype=v.dtype)
+            out[: hi - lo].copy_(v[lo:hi])
+            return out
+
+        stores = [{k: cut(c, v) for k, v in s.items()} for c, s in enumerate(state["stores"])]
+        live = []
+        for e in state["live_slots"]:
+            c = int(e["chunk"])
+            live.append({"chunk": c, "tensors": {k: cut(c, v) for k, v in e["tensors"].items()}})
+        return {"stores": stores, "live_slots": live}
+
     def state_dict(self) -> dict:
-        return {"steps": [list(s) for s in self.steps], "engine": self.engine.state_dict()}
+        """Whole windows whatever the world size (data parallel gathers the shards to rank 0; the other
+        ranks get None for the engine), so a checkpoint does not depend on the rank count."""
+        engine = self._full_engine_state() if self.world.parallel else self.engine.state_dict()
+        return {"steps": [list(s) for s in self.steps], "engine": engine}
 
     def load_state_dict(self, state: dict) -> None:
         steps = state["steps"]
         if [len(s) for s in steps] != [len(s) for s in self.steps]:
             raise ValueError("optimizer state step counts do not match this run's chunk layout")
-        self.engine.load_state_dict(state["engine"])
+        engine = state["engine"]
+        if self.world.parallel:
+            engine = self._my_engine_state(engine)
+        self.engine.load_state_dict(engine)
         self.steps = [[int(x) for x in s] for s in steps]
 
 

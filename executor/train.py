@@ -42,6 +42,7 @@ from typing import Any, TextIO
 import torch
 
 from chunkft.chunks import DTYPE_BYTES, param_specs
+from chunkft.executor import distributed as dist_
 from chunkft.executor.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -69,6 +70,7 @@ from chunkft.executor.data import (
     load_dataset,
 )
 from chunkft.executor.devices import DeviceError, configure_allocator, resolve_device
+from chunkft.executor.distributed import DistributedError, World
 from chunkft.executor.lock import OutputInUse, OutputLock
 from chunkft.executor.loss import (
     DEFAULT_CHUNK_TOKENS,
@@ -137,6 +139,7 @@ class RunOptions:
     # CPU only, for tests and the GPU check's dry run: run the transfer engine's asynchronous path with
     # stand-in streams ("late" or "early", executor/stream_standins.py) instead of synchronous copies
     streams: str | None = None
+    collective_timeout_s: float = dist_.DEFAULT_TIMEOUT_S  # data parallel: a dead rank is an error after this
 
 
 @dataclass(frozen=True)
@@ -154,7 +157,8 @@ class RunResult:
 def _check_replayable(plan: Any) -> None:
     """Refuse what this executor cannot replay yet, instead of silently training something else."""
     problems = []
-    if plan.hardware.num_gpus > 1 or any(g != 0 for g in plan.placement.layer_gpu):
+    split = plan.hardware.num_gpus > 1 and plan.hardware.parallel != "data"
+    if split or any(g != 0 for g in plan.placement.layer_gpu):
         problems.append(f"{plan.hardware.num_gpus} GPUs with layers placed across them")
     if plan.placement.weights != "resident":
         problems.append(f"weights {plan.placement.weights!r}")
@@ -244,6 +248,58 @@ def check_host_memory(plan: Any, available: int, device: torch.device, plan_path
         f"states move to the GPU or shrink): "
         f"{replan_command(plan, plan.hardware.budget_bytes, _sibling_plan(plan_path, 'host'), available)}"
     )
+
+
+def check_world(plan: Any, opts: RunOptions, world: World) -> None:
+    """A data-parallel plan runs on exactly its num_gpus ranks (each rank's share of the batch and of the
+    host states was planned for that many); a 1-GPU plan runs on one."""
+    n = plan.hardware.num_gpus if plan.hardware.parallel == "data" else 1
+    if world.size == n:
+        return
+    if plan.hardware.parallel != "data" and plan.hardware.num_gpus > 1:
+        return  # a layer-split plan: _check_replayable says what to do
+    raise RunError(
+        f"{opts.plan_path} was made for {n} rank(s) and this run has {world.size}; launch it with "
+        f"torchrun --nproc-per-node {n} (or chunkft-run --nproc {n}), or re-plan with "
+        f"chunkft-plan {plan.model.name} --gpu {plan.hardware.gpu} --num-gpus {world.size} ..."
+    )
+
+
+def my_micro_batches(micro: list, world: World) -> list:
+    """This rank's share of a step's micro-batches: every rank draws the step's whole list from the same
+    data order (so positions and resume are the same on every rank) and keeps every N-th, from its rank.
+    The loss scale is multiplied by N: the driver averages the ranks' gradient sums."""
+    if not world.parallel:
+        return micro
+    return [(b, scale * world.size) for b, scale in micro[world.rank :: world.size]]
+
+
+def _collective_failure(e: BaseException) -> bool:
+    """gloo reports a dead peer as a plain RuntimeError from its transport."""
+    text = str(e)
+    return torch.distributed.is_initialized() and any(
+        k in text for k in ("gloo", "Connection closed by peer", "NCCL", "timed out", "Timed out")
+    )
+
+
+def lost_rank_message(opts: RunOptions, e: BaseException) -> str:
+    """One line for a collective that failed mid-run (a rank killed, hung past the timeout)."""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+    return (
+        f"rank {os.environ.get('RANK', '?')}: lost the other ranks ({first}); a rank died or hung past "
+        f"{opts.collective_timeout_s:.0f} s; the last complete checkpoint in {opts.output_dir} is intact: "
+        f"relaunch every rank with --resume ({resume_command(opts)})"
+    )
+
+
+class _NoMetrics:
+    """metrics.jsonl on ranks other than 0: nothing is written."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def check_device(plan: Any, opts: RunOptions, device: torch.device) -> None:
@@ -445,6 +501,10 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
     try:
         with _hub_progress_bars(opts.progress):
             return _train(opts, log, lock)
+    except RuntimeError as e:  # a collective failed: another rank died or timed out
+        if isinstance(e, torch.distributed.DistError) or _collective_failure(e):
+            raise DistributedError(lost_rank_message(opts, e)) from None
+        raise
     finally:
         lock.release()
 
@@ -455,8 +515,12 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
     plan = load_plan(opts.plan_path)
     plan_sha = plan_digest(plan)  # what run.json and new checkpoints record
+    wants_cuda = (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    world = dist_.init_from_env("cuda" if wants_cuda else "cpu", opts.collective_timeout_s)
+    check_world(plan, opts, world)
     try:
-        device = resolve_device(opts.device)
+        mine = f"cuda:{torch.cuda.current_device()}" if world.parallel and wants_cuda else opts.device
+        device = resolve_device(mine)  # data parallel on CUDA: LOCAL_RANK's GPU (set by init_from_env)
     except DeviceError as e:
         raise RunError(str(e)) from None
     check_device(plan, opts, device)
@@ -469,11 +533,14 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     check_trainable(plan, opts)
     check_schedule_end(plan, opts, total_steps, log)
     out = Path(opts.output_dir)
-    _check_writable(out)
-    if out.is_dir():
-        _lock_output(lock, log)  # before reading its checkpoints: another run may be writing them
-    _check_output_dir(out, opts, total_steps)
+    if world.is_main:  # rank 0 alone writes into the output directory
+        _check_writable(out)
+        if out.is_dir():
+            _lock_output(lock, log)  # before reading its checkpoints: another run may be writing them
+        _check_output_dir(out, opts, total_steps)
     data_id = data_fingerprint(opts.data_path) if opts.data_path.exists() else None  # else load_dataset says
+    # every rank must train the same plan on the same data: checked before anything is written
+    dist_.check_same(world, {"plan": plan_sha, "data": str(data_id), "world size": str(world.size)})
     point = _resume_point(plan, out, opts, total_steps, log) if opts.resume or opts.resume_from else None
     if point is not None and data_id is not None:
         check_same_data(point, data_id, opts, log)
@@ -510,7 +577,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
     apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)
     model.train()
-    driver = build_driver(model, plan, device, streams)
+    driver = build_driver(model, plan, device, streams, world=world)
 
     start_step, bad_in_a_row = 0, 0
     if point is not None:
@@ -527,13 +594,20 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
         del ckpt  # the driver holds its own copies now
 
-    # ---- from here on the run writes into the output directory
-    out.mkdir(parents=True, exist_ok=True)
-    if not lock.tried:  # the directory did not exist before
-        _lock_output(lock, log)
-        _check_output_dir(out, opts, total_steps)  # a run may have come and gone here while this one built
-    lock.note_pid()
-    metrics = _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if point else None)
+    # ---- from here on the run writes into the output directory (rank 0)
+    dist_.barrier(world)  # every rank built and resumed: a rank that failed its checks stops the others here
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if not lock.tried:  # the directory did not exist before
+            _lock_output(lock, log)
+            _check_output_dir(out, opts, total_steps)  # a run may have come and gone here meanwhile
+        lock.note_pid()
+    metrics: Any = (
+        _MetricsLog(out / "metrics.jsonl", keep_through_step=start_step if point else None)
+        if world.is_main
+        else _NoMetrics()
+    )
+    losses: list[float | None] = []
     autocast = _autocast(device, plan.run.weight_dtype, plan.run.compute_dtype)
 
     def save(step: int, position: DataPosition | None = None, rng: dict | None = None) -> Path:
@@ -553,10 +627,14 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             data_bytes=data_id[1] if data_id else None,
             tokenizer_sha256=tokenizer_id,
         )
-        trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}
+        trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}  # a collective when parallel
+        if not world.is_main:
+            return out
         return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
 
     def evaluate_and_log(step: int) -> None:
+        if not world.is_main:  # the same weights on every rank: rank 0 evaluates, the others wait
+            return
         # Micro-batches of the plan's size, without gradients: below a training step's peak, which the
         # plan counts. An OOM anyway costs the evaluation only: no weight or state is touched by it.
         try:
@@ -581,7 +659,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     span = range(start_step + span.start, start_step + span.stop)
     tracker: MemoryTracker | CudaPeak = MemoryTracker(model) if device.type == "cpu" else CudaPeak(device)
     clock = StepClock(driver.engine.streams)
-    progress = _Progress(log if opts.progress else None, total_steps, start=start_step)
+    progress = _Progress(log if opts.progress and world.is_main else None, total_steps, start=start_step)
     stop = _StopSignals()
 
     try:
@@ -601,13 +679,13 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                 at_step_start = (batches.position, rng_state())
                 try:
                     micro = step_micro_batches([batches.next() for _ in range(accum)], plan.model.task)
-                    for cpu_batch, scale in micro:
+                    for cpu_batch, scale in my_micro_batches(micro, world):
                         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in cpu_batch.items()}
                         with tracker.phase("forward"), autocast:
                             loss = causal_lm_loss(model, batch, chunk_tokens) * scale
                         with tracker.phase("backward"):
                             driver.backward(loss)
-                        loss_sum += float(loss.detach())
+                        loss_sum += float(loss.detach()) / world.size
                         tokens += int(batch["attention_mask"].sum())
                 except torch.OutOfMemoryError:
                     # Nothing of this step is applied yet (weights and states change only in step()):
@@ -618,6 +696,10 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                         with contextlib.suppress(Exception):  # the last checkpoint stays if this fails
                             save(step, *at_step_start)
                     raise
+                if world.parallel:  # the step's loss and tokens over all ranks; one skip decision
+                    both = torch.tensor([loss_sum, float(tokens)], dtype=torch.float64)
+                    both = dist_.all_reduce_sum(both, world)
+                    loss_sum, tokens = float(both[0]), int(both[1])
                 if math.isfinite(loss_sum):
                     with tracker.phase("optimizer"):
                         stats = driver.step()
@@ -633,6 +715,11 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
                 bad_in_a_row = bad_in_a_row + 1 if stats.skipped else 0
                 done = step + 1
+                losses.append(loss_sum if math.isfinite(loss_sum) else None)
+                if world.parallel:  # a signal seen by any rank stops all of them at the same step
+                    seen = float(stop.signum or 0)
+                    signum = int(dist_.all_reduce_sum(torch.tensor([seen], dtype=torch.float64), world)[0])
+                    stop.signum = stop.signum or (signum if signum else None)
                 metrics.write(
                     {
                         "step": done,
@@ -671,10 +758,19 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         metrics.close()
         driver.close()
 
+    memory = tracker.result() if tracker.steps_measured else None
+    if not world.is_main:
+        dist_.shutdown(world)
+        skipped = sum(x is None for x in losses)
+        run_json, model_dir = out / "run.json", out / "model"  # rank 0 writes them
+        return RunResult(out, total_steps, tuple(losses), (), skipped, memory, run_json, model_dir)
     with tracker.phase("export"):
         model_dir = export_model(model, tokenizer, out / "model")
-    memory = tracker.result() if tracker.steps_measured else None
-    result = _write_run_json(opts, plan, plan_sha, device, out, memory, clock, model_dir)
+    host_states = driver.host_state_bytes()
+    result = _write_run_json(
+        opts, plan, plan_sha, device, out, memory, clock, model_dir, host_state_bytes=host_states
+    )
+    dist_.shutdown(world)
     return result
 
 
@@ -733,7 +829,9 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ..
             block.gradient_checkpointing = i in layers  # per-instance flag read by the layer's __call__
 
 
-def build_driver(model: torch.nn.Module, plan: Any, device: torch.device, streams: Any = None) -> Any:
+def build_driver(
+    model: torch.nn.Module, plan: Any, device: torch.device, streams: Any = None, world: World | None = None
+) -> Any:
     """The ChunkFT driver with every setting taken from the plan (streams: None for the device's own)."""
     from chunkft.executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
     from chunkft.executor.rotation import RotationSpec
@@ -766,6 +864,7 @@ def build_driver(model: torch.nn.Module, plan: Any, device: torch.device, stream
         prefetch_order=None,  # follow the driver's own rotation (exact for random orders too)
         state_slots=2 if plan.placement.prefetch else 1,
         streams=streams,
+        world=world,
     )
 
 
@@ -1127,6 +1226,7 @@ def _write_run_json(
     memory: MemoryMeasurement | None,
     clock: StepClock,
     model_dir: Path,
+    host_state_bytes: int | None = None,
 ) -> RunResult:
     """run.json: what was measured beside what the plan predicted, and the losses."""
     import transformers
@@ -1151,6 +1251,8 @@ def _write_run_json(
         "transfer_wait_s": clock.median_transfer_wait_s(),  # per step, median; inside step_seconds
         "transfer_wait_s_total": clock.total_transfer_wait_s(),
         "timed_steps_this_session": len(clock.seconds),
+        # master + optimizer states kept on the host by this rank (data parallel: ~1/N each)
+        "host_state_bytes": host_state_bytes,
     }
     predicted = {
         "peak_bytes": pred.peak_bytes,
@@ -1191,6 +1293,7 @@ def _write_run_json(
         },
         "skipped_steps": sum(1 for r in steps if r["skipped"]),
         "model_dir": str(model_dir),
+        "world_size": dist_.launched_size(),  # data parallel: ranks, each on its own micro-batches
         "versions": {
             "chunkft": getattr(executor, "__version__", _chunkft_version()),
             "torch": torch.__version__,

@@ -438,8 +438,6 @@ def make_plan(req: Request) -> Planned:
             "with its profile's figures (scale them with --efficiency)"
         )
     dtype = DTYPES[req.dtype] if req.dtype else ("bfloat16" if on_gpu else "float32")
-    if not on_gpu and req.num_gpus > 1:
-        raise click.UsageError("--num-gpus > 1 needs a GPU profile, not --gpu cpu")
     budget = default_budget(gpu) if req.budget is None else req.budget
     if budget > gpu.memory_total_bytes:
         raise click.UsageError(
@@ -465,11 +463,20 @@ def make_plan(req: Request) -> Planned:
         fragmentation=0.0 if req.reserve is not None else None,
         headroom=req.headroom,
     )
-    solver = make_solver(req, preset, structure, setup, budget, dtype)
+    # --num-gpus > 1: data parallel (every rank holds the whole model) when the model fits one GPU; on a
+    # GPU profile, layers split across the GPUs when it does not (the CPU has nothing to split onto)
+    parallel = "data" if req.num_gpus > 1 else "none"
+    solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False)
     sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
+    if sol.best is None and parallel == "data" and on_gpu:
+        parallel = "none"
+        solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=True)
+        sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
     if sol.best is None:
         raise NoPlanFits(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host, measured=measured)
+    if parallel == "data":
+        plan = data_parallel(plan)
     cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
     plan = replace(plan, run=cadence)
     replayed = check_replay(plan)
@@ -568,13 +575,55 @@ def rates_note(measured: Any, dtype: str) -> str:
     )
 
 
-def make_solver(req: Request, preset: Any, structure: Any, setup: Any, budget: int, dtype: str) -> Any:
-    """The solver over the request's search space, with this machine's memory as the host limit."""
+def data_parallel(plan: Any) -> Any:
+    """The plan as one rank of `hardware.num_gpus` data-parallel ranks: each holds the whole model (the
+    solved per-GPU peak stands) and 1/N of every window's master and states on the host; rank 0 also
+    gathers a whole checkpoint. The host limit was checked on the total, which N ranks on one machine
+    share (executor/distributed.py)."""
+    n = plan.hardware.num_gpus
+    if plan.run.grad_accum_steps % n:
+        raise click.UsageError(
+            f"data parallel splits each step's {plan.run.grad_accum_steps} micro-batches over "
+            f"--num-gpus {n}: "
+            f"pass --micro-batch and --grad-accum with --grad-accum a multiple of {n}"
+        )
+    pr = plan.predictions
+    per_rank, peak = per_rank_host(pr.host_bytes, pr.host_peak_bytes, plan.hardware.num_gpus)
+    predictions = replace(pr, host_bytes=per_rank, host_peak_bytes=peak)
+    return replace(plan, hardware=replace(plan.hardware, parallel="data"), predictions=predictions)
+
+
+def dp_label(hw: Any) -> str:
+    """How the summary names the multi-GPU layout."""
+    if hw.num_gpus == 1:
+        return ""
+    return " (data parallel: one rank each)" if hw.parallel == "data" else " (layers split across them)"
+
+
+def per_rank_host(host_bytes: int, host_peak_bytes: int, n: int) -> tuple[int, int]:
+    """(states, peak) on the busiest of n data-parallel ranks: 1/N of the states each; rank 0 also
+    gathers a whole checkpoint."""
+    per_rank = -(-host_bytes // n)
+    return per_rank, host_peak_bytes - host_bytes + per_rank
+
+
+def make_solver(
+    req: Request,
+    preset: Any,
+    structure: Any,
+    setup: Any,
+    budget: int,
+    dtype: str,
+    *,
+    split_layers: bool = True,
+) -> Any:
+    """The solver over the request's search space, with this machine's memory as the host limit;
+    split_layers: --num-gpus > 1 places the decoder layers across the GPUs (else data parallel)."""
     from chunkft.planner.profile_model import tables_for
     from chunkft.planner.solver import Limits, Solver, Space, balance_layers
 
     layer_gpu: tuple[int, ...] = ()
-    if req.num_gpus > 1:
+    if req.num_gpus > 1 and split_layers:
         L = structure.num_layers
         layer_gpu = balance_layers(
             [structure.layer_numel(i) * 2 for i in range(L)],
@@ -749,7 +798,10 @@ def check_replay(plan: Any) -> Any:
     setup, cand, act = setup_and_candidate(plan)  # with a --calibrate plan's measured rates
     res = simulate(setup, cand, act)
     pr, hw = plan.predictions, plan.hardware
-    got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, res.host_peak_bytes)
+    host_peak = res.host_peak_bytes
+    if hw.parallel == "data":
+        host_peak = per_rank_host(res.step.host_bytes, host_peak, hw.num_gpus)[1]
+    got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, host_peak)
     want = (
         pr.peak_bytes,
         round(pr.step_seconds, 9),
@@ -775,7 +827,8 @@ def summary(  # type: ignore[no-untyped-def]
     headroom_why = notes.headroom
     lines = [
         f"model      {plan.model.name} ({plan.model.num_params:,} parameters, {run.weight_dtype})",
-        f"hardware   {hw.num_gpus} x {hw.gpu_name}, budget {gib(budget)}{notes.budget} per GPU, "
+        f"hardware   {hw.num_gpus} x {hw.gpu_name}{dp_label(hw)}, "
+        f"budget {gib(budget)}{notes.budget} per GPU, "
         f"host budget {gib(hw.host_budget_bytes)}{notes.host}",
         *([notes.rates] if notes.rates else []),
         f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens"

@@ -1,0 +1,187 @@
+"""torch.distributed for the executor: the process group, the collectives data parallel needs, and checks.
+
+Data parallel (issue 13 step 1): every rank runs the whole model on its own micro-batches; after backward
+the active window's gradients, flattened in the chunk's layout order, are reduce-scattered so each rank
+owns 1/N of the window's flat elements, updates them from its own fp32 master and states (host memory
+per rank ~1/N), and all-gathers the updated rows back into every rank's weights. DDP cannot do this:
+its reducer sees only `.grad` of a fixed set of trainable parameters, and slice gradients never reach
+`.grad`.
+
+World size 1 never touches torch.distributed: `World.single()` is a plain value and every caller keeps
+today's code path for it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+# a dead rank turns into an error on the others within this, not a hang; CHUNKFT_COLLECTIVE_TIMEOUT_S
+# overrides it (the tests use a few seconds)
+DEFAULT_TIMEOUT_S = float(os.environ.get("CHUNKFT_COLLECTIVE_TIMEOUT_S", "180"))
+
+
+class DistributedError(RuntimeError):
+    """One line: what went wrong between the ranks and what to do."""
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks; size 1 needs no process group."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # None: the default group (or no group at all when size == 1)
+
+    @staticmethod
+    def single() -> World:
+        return World(0, 1, None)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes run.json, checkpoints, exports and logs."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.size > 1
+
+
+def launched_size() -> int:
+    """WORLD_SIZE set by torchrun (1 when not launched by it)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def init_from_env(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> World:
+    """The World torchrun described in RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
+
+    gloo on the CPU, nccl on CUDA. The timeout bounds every collective, so a killed rank makes the others
+    fail with an error instead of waiting forever. Failures become one DistributedError line.
+    """
+    size = launched_size()
+    if size <= 1:
+        return World.single()
+    if dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size(), None)
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise DistributedError(
+            f"WORLD_SIZE={size} but {', '.join(missing)} is not set; "
+            f"launch with torchrun --nproc-per-node {size}"
+        )
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    except Exception as e:  # noqa: BLE001 - any init failure is reported as one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistributedError(
+            f"could not start the {backend} process group ({first}); check MASTER_ADDR/MASTER_PORT "
+            "and that every rank was launched"
+        ) from None
+    return World(dist.get_rank(), dist.get_world_size(), None)
+
+
+def shutdown(world: World) -> None:
+    if world.parallel and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:
+    """(start, stop, per): this rank's flat range [start, stop) of a window of `numel` elements, and the
+    padded shard length `per` (numel rounded up to a multiple of N, divided by N). The last ranks' ranges
+    may be short or empty; their shard tensors are still `per` long (zero padding)."""
+    per = -(-numel // world.size)
+    start = min(world.rank * per, numel)
+    return start, min(start + per, numel), per
+
+
+def reduce_scatter_mean(flat: Tensor, world: World) -> Tensor:
+    """This rank's shard of the mean over ranks of `flat` (padded to N*per): SUM then divide by N, so 2
+    ranks on micro-batches A and B give the gradient of 1 rank accumulating A and B."""
+    per = -(-flat.numel() // world.size)
+    padded = torch.zeros(per * world.size, dtype=flat.dtype, device=flat.device)
+    padded[: flat.numel()].copy_(flat)
+    out = torch.empty(per, dtype=flat.dtype, device=flat.device)
+    try:
+        dist.reduce_scatter_tensor(out, padded, group=world.group)
+    except (RuntimeError, NotImplementedError):
+        # older gloo builds have no reduce_scatter on the CPU: all_reduce and keep our own shard (N times
+        # the traffic, same result)
+        dist.all_reduce(padded, group=world.group)
+        out.copy_(padded[world.rank * per : (world.rank + 1) * per])
+    return out.div_(world.size)
+
+
+def all_gather_flat(shard: Tensor, world: World) -> Tensor:
+    """Every rank's shard, concatenated in rank order (length N*per)."""
+    out = torch.empty(shard.numel() * world.size, dtype=shard.dtype, device=shard.device)
+    dist.all_gather_into_tensor(out, shard.contiguous(), group=world.group)
+    return out
+
+
+def gather_flat_to_main(shard: Tensor, numel: int, world: World) -> Tensor | None:
+    """Rank 0: the full flat tensor (first `numel` of the ranks' shards in order); others: None. Used by
+    checkpoints, so only rank 0 holds a whole window's states at once. Gathered in fp32 (exact for bf16)."""
+    src = shard.float().contiguous()
+    parts = [torch.empty_like(src) for _ in range(world.size)] if world.is_main else None
+    dist.gather(src, parts, dst=0, group=world.group)
+    if parts is None:
+        return None
+    return torch.cat(parts)[:numel].to(shard.dtype)
+
+
+def all_reduce_sum(value: Tensor, world: World) -> Tensor:
+    dist.all_reduce(value, group=world.group)
+    return value
+
+
+def global_sq_norm(shard: Tensor, world: World) -> Tensor:
+    """The squared 2-norm over every rank's shard, summed in fp64 (so skipping a non-finite step is
+    decided identically on every rank: they all see the same all-reduced value)."""
+    sq = shard.double().pow(2).sum().reshape(1)
+    return all_reduce_sum(sq, world)
+
+
+def fingerprint_of(*parts: str) -> str:
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
+
+
+def check_same(world: World, what: dict[str, str]) -> None:
+    """All-gather each rank's (name -> fingerprint) and refuse, on every rank, if any differs.
+
+    Run at start, before anything is written: ranks launched with different plans or data would otherwise
+    train silently different models."""
+    if not world.parallel:
+        return
+    theirs: list[Any] = [None] * world.size
+    dist.all_gather_object(theirs, dict(what), group=world.group)
+    for name in what:
+        values = [t.get(name) for t in theirs]
+        if len(set(values)) > 1:
+            ranks = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise DistributedError(
+                f"the ranks disagree on the {name} ({ranks}); launch every rank with the same files"
+            )
+
+
+def barrier(world: World) -> None:
+    if world.parallel:
+        dist.barrier(group=world.group)
+
+
+def broadcast_object(obj: Any, world: World) -> Any:
+    """Rank 0's object on every rank."""
+    if not world.parallel:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=world.group)
+    return box[0]

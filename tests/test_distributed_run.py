@@ -1,0 +1,171 @@
+"""chunkft-run data parallel end to end on 2 gloo ranks (CPU): equal to one rank, the refusals, and a
+rank killed with SIGKILL (issue 13 step 1). Ranks are real processes: `chunkft-run --nproc 2` (torchrun),
+or two `python -m chunkft.executor.cli` with torchrun's environment set by hand where a test must give
+the ranks different arguments or kill one of them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from dp_workers import free_port
+from tiny_runs import PLAN_ARGS, shakespeare_text
+
+from chunkft.executor.checkpoint import complete_checkpoints, read_meta
+from chunkft.executor.cli import main as run_main
+from chunkft.plan_format import load_plan, save_plan
+from chunkft.planner.cli import main as plan_main
+
+STEPS = 4
+QUIET = {"PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """(2-rank plan, the same plan for 1 rank, data)."""
+    d = tmp_path_factory.mktemp("dprun")
+    args = [a if a != "2" else "4" for a in PLAN_ARGS]  # --batch-size 4
+    args += ["--micro-batch", "1", "--grad-accum", "4", "--num-gpus", "2", "--steps", str(STEPS)]
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(d / "plan2.json")])
+    assert res.exit_code == 0, res.output
+    assert "data parallel" in res.output
+    two = load_plan(d / "plan2.json")
+    assert two.hardware.parallel == "data" and two.hardware.num_gpus == 2
+    one = dataclasses.replace(two, hardware=dataclasses.replace(two.hardware, num_gpus=1, parallel="none"))
+    save_plan(one, d / "plan1.json")
+    return d / "plan2.json", d / "plan1.json", shakespeare_text(d)
+
+
+def rank_env(rank: int, port: int, **extra: str) -> dict[str, str]:
+    env = {**os.environ, **QUIET, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"}
+    return {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), **extra}
+
+
+def cli(*args: object) -> list[str]:
+    return [sys.executable, "-m", "chunkft.executor.cli", *map(str, args), "--quiet"]
+
+
+def test_two_ranks_train_like_one_and_say_so_in_run_json(plans, tmp_path) -> None:
+    plan2, plan1, data = plans
+    env = {k: v for k, v in {**os.environ, **QUIET}.items() if k not in ("RANK", "WORLD_SIZE")}
+    two = subprocess.run(
+        [sys.executable, "-m", "chunkft.executor.cli", plan2, "--data", data, "--output", tmp_path / "two",
+         "--quiet", "--nproc", "2"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("done:") == 1  # rank 0 alone reports
+    res = CliRunner().invoke(
+        run_main, [str(plan1), "--data", str(data), "--output", str(tmp_path / "one"), "--quiet"]
+    )
+    assert res.exit_code == 0, res.output
+    a = json.loads((tmp_path / "two" / "run.json").read_text())
+    b = json.loads((tmp_path / "one" / "run.json").read_text())
+    assert a["world_size"] == 2 and b["world_size"] == 1
+    assert a["losses"]["train"] == pytest.approx(b["losses"]["train"], rel=1e-5)
+    assert len(a["losses"]["train"]) == STEPS
+    assert [e["eval_loss"] for e in a["losses"]["eval"]] == pytest.approx(
+        [e["eval_loss"] for e in b["losses"]["eval"]], rel=1e-5
+    )
+    # stopped after 2 steps and resumed on 2 ranks: exactly the uninterrupted 2-rank run
+    base = [sys.executable, "-m", "chunkft.executor.cli", plan2, "--data", data, "--output", tmp_path / "re",
+            "--quiet", "--nproc", "2"]  # fmt: skip
+    for extra in (["--max-steps", "2"], ["--resume"]):
+        r = subprocess.run([*base, *extra], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+    c = json.loads((tmp_path / "re" / "run.json").read_text())
+    assert c["losses"]["train"] == a["losses"]["train"]
+
+
+def test_a_plan_for_two_ranks_on_one_is_refused_with_the_replan_command(plans, tmp_path) -> None:
+    plan2, _, data = plans
+    res = CliRunner().invoke(run_main, [str(plan2), "--data", str(data), "--output", str(tmp_path / "o")])
+    assert res.exit_code == 2
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("chunkft-run: error:")]
+    assert len(lines) == 1 and "made for 2 rank(s)" in lines[0] and "--num-gpus 1" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_ranks_with_different_data_are_refused_on_every_rank_before_anything_is_written(
+    plans, tmp_path
+) -> None:
+    plan2, _, data = plans
+    other = shakespeare_text(tmp_path, name="other.txt", start=9000)
+    port = free_port()
+    procs = [
+        subprocess.Popen(cli(plan2, "--data", d, "--output", tmp_path / "o"), env=rank_env(r, port),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r, d in ((0, data), (1, other))
+    ]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err[-2000:]
+        lines = [ln for ln in err.splitlines() if ln.startswith("chunkft-run: error:")]
+        assert len(lines) == 1 and "the ranks disagree on the data" in lines[0], err[-2000:]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_killed_rank_stops_the_other_with_one_line_and_the_checkpoint_stays(plans, tmp_path) -> None:
+    plan2, _, data = plans
+    p = load_plan(plan2)
+    run = dataclasses.replace(p.run, total_steps=400, checkpoint_every=2, eval_every=0)
+    run = dataclasses.replace(run, schedule=dataclasses.replace(run.schedule, total_steps=400))
+    long_plan = tmp_path / "long.json"
+    save_plan(dataclasses.replace(p, run=run), long_plan)
+    out, port = tmp_path / "o", free_port()
+    env = {"CHUNKFT_COLLECTIVE_TIMEOUT_S": "20"}
+    procs = [
+        subprocess.Popen(cli(long_plan, "--data", data, "--output", out), env=rank_env(r, port, **env),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for r in (0, 1)
+    ]  # fmt: skip
+    deadline = time.monotonic() + 180
+    while len(complete_checkpoints(out)) < 1 and time.monotonic() < deadline:
+        assert procs[0].poll() is None, procs[0].communicate()[1][-2000:]
+        time.sleep(0.2)
+    assert complete_checkpoints(out), "no checkpoint was written in time"
+    os.kill(procs[1].pid, signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = procs[0].communicate(timeout=60)  # the collective timeout is 20 s
+    procs[1].communicate()
+    assert time.monotonic() - t0 < 60
+    assert procs[0].returncode == 1, err[-2000:]
+    lines = [ln for ln in err.splitlines() if ln.startswith("chunkft-run: error:")]
+    assert len(lines) == 1 and "lost the other ranks" in lines[0] and "--resume" in lines[0], err[-2000:]
+    newest = complete_checkpoints(out)[0]
+    assert read_meta(newest).step % 2 == 0  # a complete checkpoint, loadable
+
+
+def test_nproc_above_the_gpus_present_is_refused_for_a_cuda_plan(plans, tmp_path) -> None:
+    plan2, _, data = plans
+    p = load_plan(plan2)
+    gpu_plan = tmp_path / "gpu.json"
+    save_plan(dataclasses.replace(p, hardware=dataclasses.replace(p.hardware, gpu="h100-80gb")), gpu_plan)
+    args = [str(gpu_plan), "--data", str(data), "--output", str(tmp_path / "o"), "--nproc", "64"]
+    res = CliRunner().invoke(run_main, args)
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("chunkft-run: error:")]
+    assert len(lines) == 1 and "--nproc 64 needs 64 GPUs" in lines[0], res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_gpu_plan_for_two_gpus_is_data_parallel_when_the_model_fits_one(tmp_path) -> None:
+    args = ["tiny-llama", "--gpu", "h100-80gb", "--seq-len", "32", "--batch-size", "4",
+            "--micro-batch", "1", "--grad-accum", "4", "--chunks", "4", "--host-mem", "4GiB",
+            "--steps", "4", "--num-gpus", "2"]  # fmt: skip
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    assert "2 x" in res.output and "(data parallel: one rank each)" in res.output
+    plan = load_plan(tmp_path / "p.json")
+    assert plan.hardware.parallel == "data" and not any(plan.placement.layer_gpu)
+    odd = [a if a != "4" else "3" for a in args]  # --grad-accum 3 over 2 ranks
+    res = CliRunner().invoke(plan_main, [*odd, "-o", str(tmp_path / "q.json")])
+    assert res.exit_code == 2 and "a multiple of 2" in res.output, res.output
