@@ -60,3 +60,41 @@ def test_two_rank_resume_from_a_saved_state_continues_exactly(equality: Path, ca
     res = torch.load(equality / f"{case}-res.pt", weights_only=True)
     for n, p in dp["params"].items():
         assert torch.equal(p, res[n]), n
+
+
+# ------------------------------------------------------------------ the CUDA branch of the process group
+
+
+def test_a_cuda_plan_starts_nccl_on_its_local_gpu_and_init_failures_are_one_line(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No GPU here: torch.distributed and torch.cuda are stand-ins that record what init_from_env asks of
+    them (the backend, the device, the timeout), and then fail as a broken NCCL would."""
+    import torch.distributed as dist
+
+    from chunkft.executor import distributed as d
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: calls.append(("set_device", i)))
+
+    def init(backend: str, timeout: object) -> None:
+        calls.append(("init", backend, timeout.total_seconds()))  # type: ignore[attr-defined]
+        raise RuntimeError("NCCL error: unhandled system error\nlong detail")
+
+    monkeypatch.setattr(dist, "init_process_group", init)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(d.DistributedError) as e:
+        d.init_from_env("cuda", timeout_s=7)
+    assert calls == [("set_device", 1), ("init", "nccl", 7.0)]
+    msg = str(e.value)
+    assert "\n" not in msg and "nccl" in msg and "NCCL error: unhandled system error" in msg
+    calls.clear()
+    with pytest.raises(d.DistributedError):
+        d.init_from_env("cpu", timeout_s=7)
+    assert calls == [("init", "gloo", 7.0)]  # the CPU never picks a GPU
+    monkeypatch.delenv("MASTER_PORT")
+    with pytest.raises(d.DistributedError, match="MASTER_PORT is not set; launch with torchrun"):
+        d.init_from_env("cuda")
