@@ -13,7 +13,8 @@ keep tests/golden/plan_v1.json loading. A field added later is compatible when a
 right reading, so it stays v1. _with_added_fields fills them in: `run.padded_batches` with the task's
 default (what those plans were planned for); `hardware.headroom_bytes` 0, `run.cuda_alloc_conf` "",
 `run.optimizer.weight_decay_mode` "window", `run.cross_entropy` "auto", the `hardware.measured_*` rates 0,
-`hardware.parallel` "none" and `predictions.host_peak_bytes` = host_bytes (what those plans assumed and
+`hardware.parallel` "none", `hardware.reserve_given` false, `hardware.headroom_given` "" and
+`predictions.host_peak_bytes` = host_bytes (what those plans assumed and
 were run with). Such a file is rewritten with the fields spelled out.
 """
 
@@ -111,6 +112,11 @@ class Hardware:
     measured_memory_bytes_per_s: int = 0
     # Files written before it: "none" (layers split across num_gpus, what they were planned for).
     parallel: Parallel = "none"
+    # What the user asked for, so a re-plan command asks the same (executor/replan.py): --reserve given
+    # (reserve_bytes is exactly it, no share of the peak), and --headroom as written ("" = the default).
+    # Files written before them: False and "" (the re-plan takes the defaults, as it did).
+    reserve_given: bool = False
+    headroom_given: str = ""
 
 
 @dataclass(frozen=True)
@@ -573,6 +579,8 @@ def _added_fields(data: dict) -> list[tuple[tuple[str, ...], str, object]]:
         (("hardware",), "measured_flops_per_s", 0),
         (("hardware",), "measured_memory_bytes_per_s", 0),
         (("hardware",), "parallel", "none"),
+        (("hardware",), "reserve_given", False),
+        (("hardware",), "headroom_given", ""),
     ]
     predictions = data.get("predictions")
     if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported

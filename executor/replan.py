@@ -86,6 +86,10 @@ def _plan_args(
         args += ["--random-init"]
     if hw.num_gpus > 1:
         args += ["--num-gpus", str(hw.num_gpus)]
+    if hw.reserve_given:  # the user's --reserve: exactly the plan's reserve, no share of the peak
+        args += ["--reserve", str(hw.reserve_bytes)]
+    if hw.headroom_given:  # as the user wrote it (a share of the peak stays a share)
+        args += ["--headroom", hw.headroom_given]
     if run.schedule.warmup_steps:
         args += ["--warmup-steps", str(run.schedule.warmup_steps)]
     if run.eval_every:

@@ -685,6 +685,8 @@ def build_plan(
             headroom_bytes=res.headroom_bytes,
             measured_flops_per_s=0 if measured is None else measured.flops_per_s,
             measured_memory_bytes_per_s=0 if measured is None else measured.memory_bytes_per_s,
+            reserve_given=req.reserve is not None,
+            headroom_given="" if req.headroom is None else req.headroom.text(),
         ),
         run=run,
         chunk_table=P.ChunkTable("rows", 8 if req.optimizer == "adamw" else 4, structure.specs, chunks),

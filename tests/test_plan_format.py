@@ -420,7 +420,7 @@ def test_truncated_or_malformed_json_reports_line_and_column() -> None:
     with pytest.raises(PlanError) as err:
         plan_from_json(cut, source="plan.json")
     line, column = cut.count("\n") + 1, len(cut.rsplit("\n", 1)[1]) + 1
-    assert (line, column) == (128, 15)  # the golden file grew one line (hardware.parallel)
+    assert (line, column) == (130, 15)  # the golden file grew (hardware.parallel, reserve/headroom_given)
     assert str(err.value).startswith(
         f"plan.json is not valid JSON (Expecting value at line {line} column {column})"
     )
@@ -474,7 +474,8 @@ def test_plan_for_another_model_is_refused(specs: list[ParamSpec]) -> None:
 # --- fields added to v1 later --------------------------------------------------------------------------
 
 ADDED_LATER = (
-    ',\n    "measured_flops_per_s": 0,\n    "measured_memory_bytes_per_s": 0,\n    "parallel": "none"\n',
+    ',\n    "measured_flops_per_s": 0,\n    "measured_memory_bytes_per_s": 0,\n    "parallel": "none",\n'
+    '    "reserve_given": false,\n    "headroom_given": ""\n',
     ',\n    "headroom_bytes": 0\n',
     ',\n      "weight_decay_mode": "window"\n',
     '\n    "cuda_alloc_conf": "",',
@@ -491,7 +492,7 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
         old = old.replace(spelled, "\n" if spelled.endswith("\n") else "")
     added = (
         "headroom_bytes", "measured_flops_per_s", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes",
-        "cross_entropy", "parallel",
+        "cross_entropy", "parallel", "reserve_given", "headroom_given",
     )
     for name in added:
         assert f"\"{name}\"" not in old
@@ -503,6 +504,7 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
     assert plan.run.optimizer.weight_decay_mode == "window" and plan.run.cross_entropy == "auto"
     assert plan.predictions.host_peak_bytes == plan.predictions.host_bytes == 1424896
     assert plan.hardware.parallel == "none"  # layers split across num_gpus, as before the field
+    assert plan.hardware.reserve_given is False and plan.hardware.headroom_given == ""  # the defaults
     assert plan_to_json(plan) == text  # rewritten with the fields spelled out
 
 
@@ -514,8 +516,9 @@ def test_plan_digest_is_the_same_before_and_after_a_field_is_added() -> None:
 
     data = json.loads(GOLDEN.read_text(encoding="utf-8"))
     for section, key in (("hardware", "measured_flops_per_s"), ("hardware", "measured_memory_bytes_per_s"),
-                         ("hardware", "headroom_bytes"), ("hardware", "parallel"), ("run", "cuda_alloc_conf"),
-                         ("run", "padded_batches"), ("run", "cross_entropy"),
+                         ("hardware", "headroom_bytes"), ("hardware", "parallel"),
+                         ("hardware", "reserve_given"), ("hardware", "headroom_given"),
+                         ("run", "cuda_alloc_conf"), ("run", "padded_batches"), ("run", "cross_entropy"),
                          ("predictions", "host_peak_bytes")):
         del data[section][key]
     del data["run"]["optimizer"]["weight_decay_mode"]

@@ -449,3 +449,30 @@ def test_a_diverged_run_names_what_is_kept_and_prints_a_lower_lr_replan_that_wor
     assert load_plan(target).run.optimizer.lr == lr
     assert again[1] == str(target) and again[again.index("--output") + 1] == f"{out}-2"
     run_command([*again, "--max-steps", "1"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "reserve", "headroom"),
+    [((), False, ""), (("--reserve", "0", "--headroom", "5%+1MiB"), True, "5%+1MiB")],
+    ids=["defaults", "given"],
+)
+def test_a_replan_asks_for_the_reserve_and_headroom_the_user_gave(
+    tmp_path: Path, flags: tuple[str, ...], reserve: bool, headroom: str
+) -> None:
+    """A re-plan command (after an OOM, for padded data, for more steps) is the user's request again:
+    a --reserve or --headroom they gave stays; the defaults stay defaults. Before: both were dropped, so
+    `--reserve 0 --headroom 0` (the paper's 13.72 GiB case) came back with the GPU defaults."""
+    from chunkft.executor.replan import replan_command
+
+    args = ["tiny-llama", "--gpu", "4090", "--seq-len", "64", "--host-mem", "4GiB", *flags]
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(tmp_path / "a.json")
+    assert (plan.hardware.reserve_given, plan.hardware.headroom_given) == (reserve, headroom)
+    command = shlex.split(replan_command(plan, plan.hardware.budget_bytes, tmp_path / "b.json"))
+    assert ("--reserve" in command, "--headroom" in command) == (reserve, bool(headroom))
+    run_command(command)
+    again = load_plan(tmp_path / "b.json")
+    assert again.hardware.reserve_given == reserve and again.hardware.headroom_given == headroom
+    assert again.hardware.reserve_bytes == plan.hardware.reserve_bytes
+    assert again.hardware.headroom_bytes == plan.hardware.headroom_bytes
