@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-DATA = Path("/work/shared/data/tinyshakespeare/input.txt")
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def plan(out: Path, n: int, seq_len: int, steps: int) -> None:
