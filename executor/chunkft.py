@@ -218,13 +218,7 @@ class ChunkFT:
         if self.max_grad_norm is not None:
             clip_(list(grads.values()), norm, self.max_grad_norm)
         wait_s = self._optimizer.update(chunk, grads, lr)
-        self._slicegrad.zero_grad()
-        self._schedule_step += 1
-        if self._rotation.advance():
-            self._optimizer.engine.write_back(chunk)
-            self._slicegrad.deactivate()
-            self._activate(self._rotation.current())
-            self._optimizer.begin_window(self._rotation.current())
+        self._after_update(chunk)
         return StepStats(chunk, lr, norm_value, False, wait_s)
 
     def _step_parallel(self, chunk: int, lr: float, grads: dict[str, Tensor]) -> StepStats:
@@ -251,6 +245,12 @@ class ChunkFT:
         if self.max_grad_norm is not None:
             clip_([shard], norm, self.max_grad_norm)
         wait_s = self._optimizer.update_shard(chunk, shard, [bool(x > 0) for x in present.tolist()], lr)
+        self._after_update(chunk)
+        return StepStats(chunk, lr, norm_value, False, wait_s)
+
+    def _after_update(self, chunk: int) -> None:
+        """Clear the gradients and advance the schedule; at the end of a visit write the window's states
+        back and activate the next window (the same on one rank and on many)."""
         self._slicegrad.zero_grad()
         self._schedule_step += 1
         if self._rotation.advance():
@@ -258,7 +258,6 @@ class ChunkFT:
             self._slicegrad.deactivate()
             self._activate(self._rotation.current())
             self._optimizer.begin_window(self._rotation.current())
-        return StepStats(chunk, lr, norm_value, False, wait_s)
 
     def discard_grads(self) -> None:
         """Drop the gradients accumulated since the last step (a step abandoned half-way, e.g. on OOM)."""
