@@ -509,18 +509,30 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
         lock.release()
 
 
+def wants_cuda(requested: str | None, cuda_available: bool) -> bool:
+    """Whether this run trains on CUDA: --device as given, else CUDA when torch sees a GPU."""
+    return (requested or ("cuda" if cuda_available else "cpu")).startswith("cuda")
+
+
+def rank_device(
+    requested: str | None, parallel: bool, on_cuda: bool, current_device: Callable[[], int]
+) -> str | None:
+    """The device this rank trains on: data parallel on CUDA takes LOCAL_RANK's GPU (init_from_env made
+    it current), whatever --device named; otherwise --device as given (None: resolve_device chooses)."""
+    return f"cuda:{current_device()}" if parallel and on_cuda else requested
+
+
 def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # ---- plan, device, model, data: all validated before anything is written
     from chunkft.plan_format import check_model, load_plan, plan_digest, plan_digests
 
     plan = load_plan(opts.plan_path)
     plan_sha = plan_digest(plan)  # what run.json and new checkpoints record
-    wants_cuda = (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    world = dist_.init_from_env("cuda" if wants_cuda else "cpu", opts.collective_timeout_s)
+    on_cuda = wants_cuda(opts.device, torch.cuda.is_available())
+    world = dist_.init_from_env("cuda" if on_cuda else "cpu", opts.collective_timeout_s)
     check_world(plan, opts, world)
     try:
-        mine = f"cuda:{torch.cuda.current_device()}" if world.parallel and wants_cuda else opts.device
-        device = resolve_device(mine)  # data parallel on CUDA: LOCAL_RANK's GPU (set by init_from_env)
+        device = resolve_device(rank_device(opts.device, world.parallel, on_cuda, torch.cuda.current_device))
     except DeviceError as e:
         raise RunError(str(e)) from None
     check_device(plan, opts, device)

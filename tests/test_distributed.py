@@ -98,3 +98,19 @@ def test_a_cuda_plan_starts_nccl_on_its_local_gpu_and_init_failures_are_one_line
     monkeypatch.delenv("MASTER_PORT")
     with pytest.raises(d.DistributedError, match="MASTER_PORT is not set; launch with torchrun"):
         d.init_from_env("cuda")
+
+
+def test_each_cuda_rank_trains_on_its_own_gpu_and_one_rank_keeps_the_device_it_asked_for() -> None:
+    """The device choice of chunkft-run's CUDA branch, without a GPU: data parallel on CUDA takes the GPU
+    init_from_env made current (LOCAL_RANK's), even over --device cuda; one rank, or the CPU, keeps
+    --device (None: resolve_device picks)."""
+    from chunkft.executor.train import rank_device, wants_cuda
+
+    assert wants_cuda(None, True) and wants_cuda("cuda:1", False)
+    assert not wants_cuda(None, False) and not wants_cuda("cpu", True)
+    local_rank = lambda: 3  # noqa: E731 - torch.cuda.current_device after set_device(LOCAL_RANK=3)
+    assert rank_device(None, True, True, local_rank) == "cuda:3"
+    assert rank_device("cuda", True, True, local_rank) == "cuda:3"
+    assert rank_device("cuda:0", False, True, local_rank) == "cuda:0"
+    assert rank_device(None, False, True, local_rank) is None
+    assert rank_device("cpu", True, False, local_rank) == "cpu"
