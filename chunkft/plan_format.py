@@ -615,6 +615,34 @@ def plan_digests(plan: Plan) -> tuple[str, str]:
     return plan_digest(plan), hashlib.sha256(plan_to_json(plan).encode()).hexdigest()
 
 
+# What a training run's numbers depend on, so a checkpoint can continue under another plan with the same
+# trajectory: the same model, windows, rotation, optimizer, schedule, batches and numerics. Left out:
+# the hardware (rank count, GPU, budgets), where states wait and how they are copied, activation
+# checkpointing (recomputation is exact), evaluation and checkpoint intervals, and the predictions.
+_TRAJECTORY_RUN_FIELDS = (
+    "seq_len", "micro_batch_size", "grad_accum_steps", "total_steps", "seed", "weight_dtype",
+    "compute_dtype", "master_dtype", "attn_implementation", "chunked_cross_entropy", "optimizer",
+    "schedule", "padded_batches",
+)  # fmt: skip
+
+
+def trajectory_digest(plan: Plan) -> str:
+    """sha256 of what decides the training trajectory (_TRAJECTORY_RUN_FIELDS and the rest below).
+
+    Data parallel splits a step's micro-batches over the ranks without changing them, so plans for
+    1 and for N ranks of one run share this digest, and a checkpoint of one resumes under the other."""
+    data = plan_to_dict(plan)
+    model, run = data["model"], data["run"]
+    kept = {
+        "model": {k: model[k] for k in ("fingerprint", "task", "num_labels")},
+        "run": {k: run[k] for k in _TRAJECTORY_RUN_FIELDS},
+        "chunk_table": data["chunk_table"],
+        "rotation": data["rotation"],
+        "host_state_dtype": data["placement"]["host_state_dtype"],
+    }
+    return hashlib.sha256(json.dumps(kept, separators=(",", ":")).encode()).hexdigest()
+
+
 def _filled(data: dict, path: tuple[str, ...], key: str, value: object) -> dict:
     """data with `key` set to `value` in the object at `path` when that object lacks it (copies along
     the path keep the objects' record of repeated keys)."""

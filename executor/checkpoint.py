@@ -3,16 +3,21 @@
 Layout under the run's output directory:
 
     checkpoints/step-000007/model.safetensors   model weights (shared/tied tensors stored once)
-    checkpoints/step-000007/trainer.pt          driver state (all chunks' host optimizer states, rotation,
-                                                schedule) and RNG states, loaded with weights_only=True
+    checkpoints/step-000007/trainer.pt          driver state (rotation, schedule, step counts) and RNG
+                                                states, loaded with weights_only=True
+    checkpoints/step-000007/states/             every window's master rows and optimizer states, written
+                                                with torch.distributed.checkpoint (DCP): one file per rank
+                                                plus DCP's .metadata index
     checkpoints/step-000007/state.json          step, data position, plan/model identity, file sizes and
                                                 sha256 digests (written last)
     checkpoints/latest                          the name of the newest complete checkpoint
 
 The weights are streamed to disk tensor by tensor through one reused 64 MiB host buffer
 (executor/safetensors_stream.py): a checkpoint adds that buffer, not a host copy of the whole model, to
-the host memory the run already pins.
-The trainer state hands the host optimizer stores to torch.save as they are (TransferEngine.state_dict).
+the host memory the run already pins. The states go to DCP as they are (the host stores themselves):
+under data parallel each rank writes only the rows it owns, so no rank ever gathers the whole, and a
+resume on any rank count reads, per rank, the parts of the saved rows it needs (2 ranks -> 1, 1 -> 2).
+Format 1 (before states/) kept the states inside trainer.pt; those checkpoints still load.
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then os.replace'd into
 place; `latest` is replaced atomically afterwards. Killing the writer at any instant leaves the previous
@@ -28,20 +33,31 @@ one, with a note saying why; state.json files written before a field existed loa
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from safetensors import SafetensorError
 from safetensors.torch import load_model
+from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
 
+from chunkft.executor import distributed as dist_
+from chunkft.executor.distributed import FlatShard, ReadShards, World
 from chunkft.executor.safetensors_stream import (
     hf_tied_names,
     model_tensors_for_save,
@@ -49,12 +65,15 @@ from chunkft.executor.safetensors_stream import (
 )
 from chunkft.files import honour_umask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # 1: every window's states inside trainer.pt (chunkft before states/)
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 STATE_FILE = "state.json"
 MODEL_FILE = "model.safetensors"
 TRAINER_FILE = "trainer.pt"
+STATES_DIR = "states"
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the states files
 TMP_MARK = ".tmp-"
 _STEP_DIR = re.compile(r"step-[0-9]+")
 
@@ -96,6 +115,10 @@ class CheckpointMeta:
     data_bytes: int | None = None
     # the tokenizer's identity (executor.data Tokenizer.identity; None: written before it was recorded)
     tokenizer_sha256: str | None = None
+    # chunkft.plan_format.trajectory_digest of the plan: another plan with the same one (e.g. the same run
+    # for another rank count) may continue it. None: written before it was recorded (same plan only).
+    trajectory_sha256: str | None = None
+    world_size: int = 1  # the ranks that wrote it (any count can resume it)
 
 
 @dataclass(frozen=True)
@@ -131,57 +154,217 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(
-    output_dir: Path, meta: CheckpointMeta, model: torch.nn.Module, trainer: dict[str, Any], keep: int = 2
+    output_dir: Path,
+    meta: CheckpointMeta,
+    model: torch.nn.Module,
+    trainer: dict[str, Any],
+    keep: int = 2,
+    *,
+    shards: Mapping[str, FlatShard] | None = None,
+    world: World | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically, point `latest` at it, and keep only the newest `keep`."""
+    """Write a complete checkpoint atomically, point `latest` at it, and keep only the newest `keep`.
+
+    shards: this rank's rows of the windows' states (ChunkFT.sharded_state_dict), written with
+    torch.distributed.checkpoint into states/. With a parallel `world` every rank calls this (a
+    collective): each writes and hashes its own states file; rank 0 writes everything else. A failure on
+    any rank raises on every rank, and only rank 0 touches the directory layout, so the protocol is the
+    one-rank one: temporary directory, fsync, rename, pointer.
+    """
+    world = World.single() if world is None else world
+    shards = {} if shards is None else shards
     root = Path(output_dir) / CHECKPOINTS
+    final = root / checkpoint_name(meta.step)
+    need = tensor_bytes(model.state_dict()) + tensor_bytes(trainer) + _global_bytes(shards)
+    # 1. rank 0 makes the temporary directory unless the disk is already too small; every rank learns it
+    begun: tuple[str, str | None, str | None] = ("", None, None)  # (tmp name, previous, why refused)
+    if world.is_main:
+        begun = _begin(root, final, meta.step, need)
+    name, previous, refused = dist_.broadcast_object(begun, world, checkpoint=True)
+    if refused is not None:
+        raise CheckpointDiskFull(meta.step, previous, refused)
+    tmp = root / name
+    try:
+        # 2. every rank: its rows of the states (DCP raises on every rank when any rank's write failed)
+        try:
+            _save_states(tmp / STATES_DIR, shards, world)
+        except CheckpointException as e:
+            raise _unwrapped(e) from None
+        mine = _digests(tmp, _own_state_files(tmp, world))
+        files = {k: v for d in dist_.all_gather_objects(mine, world, checkpoint=True) for k, v in d.items()}
+        # 3. rank 0: the weights, the trainer state, state.json; rename into place; the pointer
+        failure: tuple[bool, str] | None = None  # (disk full, why)
+        if world.is_main:
+            try:
+                _finish(root, final, tmp, meta, model, trainer, files)
+            except BaseException as e:
+                failure = (_full(e, root), _reason(e) if _full(e, root) else _one_line(e))
+                if not world.parallel:
+                    raise
+        failure = dist_.broadcast_object(failure, world, checkpoint=True)
+        if failure is not None:
+            full, why = failure
+            if full:
+                raise CheckpointDiskFull(meta.step, previous, why)
+            raise CheckpointError(f"checkpoint {final.name} was not written: rank 0 failed ({why})")
+    except BaseException as e:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError) or not _full(e, root):
+            raise
+        raise CheckpointDiskFull(meta.step, previous, _reason(e)) from e
+    if world.is_main:
+        _prune(root, keep)
+    return final
+
+
+def _begin(root: Path, final: Path, step: int, need: int) -> tuple[str, str | None, str | None]:
+    """Rank 0: (the temporary directory's name, the checkpoint `latest` names, why the disk cannot take
+    this one or None). Stale temporaries of a killed writer go first."""
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_temporaries(root)
-    final = root / checkpoint_name(meta.step)
+    previous, free = _pointer(root), shutil.disk_usage(root).free
     tmp = root / f"{final.name}{TMP_MARK}{os.getpid()}"
-    need, free = tensor_bytes(model.state_dict()) + tensor_bytes(trainer), shutil.disk_usage(root).free
     if need > free:  # a lower bound of the files' size: this write cannot succeed, do not start it
-        raise CheckpointDiskFull(meta.step, _pointer(root), f"needs over {need:,} bytes, {free:,} free")
-    try:
-        tmp.mkdir()
-        tensors, metadata = model_tensors_for_save(model)
-        save_safetensors_streaming(tensors, tmp / MODEL_FILE, metadata)  # no host copy of the model
-        del tensors
-        torch.save(trainer, tmp / TRAINER_FILE)
-        files = {}
-        for name in (MODEL_FILE, TRAINER_FILE):
-            _fsync_file(tmp / name)
-            files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-        state = {"format_version": FORMAT_VERSION, **meta.__dict__, "files": files}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-        _fsync_file(tmp / STATE_FILE)
-        _fsync_dir(tmp)
-        honour_umask(tmp)  # as if created by mkdir/open, whatever the writers used
-        if final.exists():  # a re-save of the same step: move the old copy aside, never delete it first
-            aside = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _write_atomically(root / LATEST, final.name + "\n")
-        _fsync_dir(root)
-    except BaseException as e:
-        # torch.save reports a full disk as an opaque RuntimeError: look at the free space too
-        full = _no_space(e) or (
-            isinstance(e, (OSError, RuntimeError, SafetensorError))
-            and shutil.disk_usage(root).free < FULL_BELOW_BYTES
-        )
-        shutil.rmtree(tmp, ignore_errors=True)
-        if full:
-            raise CheckpointDiskFull(meta.step, _pointer(root), _reason(e)) from e
-        raise
+        return tmp.name, previous, f"needs over {need:,} bytes, {free:,} free"
+    tmp.mkdir()
+    return tmp.name, previous, None
+
+
+def _finish(
+    root: Path,
+    final: Path,
+    tmp: Path,
+    meta: CheckpointMeta,
+    model: torch.nn.Module,
+    trainer: dict[str, Any],
+    files: dict[str, dict],
+) -> None:
+    """Rank 0, after every rank's states are on disk: the rest of the files, then rename and pointer."""
+    tensors, metadata = model_tensors_for_save(model)
+    save_safetensors_streaming(tensors, tmp / MODEL_FILE, metadata)  # no host copy of the model
+    del tensors
+    torch.save(trainer, tmp / TRAINER_FILE)
+    names = [MODEL_FILE, TRAINER_FILE]
+    if (tmp / STATES_DIR).is_dir():
+        names.append(f"{STATES_DIR}/{DCP_METADATA}")  # written by rank 0, the coordinator
+    files = {**files, **_digests(tmp, names)}
+    for name in files:
+        _fsync_file(tmp / name)
+    state = {"format_version": FORMAT_VERSION, **meta.__dict__, "files": dict(sorted(files.items()))}
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    _fsync_file(tmp / STATE_FILE)
+    if (tmp / STATES_DIR).is_dir():
+        _fsync_dir(tmp / STATES_DIR)
+    _fsync_dir(tmp)
+    honour_umask(tmp)  # as if created by mkdir/open, whatever the writers used
+    if final.exists():  # a re-save of the same step: move the old copy aside, never delete it first
+        aside = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
+        os.replace(final, aside)
+        os.replace(tmp, final)
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _write_atomically(root / LATEST, final.name + "\n")
+    _fsync_dir(root)
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Old checkpoints go only after the new one and its pointer are in place."""
     for old in sorted(
         (p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and TMP_MARK not in p.name),
         key=lambda p: int(p.name.removeprefix("step-")),  # numeric: step-1000000 comes after step-999999
     )[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+# ----- the windows' states: torch.distributed.checkpoint, resharded to any rank count on load ------------
+def _save_states(directory: Path, shards: Mapping[str, FlatShard], world: World) -> None:
+    if not shards:
+        return
+    writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
+    with _one_rank_is_meant():
+        dcp.save(
+            _as_saved(shards, world),
+            storage_writer=writer,
+            process_group=_group(world),
+            no_dist=not world.parallel,
+        )
+
+
+@contextlib.contextmanager
+def _one_rank_is_meant() -> Iterator[None]:
+    """DCP warns at every single-process save and load that it assumes one process: here it is asked."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninit")
+        yield
+
+
+def states_reader(path: Path, world: World | None = None) -> ReadShards:
+    """What ChunkFT.load_state_dict fills this rank's rows of the states with, from a checkpoint's states/
+    written on any number of ranks (DCP reads, for each rank, the parts of the saved rows it needs)."""
+    world = World.single() if world is None else world
+
+    def read(shards: dict[str, FlatShard]) -> None:
+        try:
+            with _one_rank_is_meant():
+                dcp.load(
+                    _as_saved(shards, world),
+                    storage_reader=dcp.FileSystemReader(path / STATES_DIR),
+                    process_group=_group(world),
+                    no_dist=not world.parallel,
+                )
+        except (CheckpointException, RuntimeError, OSError, ValueError) as e:
+            cause = _unwrapped(e) if isinstance(e, CheckpointException) else e
+            raise CheckpointError(
+                f"{path / STATES_DIR}: cannot load the optimizer states ({_one_line(cause)}); the "
+                "checkpoint does not fit this run's windows"
+            ) from None
+
+    return read
+
+
+def _as_saved(shards: Mapping[str, FlatShard], world: World) -> dict[str, Tensor]:
+    """Plain tensors on one rank; else DTensors sharded on dim 0 over the checkpoint group, whose split
+    (torch.chunk's) is the FlatShards' own, so DCP records each rank's offset and can reshard."""
+    if not world.parallel:
+        for k, s in shards.items():
+            if s.start != 0 or s.local.numel() != s.numel:
+                raise ValueError(f"{k}: a single rank holds only {s.local.numel()} of {s.numel} elements")
+        return {k: s.local for k, s in shards.items()}
+    for k, s in shards.items():  # DCP infers each rank's offset from the split: it must be this one
+        lo, hi, _ = dist_.shard_bounds(s.numel, world)
+        if (s.start, s.local.numel()) != (lo, hi - lo):
+            got = f"[{s.start}, {s.start + s.local.numel()})"
+            raise ValueError(f"{k}: rank {world.rank} holds {got}, not [{lo}, {hi})")
+    mesh = DeviceMesh.from_group(_group(world) or dist.group.WORLD, "cpu")
+    return {
+        k: DTensor.from_local(
+            s.local, mesh, [Shard(0)], run_check=False, shape=torch.Size([s.numel]), stride=(1,)
+        )
+        for k, s in shards.items()
+    }
+
+
+def _group(world: World) -> Any:
+    return dist_.group_for(world, checkpoint=True) if world.parallel else None
+
+
+def _own_state_files(tmp: Path, world: World) -> list[str]:
+    """The states files this rank wrote (DCP names them __<rank>_<n>.distcp)."""
+    directory = tmp / STATES_DIR
+    if not directory.is_dir():
+        return []
+    return sorted(f"{STATES_DIR}/{p.name}" for p in directory.glob(f"__{world.rank}_*.distcp"))
+
+
+def _digests(tmp: Path, names: list[str]) -> dict[str, dict]:
+    return {n: {"bytes": (tmp / n).stat().st_size, "sha256": _sha256(tmp / n)} for n in names}
+
+
+def _global_bytes(shards: Mapping[str, FlatShard]) -> int:
+    """Bytes of the whole states the shards are rows of (what all ranks write together)."""
+    return sum(s.numel * s.local.element_size() for s in shards.values())
 
 
 def export_safetensors(model: torch.nn.Module, directory: Path) -> Path:
@@ -355,8 +538,9 @@ def read_meta(path: Path) -> CheckpointMeta:
         raise CheckpointError(
             f"{state_path}: unreadable checkpoint state ({type(e).__name__}); the checkpoint is corrupt"
         ) from None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: checkpoint format {version}, this chunkft reads {FORMAT_VERSION}")
+    if version not in READABLE_FORMATS:
+        readable = " and ".join(map(str, READABLE_FORMATS))
+        raise CheckpointError(f"{path}: checkpoint format {version}, this chunkft reads {readable}")
     for name, info in files.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != info["bytes"] or _sha256(f) != info["sha256"]:
@@ -370,11 +554,13 @@ def load_checkpoint(
     *,
     model_fingerprint: str,
     plan_sha256: str | tuple[str, ...],
+    trajectory_sha256: str | None = None,
     meta: CheckpointMeta | None = None,
 ) -> Checkpoint:
     """Verify a checkpoint against this model and plan, load its weights into the model, return the rest.
     plan_sha256: the plan's digest, or every digest a checkpoint of it may carry
-    (chunkft.plan_format.plan_digests).
+    (chunkft.plan_format.plan_digests). trajectory_sha256: the plan's trajectory_digest; a checkpoint
+    written under another plan with the same trajectory (another rank count) is accepted too.
     meta: read_meta(path) already done (find_resume_point), so the files are not hashed twice."""
     meta = read_meta(path) if meta is None else meta
     if meta.model_fingerprint != model_fingerprint:
@@ -383,7 +569,8 @@ def load_checkpoint(
             f"this model {model_fingerprint[:12]}); use its own output directory"
         )
     accepted = (plan_sha256,) if isinstance(plan_sha256, str) else plan_sha256
-    if meta.plan_sha256 not in accepted:
+    same_run = trajectory_sha256 is not None and meta.trajectory_sha256 == trajectory_sha256
+    if meta.plan_sha256 not in accepted and not same_run:
         raise CheckpointError(
             f"{path}: was written under another plan (plan sha256 {meta.plan_sha256[:12]}, "
             f"this plan {accepted[0][:12]}); resume with the plan it was made with"
@@ -426,9 +613,32 @@ def tensor_bytes(obj: Any) -> int:
     return sum(seen.values())
 
 
+def _full(e: BaseException, root: Path) -> bool:
+    """A failed write that a full disk explains: its errno, or little free space after an opaque error
+    (torch.save reports a full disk as a RuntimeError)."""
+    return _no_space(e) or (
+        isinstance(e, (OSError, RuntimeError, SafetensorError))
+        and shutil.disk_usage(root).free < FULL_BELOW_BYTES
+    )
+
+
+def _unwrapped(e: CheckpointException) -> BaseException:
+    """The first rank's own exception inside DCP's collective one."""
+    failures = sorted(e.failures.items())
+    return failures[0][1][0] if failures else e
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
 def _no_space(e: BaseException) -> bool:
     """OSError from our own writes, or the RuntimeError torch.save / safetensors wrap it in."""
     while e is not None:
+        if isinstance(e, CheckpointException):
+            e = _unwrapped(e)
+            continue
         if isinstance(e, OSError) and e.errno in NO_SPACE:
             return True
         if isinstance(e, (OSError, RuntimeError, SafetensorError)) and any(
@@ -441,6 +651,9 @@ def _no_space(e: BaseException) -> bool:
 
 def _reason(e: BaseException) -> str:
     while e is not None:
+        if isinstance(e, CheckpointException):
+            e = _unwrapped(e)
+            continue
         if isinstance(e, OSError) and e.strerror:
             return e.strerror
         e = e.__cause__ or e.__context__  # type: ignore[assignment]

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from chunkft.chunks import Chunk
 from chunkft.executor import distributed as dist_
 from chunkft.executor.devices import CudaInfo, resolve_device, same_device
-from chunkft.executor.distributed import World
+from chunkft.executor.distributed import FlatShard, ReadShards, World
 from chunkft.executor.optimizer import (
     AdamWHparams,
     ChunkedOptimizer,
@@ -278,17 +278,28 @@ class ChunkFT:
         with torch.load(weights_only=True). Take it between steps (accumulated gradients are not saved).
         Data parallel: a collective (every rank calls it); the whole windows' states land on rank 0 only
         (the other ranks' optimizer engine entry is None), in the same format as one rank's."""
+        return self._state(self._optimizer.state_dict())
+
+    def sharded_state_dict(self) -> tuple[dict, dict[str, FlatShard]]:
+        """For a distributed checkpoint: state_dict() without the windows' flat states, and this rank's
+        rows of them by key (executor/checkpoint.py saves them with torch.distributed.checkpoint, so no
+        rank gathers the whole and any rank count can resume). Not a collective."""
+        small, shards = self._optimizer.sharded_state_dict()
+        return self._state(small), shards
+
+    def _state(self, optimizer: dict) -> dict:
         return {
             "version": STATE_VERSION,
             "optimizer_kind": type(self.hparams).__name__,
             "chunks": [[[sl.name, sl.row_start, sl.row_end] for sl in c.slices] for c in self.chunks],
             "rotation": self._rotation.state_dict(),
             "schedule_step": self._schedule_step,
-            "optimizer": self._optimizer.state_dict(),
+            "optimizer": optimizer,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from a state_dict() of a driver built with the same chunks and optimizer kind."""
+    def load_state_dict(self, state: dict, read: ReadShards | None = None) -> None:
+        """Continue from a state_dict() of a driver built with the same chunks and optimizer kind, or from
+        a sharded_state_dict() saved on any rank count: then `read` fills this rank's rows of each key."""
         self._check_open()
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"driver state version {state.get('version')!r} is not {STATE_VERSION}")
@@ -300,7 +311,12 @@ class ChunkFT:
         theirs = [[[str(n), int(a), int(b)] for n, a, b in c] for c in state["chunks"]]
         if theirs != mine:
             raise ValueError("driver state was saved with a different chunk table; resume with the same plan")
-        self._optimizer.load_state_dict(state["optimizer"])
+        if state["optimizer"]["engine"].get("sharded"):
+            if read is None:
+                raise ValueError("this driver state keeps the windows' states apart: pass `read` for them")
+            self._optimizer.load_sharded_state_dict(state["optimizer"], read)
+        else:
+            self._optimizer.load_state_dict(state["optimizer"])
         self._rotation.load_state_dict(state["rotation"])
         self._schedule_step = int(state["schedule_step"])
         self._slicegrad.deactivate()

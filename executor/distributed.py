@@ -7,6 +7,10 @@ per rank ~1/N), and all-gathers the updated rows back into every rank's weights.
 its reducer sees only `.grad` of a fixed set of trainable parameters, and slice gradients never reach
 `.grad`.
 
+Checkpoints (executor/checkpoint.py) go through torch.distributed.checkpoint on `World.checkpoint_group`:
+each rank writes its own rows of every window's states (FlatShard), and a load on any rank count reads
+the rows it needs, so no rank ever gathers the whole.
+
 World size 1 never touches torch.distributed: `World.single()` is a plain value and every caller keeps
 today's code path for it.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,6 +31,9 @@ from torch import Tensor
 # a dead rank turns into an error on the others within this, not a hang; CHUNKFT_COLLECTIVE_TIMEOUT_S
 # overrides it (the tests use a few seconds)
 DEFAULT_TIMEOUT_S = float(os.environ.get("CHUNKFT_COLLECTIVE_TIMEOUT_S", "180"))
+# Writing and hashing a large checkpoint keeps rank 0 away for longer than a training step's collectives
+# may wait: the checkpoint group waits this many times the collective timeout.
+CHECKPOINT_TIMEOUT_FACTOR = 10
 
 
 class DistributedError(RuntimeError):
@@ -39,6 +47,9 @@ class World:
     rank: int = 0
     size: int = 1
     group: Any = None  # None: the default group (or no group at all when size == 1)
+    # gloo, on CPU tensors, with CHECKPOINT_TIMEOUT_FACTOR x the timeout: what checkpoints collect over
+    # (the host states are CPU tensors; with nccl they would be copied to the GPU). None: `group`.
+    checkpoint_group: Any = None
 
     @staticmethod
     def single() -> World:
@@ -87,12 +98,35 @@ def init_from_env(device_type: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Wor
             f"could not start the {backend} process group ({first}); check MASTER_ADDR/MASTER_PORT "
             "and that every rank was launched"
         ) from None
-    return World(dist.get_rank(), dist.get_world_size(), None)
+    slow = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s * CHECKPOINT_TIMEOUT_FACTOR))
+    return World(dist.get_rank(), dist.get_world_size(), None, slow)
 
 
 def shutdown(world: World) -> None:
     if world.parallel and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shutdown_any() -> None:
+    """Tear down the process groups on any way out, errors included: groups left to interpreter exit can
+    abort the process (SIGABRT) as the other ranks disconnect, instead of exiting with its error code."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class FlatShard:
+    """This rank's elements [start, start + local.numel()) of a flat state of `numel` elements: what a
+    checkpoint saves per rank and reshards on load. The split is shard_bounds', which is torch.chunk's
+    (a DTensor's Shard(0)), so any rank count can read it back."""
+
+    local: Tensor
+    numel: int
+    start: int
+
+
+# fills the `local` tensors of the FlatShards it is given (a checkpoint reader, executor/checkpoint.py)
+ReadShards = Callable[[dict[str, FlatShard]], None]
 
 
 def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:
@@ -130,7 +164,8 @@ def all_gather_flat(shard: Tensor, world: World) -> Tensor:
 
 def gather_flat_to_main(shard: Tensor, numel: int, world: World) -> Tensor | None:
     """Rank 0: the full flat tensor (first `numel` of the ranks' shards in order); others: None. Used by
-    checkpoints, so only rank 0 holds a whole window's states at once. Gathered in fp32 (exact for bf16)."""
+    ChunkFT.state_dict() (one object in the one-rank format; checkpoints save per rank instead).
+    Gathered in fp32 (exact for bf16)."""
     src = shard.float().contiguous()
     parts = [torch.empty_like(src) for _ in range(world.size)] if world.is_main else None
     dist.gather(src, parts, dst=0, group=world.group)
@@ -178,10 +213,24 @@ def barrier(world: World) -> None:
         dist.barrier(group=world.group)
 
 
-def broadcast_object(obj: Any, world: World) -> Any:
+def group_for(world: World, checkpoint: bool = False) -> Any:
+    """The process group a collective runs on: the checkpoint group (gloo, patient) for checkpoints."""
+    return world.checkpoint_group if checkpoint and world.checkpoint_group is not None else world.group
+
+
+def broadcast_object(obj: Any, world: World, *, checkpoint: bool = False) -> Any:
     """Rank 0's object on every rank."""
     if not world.parallel:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0, group=world.group)
+    dist.broadcast_object_list(box, src=0, group=group_for(world, checkpoint))
     return box[0]
+
+
+def all_gather_objects(obj: Any, world: World, *, checkpoint: bool = False) -> list[Any]:
+    """Every rank's object, in rank order."""
+    if not world.parallel:
+        return [obj]
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, obj, group=group_for(world, checkpoint))
+    return out

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from chunkft.chunks import Chunk, ParamSlice
 from chunkft.executor import distributed as dist_
-from chunkft.executor.distributed import World
+from chunkft.executor.distributed import FlatShard, ReadShards, World
 from chunkft.executor.streams import Streams
 from chunkft.executor.transfer import KindSpec, TransferEngine
 
@@ -381,10 +381,46 @@ class ChunkedOptimizer:
         engine = self._full_engine_state() if self.world.parallel else self.engine.state_dict()
         return {"steps": [list(s) for s in self.steps], "engine": engine}
 
-    def load_state_dict(self, state: dict) -> None:
-        steps = state["steps"]
+    def sharded_state_dict(self) -> tuple[dict, dict[str, FlatShard]]:
+        """(the small part, this rank's rows of every flat state by key) for a distributed checkpoint:
+        each rank saves only its own 1/N and no rank gathers the whole (executor/checkpoint.py)."""
+        state = self.engine.state_dict()
+        live = [int(e["chunk"]) for e in state["live_slots"]]
+        small = {"steps": [list(s) for s in self.steps], "engine": {"sharded": True, "live_chunks": live}}
+        return small, self._shards_of(state)
+
+    def _shards_of(self, engine_state: dict) -> dict[str, FlatShard]:
+        """Every flat tensor of an engine state (stores, and slots not written back) as this rank's rows,
+        by key; a padded shard's zero tail is not part of them."""
+
+        def shard(c: int, v: Tensor) -> FlatShard:
+            lo, hi, _ = self.bounds[c]
+            return FlatShard(v[: hi - lo], self.numels[c], lo)
+
+        out = {}
+        for c, store in enumerate(engine_state["stores"]):
+            out.update({f"store.{c}.{k}": shard(c, v) for k, v in store.items()})
+        for e in engine_state["live_slots"]:
+            c = int(e["chunk"])
+            out.update({f"live.{c}.{k}": shard(c, v) for k, v in e["tensors"].items()})
+        return out
+
+    def load_sharded_state_dict(self, state: dict, read: ReadShards) -> None:
+        """Continue from sharded_state_dict() saved on any rank count: `read` fills this rank's rows of
+        every key (in place in the host stores)."""
+        self._check_steps(state["steps"])
+        targets = self.engine.load_targets([int(c) for c in state["engine"]["live_chunks"]])
+        read(self._shards_of(targets))
+        self.engine.load_state_dict(targets)
+        self.steps = [[int(x) for x in s] for s in state["steps"]]
+
+    def _check_steps(self, steps: list) -> None:
         if [len(s) for s in steps] != [len(s) for s in self.steps]:
             raise ValueError("optimizer state step counts do not match this run's chunk layout")
+
+    def load_state_dict(self, state: dict) -> None:
+        steps = state["steps"]
+        self._check_steps(steps)
         engine = state["engine"]
         if self.world.parallel:
             engine = self._my_engine_state(engine)

@@ -56,6 +56,7 @@ from chunkft.executor.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    states_reader,
 )
 from chunkft.executor.data import (
     Batches,
@@ -506,6 +507,7 @@ def train(opts: RunOptions, log: TextIO | None = None) -> RunResult:
             raise DistributedError(lost_rank_message(opts, e)) from None
         raise
     finally:
+        dist_.shutdown_any()
         lock.release()
 
 
@@ -524,10 +526,17 @@ def rank_device(
 
 def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     # ---- plan, device, model, data: all validated before anything is written
-    from chunkft.plan_format import check_model, load_plan, plan_digest, plan_digests
+    from chunkft.plan_format import (
+        check_model,
+        load_plan,
+        plan_digest,
+        plan_digests,
+        trajectory_digest,
+    )
 
     plan = load_plan(opts.plan_path)
     plan_sha = plan_digest(plan)  # what run.json and new checkpoints record
+    trajectory = trajectory_digest(plan)  # what lets another rank count's plan continue a checkpoint
     on_cuda = wants_cuda(opts.device, torch.cuda.is_available())
     world = dist_.init_from_env("cuda" if on_cuda else "cpu", opts.collective_timeout_s)
     check_world(plan, opts, world)
@@ -598,9 +607,15 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             model,
             model_fingerprint=plan.model.fingerprint,
             plan_sha256=plan_digests(plan),  # older chunkft recorded the second
+            trajectory_sha256=trajectory,  # the same run planned for another rank count
             meta=point.meta,  # verified by find_resume_point: not hashed again
         )
-        driver.load_state_dict(ckpt.trainer["driver"])
+        if ckpt.meta.plan_sha256 not in plan_digests(plan) and world.is_main:
+            log.write(
+                f"chunkft-run: note: {ckpt.path.name} was written on {ckpt.meta.world_size} rank(s) under "
+                f"another plan of the same run; continuing on {world.size}\n"
+            )
+        driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(ckpt.path, world))
         set_rng_state(ckpt.trainer["rng"])
         _seek(batches, ckpt.meta, opts, log)
         start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
@@ -638,11 +653,14 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             data_sha256=data_id[0] if data_id else None,
             data_bytes=data_id[1] if data_id else None,
             tokenizer_sha256=tokenizer_id,
+            trajectory_sha256=trajectory,
+            world_size=world.size,
         )
-        trainer = {"driver": driver.state_dict(), "rng": rng or rng_state()}  # a collective when parallel
-        if not world.is_main:
-            return out
-        return save_checkpoint(out, meta, model, trainer, keep=opts.keep_checkpoints)
+        small, shards = driver.sharded_state_dict()  # each rank's own rows of the states: nothing gathered
+        trainer = {"driver": small, "rng": rng or rng_state()}
+        # a collective when parallel: every rank writes its rows, rank 0 the rest
+        keep = opts.keep_checkpoints
+        return save_checkpoint(out, meta, model, trainer, keep=keep, shards=shards, world=world)
 
     def evaluate_and_log(step: int) -> None:
         if not world.is_main:  # the same weights on every rank: rank 0 evaluates, the others wait
@@ -704,7 +722,9 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                     # the state at its start is consistent, so save it before reporting the OOM.
                     batch = loss = micro = None
                     driver.discard_grads()
-                    if step > start_step:
+                    # Data parallel: the other ranks are in the step's collectives, not in a save (every
+                    # rank writes its rows), so the last checkpoint is what a resume takes.
+                    if step > start_step and not world.parallel:
                         with contextlib.suppress(Exception):  # the last checkpoint stays if this fails
                             save(step, *at_step_start)
                     raise

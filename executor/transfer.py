@@ -31,6 +31,7 @@ The engine has this one code path on every device: on the CPU the streams are sy
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -241,8 +242,24 @@ class TransferEngine:
         ]
         return {"stores": stores, "live_slots": live}
 
+    def load_targets(self, live_chunks: Sequence[int]) -> dict:
+        """Tensors in state_dict()'s layout for a checkpoint reader to fill before load_state_dict(): the
+        host stores themselves (filled in place, so an 8B model's ~90 GiB of states is not held twice)
+        and new CPU buffers for device stores and for the slots `live_chunks` had not written back."""
+        self.synchronize()  # the host is about to overwrite stores
+        stores = [
+            {k: t if t.device.type == "cpu" else torch.zeros(t.shape, dtype=t.dtype) for k, t in s.items()}
+            for s in self._stores
+        ]
+        live = [
+            {"chunk": c, "tensors": {k.name: torch.zeros(self.chunk_numels[c]) for k in self._staged}}
+            for c in live_chunks
+        ]
+        return {"stores": stores, "live_slots": live}
+
     def load_state_dict(self, state: dict) -> None:
-        """Replace stores and slots with a state_dict() result from an engine of the same layout."""
+        """Replace stores and slots with a state_dict() result from an engine of the same layout (or
+        load_targets(), filled: a store given as itself is already loaded)."""
         stores = state["stores"]
         if len(stores) != len(self._stores):
             raise ValueError(f"optimizer state has {len(stores)} chunks, this run has {len(self._stores)}")
@@ -255,7 +272,8 @@ class TransferEngine:
                     raise ValueError(
                         f"optimizer state {k!r} has shape {tuple(theirs[k].shape)}, expected {tuple(t.shape)}"
                     )
-                t.copy_(theirs[k])
+                if theirs[k] is not t:  # load_targets() handed out the store itself: filled in place
+                    t.copy_(theirs[k])
         for slot in self._slots:
             slot.chunk, slot.dirty, slot.ready = None, False, None
         for live in state["live_slots"]:

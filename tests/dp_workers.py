@@ -142,3 +142,116 @@ def _other(params: dict[str, torch.Tensor], world: World) -> list[torch.Tensor]:
     box = [params if world.is_main else None]
     dist.broadcast_object_list(box, src=0)
     return list(box[0].values())
+
+
+# ------------------------------------------------- checkpoints across rank counts (test_checkpoint_ranks)
+HALF = 3  # the checkpoint is written after this many steps
+
+
+def continue_steps(model: torch.nn.Module, driver: ChunkFT, world: World, start: int, stop: int) -> None:
+    for step in range(start, stop):
+        micro = micro_batches(step, GLOBAL)
+        per = len(micro) // world.size
+        for b in micro[world.rank * per : (world.rank + 1) * per]:
+            driver.backward(model(**b).loss / per)
+        driver.step()
+
+
+def save_at(out: Path, model: torch.nn.Module, driver: ChunkFT, world: World, step: int) -> Path:
+    """A real checkpoint (executor/checkpoint.py): every rank writes its own rows of the states."""
+    from chunkft.executor.checkpoint import CheckpointMeta, save_checkpoint
+
+    small, shards = driver.sharded_state_dict()
+    meta = CheckpointMeta(step, "model", "plan", 0, 0, world_size=world.size)
+    return save_checkpoint(out, meta, model, {"driver": small}, shards=shards, world=world)
+
+
+def resume_from(path: Path, case: tuple, world: World) -> tuple[torch.nn.Module, ChunkFT]:
+    from chunkft.executor.checkpoint import load_checkpoint, states_reader
+
+    model, driver = make(case, world)
+    ckpt = load_checkpoint(path, model, model_fingerprint="model", plan_sha256="plan")
+    driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(path, world))
+    return model, driver
+
+
+def params_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def one_rank_side(out: Path, phase: str) -> None:
+    """phase "before": per case, 1 rank trains HALF steps, checkpoints, goes on to STEPS (the reference),
+    and a raw 7-element state is saved for 2 ranks to read; "after": per case, 1 rank resumes from the
+    2-rank checkpoint to STEPS, and reads the 2-rank raw state."""
+    from chunkft.executor.checkpoint import states_reader
+    from chunkft.executor.distributed import FlatShard
+
+    one = World.single()
+    for case in CASES:
+        if phase == "before":
+            model, driver = make(case, one)
+            continue_steps(model, driver, one, 0, HALF)
+            save_at(out / f"{case[0]}-one", model, driver, one, HALF)
+            continue_steps(model, driver, one, HALF, STEPS)
+            torch.save(params_of(model), out / f"{case[0]}-ref.pt")
+        else:
+            model, driver = resume_from(out / f"{case[0]}-two" / "checkpoints" / "step-000003", case, one)
+            continue_steps(model, driver, one, HALF, STEPS)
+            torch.save(params_of(model), out / f"{case[0]}-2to1.pt")
+    if phase == "before":
+        from chunkft.executor.checkpoint import CheckpointMeta, save_checkpoint
+
+        raw = torch.arange(7, dtype=torch.float32) * 10
+        meta = CheckpointMeta(1, "model", "plan", 0, 0)
+        save_checkpoint(out / "raw-one", meta, torch.nn.Linear(1, 1), {}, shards={"a": FlatShard(raw, 7, 0)})
+    else:
+        got = torch.zeros(7)
+        states_reader(out / "raw-two" / "checkpoints" / "step-000001")({"a": FlatShard(got, 7, 0)})
+        torch.save(got, out / "raw-2to1.pt")
+
+
+def across_worker(rank: int, size: int, port: int, out_dir: str) -> None:
+    """On 2 ranks, per case: resume the 1-rank checkpoint and go on to STEPS; train HALF steps and
+    checkpoint. Then a 7-element raw state (4 + 3 rows), and a save whose rank-0 part fails."""
+    import errno
+
+    from chunkft.executor import checkpoint as ck
+    from chunkft.executor.distributed import FlatShard, shard_bounds
+
+    out = Path(out_dir)
+    world = _init(rank, size, port)
+    try:
+        for case in CASES:
+            model, driver = resume_from(out / f"{case[0]}-one" / "checkpoints" / "step-000003", case, world)
+            continue_steps(model, driver, world, HALF, STEPS)
+            if world.is_main:
+                torch.save(params_of(model), out / f"{case[0]}-1to2.pt")
+            model, driver = make(case, world)
+            continue_steps(model, driver, world, 0, HALF)
+            save_at(out / f"{case[0]}-two", model, driver, world, HALF)
+        lo, hi, per = shard_bounds(7, world)
+        mine = torch.zeros(per)
+        ck.states_reader(out / "raw-one" / "checkpoints" / "step-000001", world)(
+            {"a": FlatShard(mine[: hi - lo], 7, lo)}
+        )
+        torch.save(mine, out / f"raw-1to2-rank{rank}.pt")
+        rows = torch.arange(lo, hi, dtype=torch.float32)
+        meta = ck.CheckpointMeta(1, "model", "plan", 0, 0, world_size=2)
+        lin = torch.nn.Linear(1, 1)
+        shards = {"a": FlatShard(rows, 7, lo)}
+        ck.save_checkpoint(out / "raw-two", meta, lin, {}, shards=shards, world=world)
+        # rank 0 fails after every rank's states are written: both ranks raise, step 1 stays the latest
+        if world.is_main:
+
+            def full(*_: object) -> None:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+            ck._finish = full  # type: ignore[assignment]
+        meta2 = ck.CheckpointMeta(2, "model", "plan", 0, 0, world_size=2)
+        try:
+            ck.save_checkpoint(out / "raw-two", meta2, lin, {}, shards=shards, world=world)
+        except ck.CheckpointDiskFull as e:
+            (out / f"full-rank{rank}.txt").write_text(str(e))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -231,3 +231,46 @@ def test_export_is_what_save_pretrained_writes_and_loads_back(tmp_path: Path, ki
         assert torch.equal(a, b), name
     if kind == "llama-tied-bf16":
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+
+
+def test_a_format_1_checkpoint_with_the_states_in_trainer_pt_still_resumes(tmp_path: Path) -> None:
+    """chunkft before states/ kept every window's states inside trainer.pt (format 1): it still loads,
+    and continues as the run that wrote it does."""
+    from dp_workers import CASES, continue_steps, make
+
+    from chunkft.executor.distributed import World
+
+    one = World.single()
+    model, driver = make(CASES[0], one)
+    continue_steps(model, driver, one, 0, 3)
+    path = save_checkpoint(tmp_path, _meta(3), model, {"driver": driver.state_dict()})
+    state = json.loads((path / "state.json").read_text())
+    assert state["format_version"] == 2 and not (path / "states").exists()
+    (path / "state.json").write_text(json.dumps({**state, "format_version": 1}))
+    m2, d2 = make(CASES[0], one)
+    ck = load_checkpoint(path, m2, model_fingerprint="fp-a", plan_sha256="plan-a")
+    d2.load_state_dict(ck.trainer["driver"])
+    continue_steps(model, driver, one, 3, 5)
+    continue_steps(m2, d2, one, 3, 5)
+    for (n, a), b in zip(model.named_parameters(), m2.parameters(), strict=True):
+        assert torch.equal(a, b), n
+
+
+def test_the_states_files_are_verified_and_needed(tmp_path: Path) -> None:
+    """A states file is hashed like the others (a flipped byte is caught before loading), and a sharded
+    driver state cannot be loaded without a reader for it."""
+    from dp_workers import CASES, make
+
+    from chunkft.executor.distributed import World
+
+    model, driver = make(CASES[0], World.single())
+    small, shards = driver.sharded_state_dict()
+    path = save_checkpoint(tmp_path, _meta(1), model, {"driver": small}, shards=shards)
+    with pytest.raises(ValueError, match="pass `read` for them"):
+        make(CASES[0], World.single())[1].load_state_dict(small)
+    f = path / "states" / "__0_0.distcp"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"__0_0.distcp: missing or does not match"):
+        read_meta(path)

@@ -100,6 +100,37 @@ def test_a_cuda_plan_starts_nccl_on_its_local_gpu_and_init_failures_are_one_line
         d.init_from_env("cuda")
 
 
+def test_checkpoints_collect_over_a_patient_gloo_group_even_when_training_uses_nccl(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The host states are CPU tensors (DCP over nccl would copy them to the GPU), and writing a large
+    checkpoint keeps rank 0 away longer than a step's collectives may wait: init_from_env adds a gloo
+    group with CHECKPOINT_TIMEOUT_FACTOR x the timeout. Stand-ins record it, as above."""
+    import torch.distributed as dist
+
+    from chunkft.executor import distributed as d
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, timeout: calls.append(("init", backend)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+
+    def new_group(backend: str, timeout: object) -> str:
+        calls.append(("new_group", backend, timeout.total_seconds()))  # type: ignore[attr-defined]
+        return "the gloo group"
+
+    monkeypatch.setattr(dist, "new_group", new_group)
+    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    world = d.init_from_env("cuda", timeout_s=7)
+    assert calls == [("init", "nccl"), ("new_group", "gloo", 7.0 * d.CHECKPOINT_TIMEOUT_FACTOR)]
+    assert world.rank == 1 and world.size == 2 and world.group is None
+    assert d.group_for(world, checkpoint=True) == "the gloo group" and d.group_for(world) is None
+
+
 def test_each_cuda_rank_trains_on_its_own_gpu_and_one_rank_keeps_the_device_it_asked_for() -> None:
     """The device choice of chunkft-run's CUDA branch, without a GPU: data parallel on CUDA takes the GPU
     init_from_env made current (LOCAL_RANK's), even over --device cuda; one rank, or the CPU, keeps

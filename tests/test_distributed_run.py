@@ -85,6 +85,48 @@ def test_two_ranks_train_like_one_and_say_so_in_run_json(plans, tmp_path) -> Non
     assert c["losses"]["train"] == a["losses"]["train"]
 
 
+def test_a_run_checkpointed_on_two_ranks_resumes_on_one_and_on_one_resumes_on_two(plans, tmp_path) -> None:
+    """The states are saved per rank (torch.distributed.checkpoint) and resharded on load: stopped after
+    2 of 4 steps on either rank count and resumed on the other, a run ends as the uninterrupted one. The
+    1-rank plan is chunkft-plan's own for --num-gpus 1: the same run, so its checkpoints are accepted."""
+    plan2, _, data = plans
+    args = [a if a != "2" else "4" for a in PLAN_ARGS]
+    args += ["--micro-batch", "1", "--grad-accum", "4", "--num-gpus", "1", "--steps", str(STEPS)]
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "one.json")])
+    assert res.exit_code == 0, res.output
+    plan1 = tmp_path / "one.json"
+    env = {k: v for k, v in {**os.environ, **QUIET}.items() if k not in ("RANK", "WORLD_SIZE")}
+
+    def run(plan: Path, out: str, *extra: str, nproc: int = 1) -> subprocess.CompletedProcess:
+        ranks = ["--nproc", str(nproc)] if nproc > 1 else []
+        cmd = [*cli(plan, "--data", data, "--output", tmp_path / out), *ranks, *extra]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r
+
+    def losses(out: str) -> list[float]:
+        return json.loads((tmp_path / out / "run.json").read_text())["losses"]["train"]
+
+    run(plan1, "ref")
+    run(plan2, "a", "--max-steps", "2", nproc=2)
+    assert sorted(p.name for p in (tmp_path / "a/checkpoints/step-000002/states").iterdir()) == [
+        ".metadata", "__0_0.distcp", "__1_0.distcp"
+    ]  # fmt: skip
+    r = run(plan1, "a", "--resume")
+    assert "written on 2 rank(s) under another plan of the same run; continuing on 1" in r.stderr
+    run(plan1, "b", "--max-steps", "2")
+    run(plan2, "b", "--resume", nproc=2)
+    assert losses("a") == pytest.approx(losses("ref"), rel=1e-5)
+    assert losses("b") == pytest.approx(losses("ref"), rel=1e-5)
+    assert len(losses("a")) == len(losses("b")) == STEPS
+    assert json.loads((tmp_path / "b" / "run.json").read_text())["world_size"] == 2
+    # the export is one ordinary Hugging Face checkpoint whatever the rank count
+    assert sorted(p.name for p in (tmp_path / "b" / "model").glob("*.safetensors")) == ["model.safetensors"]
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "model")
+
+
 def test_a_plan_for_two_ranks_on_one_is_refused_with_the_replan_command(plans, tmp_path) -> None:
     plan2, _, data = plans
     res = CliRunner().invoke(run_main, [str(plan2), "--data", str(data), "--output", str(tmp_path / "o")])
