@@ -6,8 +6,8 @@ Layout under the run's output directory:
     checkpoints/step-000007/trainer.pt          driver state (rotation, schedule, step counts) and RNG
                                                 states, loaded with weights_only=True
     checkpoints/step-000007/states/             every window's master rows and optimizer states, written
-                                                with torch.distributed.checkpoint (DCP): one file per rank
-                                                plus DCP's .metadata index
+                                                with torch.distributed.checkpoint (DCP): files per rank
+                                                (__<rank>_<n>.distcp) plus DCP's .metadata index
     checkpoints/step-000007/state.json          step, data position, plan/model identity, file sizes and
                                                 sha256 digests (written last)
     checkpoints/latest                          the name of the newest complete checkpoint
@@ -53,6 +53,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.planner import WriteItem
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -282,14 +284,32 @@ def _prune(root: Path, keep: int) -> None:
 def _save_states(directory: Path, shards: Mapping[str, FlatShard], world: World) -> None:
     if not shards:
         return
-    writer = dcp.FileSystemWriter(directory, single_file_per_rank=True, sync_files=True, thread_count=1)
+    # A file per flat state: DCP keeps a file's tensors until it closes, so one state's alias is alive at a
+    # time (an alias costs no memory, but a tracker counting storages would see each as a copy).
+    writer = dcp.FileSystemWriter(directory, single_file_per_rank=False, sync_files=True, thread_count=1)
     with _one_rank_is_meant():
         dcp.save(
             _as_saved(shards, world),
             storage_writer=writer,
+            planner=_AliasingSavePlanner(),
             process_group=_group(world),
             no_dist=not world.parallel,
         )
+
+
+class _AliasingSavePlanner(DefaultSavePlanner):
+    """DCP's default planner, handing the writer each state as a tensor whose storage is exactly its
+    bytes. The host stores are views of one pinned block, and DCP writes a view of a larger storage from
+    a clone, holding the clones until the file closes: with one file per rank, a second copy of all the
+    states (measured: +1.0 GiB of RSS saving 1 GiB of views; +1 MiB with aliases)."""
+
+    def resolve_data(self, write_item: WriteItem) -> Any:
+        data = super().resolve_data(write_item)
+        if not isinstance(data, Tensor) or data.device.type != "cpu" or data.numel() == 0:
+            return data
+        if data.untyped_storage().nbytes() == data.nbytes or not data.is_contiguous():
+            return data
+        return torch.frombuffer(data.view(torch.uint8).numpy(), dtype=data.dtype)  # same memory
 
 
 @contextlib.contextmanager
@@ -351,7 +371,7 @@ def _group(world: World) -> Any:
 
 
 def _own_state_files(tmp: Path, world: World) -> list[str]:
-    """The states files this rank wrote (DCP names them __<rank>_<n>.distcp)."""
+    """The states files this rank wrote (DCP names them __<rank>_<n>.distcp, n counting its files)."""
     directory = tmp / STATES_DIR
     if not directory.is_dir():
         return []

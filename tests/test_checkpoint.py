@@ -274,3 +274,23 @@ def test_the_states_files_are_verified_and_needed(tmp_path: Path) -> None:
     f.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"__0_0.distcp: missing or does not match"):
         read_meta(path)
+
+
+def test_the_states_reach_dcps_writer_as_aliases_not_copies() -> None:
+    """The host stores are views of one block; DCP's writer clones a view of a larger storage (and holds
+    the clones until the file closes: a second copy of every state). The planner hands it tensors on the
+    same memory whose storage is exactly their bytes, so it has nothing to clone. (RSS, measured in
+    BENCHMARKS.md: +1 MiB saving 1 GiB of states, against +1.0 GiB with plain views.)"""
+    from chunkft.executor.checkpoint import _AliasingSavePlanner
+
+    block = torch.arange(12.0)
+    views = {"a": block[:5], "b": block[5:]}
+    planner = _AliasingSavePlanner()
+    planner.set_up_planner(views, is_coordinator=True)
+    items = planner.create_local_plan().items
+    assert {i.index.fqn for i in items} == {"a", "b"}
+    for item in items:
+        t = planner.resolve_data(item)
+        view = views[item.index.fqn]
+        assert t.data_ptr() == view.data_ptr() and torch.equal(t, view)  # the same memory
+        assert t.untyped_storage().nbytes() == t.nbytes  # nothing for the writer to clone

@@ -46,8 +46,8 @@ def test_one_rank_checkpoint_resumes_on_two_and_two_on_one(across: Path, case: s
 def test_each_rank_writes_only_its_own_rows(across: Path) -> None:
     ckpt = across / "slices-two" / "checkpoints" / "step-000003"
     states = sorted(p.name for p in (ckpt / "states").iterdir())
-    assert states == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    sizes = [(ckpt / "states" / n).stat().st_size for n in states[1:]]
+    assert ".metadata" in states
+    sizes = [sum(p.stat().st_size for p in (ckpt / "states").glob(f"__{r}_*.distcp")) for r in (0, 1)]
     assert abs(sizes[0] - sizes[1]) < 0.1 * sizes[0]  # half the rows each, not everything on rank 0
     assert (ckpt / "trainer.pt").stat().st_size < sizes[0] / 10  # the states are not in trainer.pt
     import json
