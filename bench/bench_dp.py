@@ -4,8 +4,9 @@ Plans tiny-llama for 1 and for 2 ranks with the same global batch (micro-batch 1
 ranks take 2 micro-batches each), runs both with chunkft-run (`--nproc 2` for the pair, OMP_NUM_THREADS=1
 everywhere) and prints what rank 0's run.json measured: the step time, the tracked peak (the project's
 MemoryTracker, executor/measure.py: the model's tensors, whole on every rank), the host states that rank
-keeps (1/N of the masters and optimizer states under data parallel) and the tracked peak while a
-checkpoint is written (every 4 steps; each rank saves its own rows, so it is lower, not higher, on 2).
+keeps (1/N of the masters and optimizer states under data parallel), each beside the plan's prediction,
+and the tracked peak while a checkpoint is written (every 4 steps; each rank saves its own rows, so it is
+lower, not higher, on 2).
 
     python bench/bench_dp.py [--steps 24] [--seq-len 64]
 """
@@ -48,15 +49,17 @@ def main() -> None:
         tmp = Path(d)
         data = tmp / "data.txt"
         data.write_text(DATA.read_text()[:200_000])
-        head = "ranks  step ms  tokens/s  tracked peak MiB  host states/rank MiB  checkpoint peak MiB"
-        print(f"{head}  final loss")
+        print("ranks  step ms (plan)  tokens/s  tracked peak MiB (plan, ratio)  host states/rank MiB  "
+              "checkpoint peak MiB  final loss")
         for n in (1, 2):
             plan(tmp / f"p{n}.json", n, a.seq_len, a.steps)
             r = run(tmp / f"p{n}.json", data, tmp / f"o{n}", n)
-            m = r["measured"]
+            m, p = r["measured"], r["predicted"]  # the plan's per-rank predictions (issue 13 step 4)
             print(
-                f"{r['world_size']:>5}  {m['step_seconds'] * 1e3:7.1f}  {m['tokens_per_second']:8.0f}  "
-                f"{m['peak_bytes'] / 2**20:16.2f}  {m['host_state_bytes'] / 2**20:20.2f}  "
+                f"{r['world_size']:>5}  {m['step_seconds'] * 1e3:7.1f} ({p['step_seconds'] * 1e3:5.1f})  "
+                f"{m['tokens_per_second']:8.0f}  {m['peak_bytes'] / 2**20:6.2f} "
+                f"({p['peak_bytes'] / 2**20:.2f}, {m['peak_bytes'] / p['peak_bytes']:.3f})          "
+                f"{m['host_state_bytes'] / 2**20:20.2f}  "
                 f"{m['phase_peaks'].get('checkpoint', 0) / 2**20:19.2f}  {r['losses']['train'][-1]:.4f}"
             )
 

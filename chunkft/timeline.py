@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-Lane = Literal["compute", "h2d", "d2h"]
-LANES: tuple[Lane, ...] = ("compute", "h2d", "d2h")
+# "interconnect": data parallel's collectives between the ranks (reduce-scatter, all-gather)
+Lane = Literal["compute", "h2d", "d2h", "interconnect"]
+LANES: tuple[Lane, ...] = ("compute", "h2d", "d2h", "interconnect")
 
 # Memory categories, in stacking order, shared by the simulator, the runner's measurements and reports.
 CATEGORIES: tuple[str, ...] = (

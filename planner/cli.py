@@ -422,7 +422,7 @@ def make_plan(req: Request) -> Planned:
         model_structure,
         supported_attention,
     )
-    from chunkft.planner.solver import build_plan, make_setup
+    from chunkft.planner.solver import batch_splits, build_plan, make_setup
 
     if req.efficiency is None:
         req = replace(req, efficiency=CALIBRATED_EFFICIENCY if req.calibrate else DEFAULT_EFFICIENCY)
@@ -465,9 +465,17 @@ def make_plan(req: Request) -> Planned:
     )
     # --num-gpus > 1: data parallel (every rank holds the whole model) when the model fits one GPU; on a
     # GPU profile, layers split across the GPUs when it does not (the CPU has nothing to split onto)
+    # The simulator plans each data-parallel rank as it runs: its share of the micro-batches, its shard
+    # of the slots and stores, the collectives' buffers and time (planner.simulator.Candidate.ranks).
     parallel = "data" if req.num_gpus > 1 else "none"
     solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False)
-    sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
+    if batch_splits(solver.space):
+        sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
+    else:  # the batch cannot be shared evenly by the ranks: refuse where data parallel is what fits
+        whole = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False, ranks=1)
+        sol, host, host_note, host_warning = solve_with_host(whole, req, budget)
+        if sol.best is not None or not on_gpu:
+            raise click.UsageError(uneven_split_message(req))
     if sol.best is None and parallel == "data" and on_gpu:
         parallel = "none"
         solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=True)
@@ -476,7 +484,7 @@ def make_plan(req: Request) -> Planned:
         raise NoPlanFits(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host, measured=measured)
     if parallel == "data":
-        plan = data_parallel(plan)
+        plan = replace(plan, hardware=replace(plan.hardware, parallel="data"))
     cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
     plan = replace(plan, run=cadence)
     replayed = check_replay(plan)
@@ -575,22 +583,13 @@ def rates_note(measured: Any, dtype: str) -> str:
     )
 
 
-def data_parallel(plan: Any) -> Any:
-    """The plan as one rank of `hardware.num_gpus` data-parallel ranks: each holds the whole model (the
-    solved per-GPU peak stands) and 1/N of every window's master and states on the host; rank 0 also
-    gathers a whole checkpoint. The host limit was checked on the total, which N ranks on one machine
-    share (executor/distributed.py)."""
-    n = plan.hardware.num_gpus
-    if plan.run.grad_accum_steps % n:
-        raise click.UsageError(
-            f"data parallel splits each step's {plan.run.grad_accum_steps} micro-batches over "
-            f"--num-gpus {n}: "
-            f"pass --micro-batch and --grad-accum with --grad-accum a multiple of {n}"
-        )
-    pr = plan.predictions
-    per_rank, peak = per_rank_host(pr.host_bytes, pr.host_peak_bytes, plan.hardware.num_gpus)
-    predictions = replace(pr, host_bytes=per_rank, host_peak_bytes=peak)
-    return replace(plan, hardware=replace(plan.hardware, parallel="data"), predictions=predictions)
+def uneven_split_message(req: Request) -> str:
+    """Data parallel gives every rank the same number of each step's micro-batches."""
+    n = req.num_gpus
+    return (
+        f"data parallel splits each step's micro-batches over --num-gpus {n}: pass --micro-batch and "
+        f"--grad-accum with --grad-accum a multiple of {n} (and --batch-size their product)"
+    )
 
 
 def dp_label(hw: Any) -> str:
@@ -598,13 +597,6 @@ def dp_label(hw: Any) -> str:
     if hw.num_gpus == 1:
         return ""
     return " (data parallel: one rank each)" if hw.parallel == "data" else " (layers split across them)"
-
-
-def per_rank_host(host_bytes: int, host_peak_bytes: int, n: int) -> tuple[int, int]:
-    """(states, peak) on the busiest of n data-parallel ranks: 1/N of the states each; rank 0 also
-    gathers a whole checkpoint."""
-    per_rank = -(-host_bytes // n)
-    return per_rank, host_peak_bytes - host_bytes + per_rank
 
 
 def make_solver(
@@ -616,9 +608,11 @@ def make_solver(
     dtype: str,
     *,
     split_layers: bool = True,
+    ranks: int | None = None,
 ) -> Any:
     """The solver over the request's search space, with this machine's memory as the host limit;
-    split_layers: --num-gpus > 1 places the decoder layers across the GPUs (else data parallel)."""
+    split_layers: --num-gpus > 1 places the decoder layers across the GPUs (else data parallel over
+    --num-gpus ranks, or `ranks` when given)."""
     from chunkft.planner.profile_model import tables_for
     from chunkft.planner.solver import Limits, Solver, Space, balance_layers
 
@@ -648,6 +642,7 @@ def make_solver(
         total_steps=req.steps,
         cross_entropy=req.cross_entropy,
         layer_gpu=layer_gpu,
+        ranks=(req.num_gpus if req.num_gpus > 1 and not split_layers else 1) if ranks is None else ranks,
     )
     host = available_host_bytes() if req.host_mem is None else req.host_mem
     tables = tables_for(preset.config, preset.task, req.seq_len, dtype, req.attn, padded=req.padded_batches)
@@ -671,7 +666,8 @@ def solve_with_host(solver: Any, req: Request, budget: int) -> tuple[Any, int, s
     unbounded = solver.solve()
     if unbounded.best is None:
         return sol, host, " (this machine's available memory)", ""
-    states, need = unbounded.best.result.step.host_bytes, unbounded.best.result.host_peak_bytes
+    res = unbounded.best.result
+    states, need = res.step.host_bytes * unbounded.best.candidate.ranks, res.host_machine_bytes
     warning = (
         f"this plan keeps {gib(states)} of optimizer states in host memory, {gib(need)} at checkpoints; "
         f"this machine has {gib(host)} available: train on a machine with more, or pass --host-mem SIZE "
@@ -689,8 +685,9 @@ def no_fit_message(s: Any, req: Request, key: str, gpu: Any, budget: int, host: 
     need = s.result.budget_needed_bytes
     if need <= budget:
         return (
-            f"{head}; host memory: needs {gib(s.result.host_peak_bytes)} (states "
-            f"{gib(s.result.step.host_bytes)} + a checkpoint) > --host-mem {gib(host)}; raise --host-mem, "
+            f"{head}; host memory: needs {gib(s.result.host_machine_bytes)} (states "
+            f"{gib(s.result.step.host_bytes * s.candidate.ranks)} + a checkpoint) > --host-mem {gib(host)}; "
+            "raise --host-mem, "
             "or plan for a bigger host"
         )
     parts = (
@@ -798,9 +795,7 @@ def check_replay(plan: Any) -> Any:
     setup, cand, act = setup_and_candidate(plan)  # with a --calibrate plan's measured rates
     res = simulate(setup, cand, act)
     pr, hw = plan.predictions, plan.hardware
-    host_peak = res.host_peak_bytes
-    if hw.parallel == "data":
-        host_peak = per_rank_host(res.step.host_bytes, host_peak, hw.num_gpus)[1]
+    host_peak = res.host_peak_bytes  # per rank (rank 0's) under data parallel, as the plan records it
     got = (res.step.peak_bytes, round(res.step.step_seconds, 9), res.budget_needed_bytes, host_peak)
     want = (
         pr.peak_bytes,
@@ -875,9 +870,15 @@ def summary(  # type: ignore[no-untyped-def]
     ]
     if sol.best is not None and len(sol.best.result.per_gpu_peak_bytes) > 1:
         lines.append("  per GPU: " + ", ".join(gib(b) for b in sol.best.result.per_gpu_peak_bytes))
-    lines += [
+    host_line = (
         f"host memory                          {gib(pr.host_bytes)} states + "
-        f"{gib(pr.host_peak_bytes - pr.host_bytes)} at checkpoints",
+        f"{gib(pr.host_peak_bytes - pr.host_bytes)} at checkpoints"
+    )
+    if hw.parallel == "data" and sol.best is not None:  # per rank; every rank saves its own rows
+        machine = sol.best.result.host_machine_bytes
+        host_line += f" per rank; {gib(machine)} for {hw.num_gpus} ranks on one host"
+    lines += [
+        host_line,
         f"step time                            {pr.step_seconds * 1000:.1f} ms  "
         f"(compute efficiency {pr.compute_efficiency:.2f} of "
         + ("the measured matmul FLOP/s)" if hw.measured_flops_per_s else "datasheet FLOP/s)"),

@@ -13,7 +13,9 @@ device-to-host) with every allocation and free, in the memory categories the run
   solving) composed block by block.
 
 The peak is the maximum over windows (the bottom window keeps every block's activations; others keep
-less), the step time the mean over the rotation. Copies follow the executor's transfer engine: one FIFO
+less), the step time the mean over the rotation. Data parallel (Candidate.ranks > 1) replays one rank:
+its share of the micro-batches, its shard of the slots and stores, the DP step's buffers (step_temps)
+and the collectives on a fourth lane, "interconnect". Copies follow the executor's transfer engine: one FIFO
 copy stream, the write-back of the previous window then the fill of the one after next.
 
 Pure: simulate(setup, candidate, table) reads its arguments only (nothing is traced here; a table that
@@ -61,8 +63,8 @@ FRAGMENTATION = 0.05  # caching-allocator slack, as a fraction of the allocated 
 #   torch's allocator), the granularity of expandable segments (2 MiB pages in the small pool, 20 MiB
 #   in the large one, per stream: compute and the copy stream), SDPA/flash-attention and cuDNN
 #   workspaces, a CUDA context larger than CUDA_CONTEXT_BYTES (it varies with the driver and lazy module
-#   loading). NCCL's buffers (hundreds of MiB) are absent: one process, one GPU. A multi-GPU plan is not
-#   replayed yet.
+#   loading). Data parallel's NCCL communicators allocate their buffers outside torch's allocator (tens
+#   to hundreds of MiB, never measured here): not in the peak, and not allowed for beyond this margin.
 # For the 8B plan on a 4090 the two add up to 0.89 GiB of 23.99 GiB: 7 more checkpointed layers and 2.5%
 # more time per step, against an OOM on the first real run (the plan without it left 40 MiB). The host
 # CPU gets none (planner.solver.NO_HEADROOM): no CUDA allocator, workspaces or context there.
@@ -133,6 +135,9 @@ class Setup:
     fragmentation: float
     headroom_fixed_bytes: int = 0  # safety margin per GPU: this many bytes ...
     headroom_fraction: float = 0.0  # ... plus this fraction of the peak (see headroom_bytes)
+    # the data-parallel process group's backend: "nccl" on GPUs, "gloo" on the host CPU (they allocate
+    # differently, see step_temps)
+    collective_backend: str = "nccl"
 
 
 @dataclass(frozen=True)
@@ -151,10 +156,18 @@ class Candidate:
     synchronous_copies: bool = False  # baseline: copies exposed at the update, no overlap
     update_interval: int = 1  # optimizer steps per visit; the state copies happen once per visit
     chunk_tokens: int | None = None  # chunked cross-entropy in pieces of this many tokens; None: plain loss
+    # data-parallel ranks (hardware.parallel "data"): each runs grad_accum // ranks of the step's
+    # micro-batches on the whole model and owns 1/ranks of every window's flat elements (slots, stores)
+    ranks: int = 1
 
     @property
     def num_gpus(self) -> int:
         return max(self.layer_gpu, default=0) + 1
+
+    @property
+    def rank_accum(self) -> int:
+        """Micro-batches one rank runs per optimizer step (the executor keeps every ranks-th)."""
+        return self.grad_accum // self.ranks
 
 
 @dataclass(frozen=True)
@@ -167,7 +180,8 @@ class SimResult:
     budget_needed_bytes: int  # per GPU: peak + reserve + headroom of the worst GPU
     state_slot_bytes: int = 0
     headroom_bytes: int = 0  # the safety margin inside budget_needed_bytes
-    host_peak_bytes: int = 0  # host_bytes + checkpoint_host_bytes
+    host_peak_bytes: int = 0  # host_bytes + checkpoint_host_bytes (per rank: rank 0's)
+    host_machine_bytes: int = 0  # every rank's host bytes together (host_machine_bytes): the host limit
     notes: tuple[str, ...] = field(default=())
 
 
@@ -202,43 +216,61 @@ def _gpu_of_group(cand: Candidate, group: int, num_layers: int) -> int:
     return cand.layer_gpu[group]
 
 
+def shard_numel(numel: int, ranks: int) -> int:
+    """Elements of one rank's shard of a window: the executor pads every shard to ceil(numel / N)
+    (executor.distributed.shard_bounds), so the last rank's is as long as the others'."""
+    return -(-numel // ranks)
+
+
 def host_bytes(setup: Setup, cand: Candidate) -> int:
-    """Host memory for the inactive windows' master copies and states (pinned on CUDA)."""
+    """Host memory one rank holds for the inactive windows' master copies and states (pinned on CUDA):
+    its shard of every window under data parallel."""
     if cand.states_on == "gpu":
         return 0
     master, states = _state_kinds(setup)
-    total = sum(w.numel for w in cand.windows)
+    total = sum(shard_numel(w.numel, cand.ranks) for w in cand.windows)
     state_bytes = DTYPE_BYTES[cand.host_state_dtype]
     return total * ((4 if master else 0) + states * state_bytes)
 
 
 def checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
-    """Host bytes a checkpoint (or the final export) adds on top of host_bytes, at its highest point.
+    """Host bytes a checkpoint (or the final export) adds on top of host_bytes, at its highest point, on
+    one rank.
 
-    The executor streams tensors to disk one at a time (executor/safetensors_stream.py), so a save holds
-    on the host:
+    The executor streams tensors to disk one at a time (executor/safetensors_stream.py), and the states
+    go to torch.distributed.checkpoint as they are (executor/checkpoint.py: aliases of the host stores,
+    each rank its own rows, nothing gathered), so a save holds on the host:
     - the weight bytes in flight from the GPU to the file: the largest single model tensor in its weight
       dtype (a tied tensor is one parameter, counted once), at most the writer's reused PIECE_BYTES buffer;
     - states on the host: the fp32 contents of the device state slot not yet written back to its host
-      stores (the active window's; a prefetched slot is clean): the largest window x the staged fp32 kinds
-      (master when the weights are not fp32; exp_avg and exp_avg_sq for AdamW, momentum_buffer for SGD
-      with momentum) x 4 bytes;
+      stores (the active window's shard; a prefetched slot is clean): the largest window's shard x the
+      staged fp32 kinds (master when the weights are not fp32; exp_avg and exp_avg_sq for AdamW,
+      momentum_buffer for SGD with momentum) x 4 bytes;
     - states on the GPU: every window's states live in device stores (no slots), and the checkpoint
-      copies each of them to the host: every window x the same kinds x 4 bytes.
+      copies this rank's shard of each of them to the host: every window's shard x the same kinds x 4.
+    A shard is the whole window on one rank, ceil(numel / N) under data parallel.
     """
     largest_tensor = min(max(s.numel * DTYPE_BYTES[s.dtype] for s in setup.structure.specs), PIECE_BYTES)
     master, states = _state_kinds(setup)
     kinds = (1 if master else 0) + states
+    shards = [shard_numel(w.numel, cand.ranks) for w in cand.windows]
     if cand.states_on == "gpu":
-        return largest_tensor + sum(w.numel for w in cand.windows) * kinds * 4
+        return largest_tensor + sum(shards) * kinds * 4
     # Only the active window's slot can hold updates not yet written back: a prefetched second slot is
     # clean (its store has the same values), and TransferEngine.state_dict copies dirty slots only.
-    return largest_tensor + max(w.numel for w in cand.windows) * kinds * 4
+    return largest_tensor + max(shards) * kinds * 4
 
 
 def host_peak_bytes(setup: Setup, cand: Candidate) -> int:
-    """What the host must hold at the worst moment of the run: the state stores plus a checkpoint."""
+    """What the host must hold for one rank at the worst moment of the run: its state stores plus a
+    checkpoint."""
     return host_bytes(setup, cand) + checkpoint_host_bytes(setup, cand)
+
+
+def host_machine_bytes(setup: Setup, cand: Candidate) -> int:
+    """What one machine needs for all its ranks together (the host limit is checked on this): every
+    rank saves at the same time. One rank: host_peak_bytes."""
+    return cand.ranks * host_peak_bytes(setup, cand)
 
 
 def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], int]:
@@ -253,11 +285,14 @@ def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], in
     if cand.states_on == "gpu":
         for w in cand.windows:
             g = gpus[_gpu_of_group(cand, w.low, L)]
-            g["master"] += 4 * w.numel if master else 0
-            g["optimizer_states"] += 4 * states * w.numel
+            n = shard_numel(w.numel, cand.ranks)
+            g["master"] += 4 * n if master else 0
+            g["optimizer_states"] += 4 * states * n
     else:
         for gi, g in enumerate(gpus):
-            owned = [w.numel for w in cand.windows if _gpu_of_group(cand, w.low, L) == gi]
+            # data parallel: the TransferEngine's slots are sized for the largest shard, not window
+            mine = [w for w in cand.windows if _gpu_of_group(cand, w.low, L) == gi]
+            owned = [shard_numel(w.numel, cand.ranks) for w in mine]
             if not owned:
                 continue
             n = max(owned)
@@ -421,7 +456,7 @@ def _replay(
         if record:
             walk.events.append(LaneEvent(lane, name, start, end, chunk, layer))  # type: ignore[arg-type]
 
-    for _micro in range(cand.grad_accum):
+    for _micro in range(cand.rank_accum):
         prev_gpu = _gpu_of_group(cand, -1, L)
         for node in order:
             grp = node.group
@@ -474,44 +509,56 @@ def _replay(
             m["activations"] = 0
             m["temporaries"] = 0
 
-    # Transfers on the copy stream and the update on the compute stream.
+    # Transfers on the copy stream, the update on the compute stream; under data parallel the collectives
+    # (reduce-scatter and norm before the update, all-gather after it) on the interconnect lane.
     t_fb = walk.now
     master, states = _state_kinds(setup)
     upd_gpu = _gpu_of_group(cand, w.low, L)
-    t_upd = c.update_seconds(w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
-    t0, tail = t_fb, 0.0
+    numel = shard_numel(w.numel, cand.ranks)
+    t_upd = c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
+    t_rs, t_ag = collective_seconds(setup, cand, w)
+    ready = t_fb + t_rs  # this rank's reduced gradient shard exists (one rank: at once)
+    t0, tail = ready, 0.0
     if cand.states_on == "host":
         per_elt = (4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype]
-        moved = w.numel * per_elt
+        moved = numel * per_elt
         wb, fill = c.d2h_seconds(moved), c.h2d_seconds(moved)
         if cand.synchronous_copies:  # fetch, update, write back: nothing overlaps
-            add_event("h2d", f"fetch chunk {w.index}", t_fb, t_fb + fill, chunk=w.index)
-            t0, tail = t_fb + fill, wb
-            add_event("d2h", f"write-back chunk {w.index}", t0 + t_upd, t0 + t_upd + wb, chunk=w.index)
+            add_event("h2d", f"fetch chunk {w.index}", ready, ready + fill, chunk=w.index)
+            t0, tail = ready + fill, wb
+            done = t0 + t_upd + t_ag
+            add_event("d2h", f"write-back chunk {w.index}", done, done + wb, chunk=w.index)
         else:
             # Steady state of the FIFO copy stream: each step it writes the previous window back, then
             # fills the next one. Two slots: a fill has a whole step of slack, so the step lasts as long as
             # the longer of compute and copies; one slot: the fill must land before this step's update.
             if cand.prefetch:
-                wait = max(t_fb + t_upd, wb + fill) - t_fb - t_upd
+                wait = max(ready + t_upd + t_ag, wb + fill) - ready - t_upd - t_ag
             else:
-                wait = max(0.0, wb + fill - t_fb)
+                wait = max(0.0, wb + fill - ready)
             prv = _previous_window(cand, w.index)
             add_event("d2h", f"write-back chunk {prv}", 0.0, wb, chunk=prv)
             nxt = _next_fill(cand, w.index)
             add_event("h2d", f"prefetch chunk {nxt}", wb, wb + fill, chunk=nxt)
-            t0 = t_fb + wait
+            t0 = ready + wait
+    temps = dict(step_temps(setup, cand, w))
+    if cand.ranks > 1:
+        add_event("interconnect", f"reduce-scatter chunk {w.index}", t_fb, ready, chunk=w.index)
+        walk.note(upd_gpu, f"reduce-scatter chunk {w.index}", temps["reduce-scatter"], t=t_fb + t_rs / 2)
+        walk.note(upd_gpu, f"norm all-reduce chunk {w.index}", temps["norm"], t=ready)
     walk.now = t0
-    per_slice = 4 * w.max_slice_numel
-    update_temp = 2 * per_slice if setup.optimizer == "adamw" else per_slice
     add_event("compute", f"update chunk {w.index}", t0, t0 + t_upd, chunk=w.index)
-    walk.note(upd_gpu, f"update chunk {w.index}", extra_temp=update_temp, t=t0 + t_upd / 2)
-    walk.now = t0 + t_upd
+    walk.note(upd_gpu, f"update chunk {w.index}", extra_temp=temps["update"], t=t0 + t_upd / 2)
+    done = t0 + t_upd + t_ag
+    if cand.ranks > 1:
+        add_event("interconnect", f"all-gather chunk {w.index}", t0 + t_upd, done, chunk=w.index)
+        walk.note(upd_gpu, f"all-gather chunk {w.index}", temps["all-gather"], t=t0 + t_upd + t_ag / 2)
+    walk.now = done
     for m in walk.mem:
         m["gradients"] = 0
     for gi in range(len(walk.mem)):
         walk.note(gi, f"zero_grad chunk {w.index}")
-    step_s = t0 + t_upd + tail
+    step_s = done + tail
     del slot_bytes
     return walk, compute_s, step_s
 
@@ -563,7 +610,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
         w.high_skip,
         tuple(g for g in cand.checkpoint_layers if g >= low),
         cand.micro_batch,
-        cand.grad_accum,
+        cand.rank_accum,
         cand.layer_gpu,
     )
     hit = _PROFILES.get(key)
@@ -686,7 +733,7 @@ def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: W
         peak = before + e
         node_peak.append(peak if peak > after else after)
     now = 0.0
-    for _micro in range(cand.grad_accum):
+    for _micro in range(cand.rank_accum):
         for dt in ticks:
             now += dt
     prefix = []
@@ -696,7 +743,7 @@ def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: W
         if n_gpu > 1:
             mine = [p if ng == gi else 0 for ng, p in zip(node_gpu, node_peak, strict=True)]
         prefix.append(tuple(accumulate(mine, max, initial=0)))  # peaks are >= 0
-        if cand.grad_accum > 1:
+        if cand.rank_accum > 1:
             later[gi] = max(mine, default=0)
     return _Profile(tuple(node_gpu), tuple(node_peak), bwd_index, tuple(prefix), tuple(later), now)
 
@@ -724,18 +771,66 @@ def _window_peaks(
             continue
         g = prof.node_gpu[i]
         rel[g] = max(rel[g], prof.node_peak[i] + cum[g])
-    if cand.grad_accum > 1:
+    if cand.rank_accum > 1:
         for g in range(n_gpu):
             rel[g] = max(rel[g], prof.later_max[g] + total[g])
     ug = _gpu_of_group(cand, w.low, L)
-    rel[ug] = max(rel[ug], total[ug] + _update_temp(setup, w))
+    rel[ug] = max(rel[ug], total[ug] + max(b for _, b in step_temps(setup, cand, w)))
     return [persistent[g] + rel[g] for g in range(n_gpu)]
 
 
-def _update_temp(setup: Setup, w: Window) -> int:
+def _update_temp(setup: Setup, piece_numel: int) -> int:
     """AdamW's per-slice update makes two fp32 temporaries (sqrt, then the division); SGD one."""
-    per_slice = 4 * w.max_slice_numel
-    return 2 * per_slice if setup.optimizer == "adamw" else per_slice
+    return (2 if setup.optimizer == "adamw" else 1) * 4 * piece_numel
+
+
+def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int], ...]:
+    """(moment, bytes) the optimizer step holds above the persistent bytes and the window's fp32
+    gradients (which stay until zero_grad). One rank: the update's per-slice temporaries. Data parallel
+    (executor/chunkft.py _step_parallel, optimizer.update_shard and _gather_rows), per = ceil(numel/N):
+    - reduce-scatter: the flat fp32 gradient (numel), its zero-padded copy (N*per) and this rank's
+      reduced shard (per), all alive inside distributed.reduce_scatter_mean; gloo (the CPU) also stages
+      the whole padded input in a buffer of its own (N*per, measured: torch 2.13's gloo reduce-scatter
+      all-reduces a copy and splits it), NCCL reduces in place;
+    - norm: the shard, its fp64 copy and that copy squared (global_sq_norm);
+    - update: the shard and the update's temporaries of one piece (a slice's part of the shard);
+    - all-gather: the shard, this rank's rows in the weight dtype (per) and every rank's (N*per).
+    The per-slice flags (4 bytes a slice) are left out."""
+    if cand.ranks <= 1:
+        return (("update", _update_temp(setup, w.max_slice_numel)),)
+    n = cand.ranks
+    per = shard_numel(w.numel, n)
+    ws = DTYPE_BYTES[setup.weight_dtype]
+    return (
+        ("reduce-scatter", 4 * w.numel + 4 * n * per + 4 * per + reduce_scatter_staging(setup, n, per)),
+        ("norm", 4 * per + 8 * per + 8 * per),
+        ("update", 4 * per + _update_temp(setup, min(w.max_slice_numel, per))),
+        ("all-gather", 4 * per + per * ws + n * per * ws),
+    )
+
+
+def reduce_scatter_staging(setup: Setup, ranks: int, per: int) -> int:
+    """Bytes the backend's reduce-scatter allocates in torch's accounting for an fp32 input of ranks*per
+    elements: gloo a copy of the whole input, NCCL nothing (its own buffers are outside torch's)."""
+    return 4 * ranks * per if setup.collective_backend == "gloo" else 0
+
+
+def collective_bytes(setup: Setup, cand: Candidate, w: Window) -> tuple[int, int]:
+    """(before the update, after it): bytes one rank sends for window w's step. A ring reduce-scatter or
+    all-gather sends (N-1)/N of its N*per-element buffer: the fp32 gradient, then the rows in the weight
+    dtype; the fp64 norm's all-reduce (2(N-1)/N of 8 bytes) goes with the first. One rank: none."""
+    n = cand.ranks
+    if n <= 1:
+        return 0, 0
+    per = shard_numel(w.numel, n)
+    return (n - 1) * per * 4 + 2 * (n - 1) * 8 // n, (n - 1) * per * DTYPE_BYTES[setup.weight_dtype]
+
+
+def collective_seconds(setup: Setup, cand: Candidate, w: Window) -> tuple[float, float]:
+    """collective_bytes over the GPU profile's interconnect (NVLink, or PCIe peer; the CPU profile's
+    figure on --gpu cpu). The executor waits for each, so neither overlaps compute."""
+    before, after = collective_bytes(setup, cand, w)
+    return setup.cost.peer_seconds(before), setup.cost.peer_seconds(after)
 
 
 def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
@@ -744,17 +839,19 @@ def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
     (see _replay for the order on the lanes)."""
     master, states = _state_kinds(setup)
     c = setup.cost
-    t_upd = c.update_seconds(w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
+    numel = shard_numel(w.numel, cand.ranks)
+    t_rs, t_ag = collective_seconds(setup, cand, w)
+    t_opt = t_rs + c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype]) + t_ag
     if cand.states_on != "host":
-        return fb + t_upd
+        return fb + t_opt
     u = cand.update_interval
-    moved = w.numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
+    moved = numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
     wb, fill = c.d2h_seconds(moved), c.h2d_seconds(moved)
     if cand.synchronous_copies:
-        return fb + t_upd + (fill + wb) / u
+        return fb + t_opt + (fill + wb) / u
     if cand.prefetch:  # the copies have the whole visit's compute to hide behind
-        return max(u * (fb + t_upd), wb + fill) / u
-    return fb + t_upd + max(0.0, wb + fill - fb) / u
+        return max(u * (fb + t_opt), wb + fill) / u
+    return fb + t_opt + max(0.0, wb + fill - fb - t_rs) / u
 
 
 def hiding_interval(setup: Setup, cand: Candidate, act: ActivationProfile) -> int:
@@ -766,13 +863,29 @@ def hiding_interval(setup: Setup, cand: Candidate, act: ActivationProfile) -> in
     c = setup.cost
     need = 1
     for w in cand.windows:
-        compute = _profile(setup, cand, act, w).fb_seconds + c.update_seconds(
-            w.numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype]
+        numel = shard_numel(w.numel, cand.ranks)
+        compute = (
+            _profile(setup, cand, act, w).fb_seconds
+            + c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
+            + sum(collective_seconds(setup, cand, w))
         )
-        moved = w.numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
+        moved = numel * ((4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype])
         copies = c.d2h_seconds(moved) + c.h2d_seconds(moved)
         need = max(need, math.ceil(copies / compute) if compute > 0 else 1)
     return need
+
+
+def check_ranks(cand: Candidate) -> None:
+    """Data parallel splits each step's micro-batches evenly over whole-model ranks."""
+    if cand.ranks < 1:
+        raise ValueError(f"ranks must be >= 1, got {cand.ranks}")
+    if cand.ranks > 1 and cand.layer_gpu:
+        raise ValueError("data parallel ranks hold the whole model: give ranks or layer_gpu, not both")
+    if cand.grad_accum % cand.ranks:
+        raise ValueError(
+            f"data parallel splits each step's {cand.grad_accum} micro-batches over {cand.ranks} ranks; "
+            f"use an accumulation that is a multiple of {cand.ranks}"
+        )
 
 
 def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult:
@@ -784,6 +897,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
     """
     if not cand.windows:
         raise ValueError("a plan needs at least one window")
+    check_ranks(cand)
     if cand.micro_batch != act.micro_batch:
         raise ValueError(f"activation profile is for micro-batch {act.micro_batch}, not {cand.micro_batch}")
     if cand.chunk_tokens != act.chunk_tokens:
@@ -838,6 +952,7 @@ def simulate(setup: Setup, cand: Candidate, act: ActivationProfile) -> SimResult
         state_slot_bytes=slot,
         headroom_bytes=margin,
         host_peak_bytes=host_peak_bytes(setup, cand),
+        host_machine_bytes=host_machine_bytes(setup, cand),
     )
 
 
@@ -869,6 +984,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         context_bytes=p.hardware.reserve_bytes,  # type: ignore[attr-defined]
         fragmentation=0.0,
         headroom_fixed_bytes=p.hardware.headroom_bytes,  # type: ignore[attr-defined]
+        collective_backend="nccl" if gpu.pcie_gen is not None else "gloo",
     )
     ct = p.chunk_table  # type: ignore[attr-defined]
     pl = p.placement  # type: ignore[attr-defined]
@@ -887,6 +1003,7 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         layer_gpu=tuple(pl.layer_gpu),
         update_interval=p.rotation.update_interval,  # type: ignore[attr-defined]
         chunk_tokens=DEFAULT_CHUNK_TOKENS if run.chunked_cross_entropy else None,
+        ranks=p.hardware.num_gpus if p.hardware.parallel == "data" else 1,  # type: ignore[attr-defined]
     )
     act = activation_profile(
         preset.config,

@@ -167,6 +167,7 @@ class Space:
     total_steps: int = 0  # optimizer steps of the run (bounds the chosen update interval)
     cross_entropy: str = "auto"  # full | chunked | auto (see Solver.loss_options)
     layer_gpu: tuple[int, ...] = ()
+    ranks: int = 1  # data-parallel ranks (planner.simulator.Candidate.ranks)
     placements: tuple[tuple[str, str, bool], ...] = (
         ("host", "float32", True),
         ("host", "float32", False),
@@ -198,12 +199,15 @@ def batch_splits(space: Space) -> list[tuple[int, int]]:
     """(micro-batch, accumulation) pairs whose product is the global batch."""
     b = space.global_batch
     if space.micro_batch is not None and space.grad_accum is not None:
-        return [(space.micro_batch, space.grad_accum)]
-    if space.micro_batch is not None:
-        return [(space.micro_batch, max(1, b // space.micro_batch))]
-    if space.grad_accum is not None:
-        return [(max(1, b // space.grad_accum), space.grad_accum)]
-    return [(m, b // m) for m in range(1, b + 1) if b % m == 0]
+        splits = [(space.micro_batch, space.grad_accum)]
+    elif space.micro_batch is not None:
+        splits = [(space.micro_batch, max(1, b // space.micro_batch))]
+    elif space.grad_accum is not None:
+        splits = [(max(1, b // space.grad_accum), space.grad_accum)]
+    else:
+        splits = [(m, b // m) for m in range(1, b + 1) if b % m == 0]
+    # data parallel: every rank takes the same number of the step's micro-batches
+    return [(m, a) for m, a in splits if a % space.ranks == 0]
 
 
 def balance_layers(
@@ -316,6 +320,7 @@ class Solver:
             host_state_dtype=host_dtype,
             prefetch=prefetch and states_on == "host" and k > 1,
             layer_gpu=self.space.layer_gpu,
+            ranks=self.space.ranks,
             synchronous_copies=synchronous,
             chunk_tokens=chunk_tokens,
         )
@@ -330,7 +335,7 @@ class Solver:
         cand, res = self._simulated[cand]
         ok = (
             res.budget_needed_bytes <= self.limits.gpu_budget_bytes
-            and res.host_peak_bytes <= self.limits.host_budget_bytes
+            and res.host_machine_bytes <= self.limits.host_budget_bytes  # all the machine's ranks
         )
         return Option(label, cand, res, len(cand.windows), ok, self.num_layers)
 
@@ -575,6 +580,7 @@ def make_setup(
         fragmentation=(FRAGMENTATION if on_gpu else 0.0) if fragmentation is None else fragmentation,
         headroom_fixed_bytes=headroom.fixed_bytes,
         headroom_fraction=headroom.fraction,
+        collective_backend="nccl" if on_gpu else "gloo",
     )
 
 

@@ -154,11 +154,15 @@ def lanes_figure(data: ReportData) -> Figure:
     end_s = drawn_step_seconds(sim)
     fig = Figure(figsize=(12, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    rows = {"compute": 2, "h2d": 1, "d2h": 0}
-    lane_titles = {"compute": "compute", "h2d": "host → device", "d2h": "device → host"}
+    # the interconnect lane (data parallel's collectives) only where the plan has ranks to talk to
+    drawn = [lane for lane in LANES if lane != "interconnect" or any(e.lane == lane for e in sim.events)]
+    rows = {lane: len(drawn) - 1 - i for i, lane in enumerate(("compute", "interconnect", "h2d", "d2h"))
+            if lane in drawn}  # fmt: skip
+    lane_titles = {"compute": "compute", "h2d": "host → device", "d2h": "device → host",
+                   "interconnect": "between GPUs"}  # fmt: skip
     legend: dict[str, str] = {}
     labelled = 0
-    for lane in LANES:
+    for lane in drawn:
         events = sorted((e for e in sim.events if e.lane == lane), key=lambda e: e.start_s)
         y = rows[lane]
         if lane == "compute":
@@ -178,14 +182,16 @@ def lanes_figure(data: ReportData) -> Figure:
                 color, label = _compute_kind(e.name)
             elif lane == "h2d":
                 color, label = "#64b5cd", "prefetch (host → device)"
+            elif lane == "interconnect":
+                color, label = "#8172b3", "reduce-scatter / all-gather (between GPUs)"
             else:
                 color, label = "#937860", "write-back (device → host)"
             legend.setdefault(label, color)
             width = ms(e.end_s - e.start_s)
             ax.broken_barh([(ms(e.start_s), width)], (y - 0.35, 0.7), color=color, ec="white", lw=0.3)
             if lane != "compute" and labelled < 80:
-                kind = "prefetch" if lane == "h2d" else "write-back"
-                text = f"{kind} chunk {e.chunk}" if e.chunk is not None else e.name
+                kind = {"h2d": "prefetch", "d2h": "write-back"}.get(lane)
+                text = f"{kind} chunk {e.chunk}" if kind and e.chunk is not None else e.name
                 wide = width > 0.12 * ms(end_s)
                 if wide:
                     ax.text(
@@ -210,11 +216,11 @@ def lanes_figure(data: ReportData) -> Figure:
                     )
                 labelled += 1
     ticks = []
-    for lane in LANES:
+    for lane in drawn:
         busy = sum(e.end_s - e.start_s for e in sim.events if e.lane == lane)
         ticks.append((rows[lane], f"{lane_titles[lane]}\n{100 * busy / end_s:.0f}% busy" if end_s else lane))
     ax.set_yticks([t for t, _ in ticks], [label for _, label in ticks])
-    ax.set_ylim(-0.6, 3.0)
+    ax.set_ylim(-0.6, len(drawn) - 0.2)
     ax.set_xlim(0, ms(end_s))
     ax.set_xlabel("time in the step (ms)")
     window = next((e.chunk for e in sim.events if e.name.startswith("update")), None)

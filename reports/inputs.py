@@ -57,10 +57,14 @@ def report_data(
     hw, ct = plan.hardware, plan.chunk_table
     alts = alternatives_of(plan)
     notes: list[str] = list(run.notes) if run is not None else []
+    # data parallel: every rank holds the whole model, so memory is one GPU's (the simulation is one rank's)
+    data_parallel = hw.parallel == "data"
+    gpus_pooled = 1 if data_parallel else hw.num_gpus
     gpu_label = hw.gpu_name + (f" × {hw.num_gpus}" if hw.num_gpus > 1 else "")
+    gpu_label += " (data parallel, per rank)" if data_parallel else ""
     if sweep is None:
         lo = min([a.peak_bytes for a in alts] + [simulation.peak_bytes]) + hw.reserve_bytes
-        hi = hw.memory_total_bytes * hw.num_gpus
+        hi = hw.memory_total_bytes * gpus_pooled
         n = 40
         budgets = sorted(
             {int(lo * 0.8 + (hi - lo * 0.8) * i / (n - 1)) for i in range(n)} | {hw.budget_bytes}
@@ -76,7 +80,7 @@ def report_data(
         budget_bytes=hw.budget_bytes,
         reserve_bytes=hw.reserve_bytes,
         headroom_bytes=hw.headroom_bytes,
-        memory_total_bytes=hw.memory_total_bytes * hw.num_gpus,
+        memory_total_bytes=hw.memory_total_bytes * gpus_pooled,
         num_chunks=ct.num_chunks,
         checkpointing=checkpointing_text(plan),
         grad_bytes_per_element=GRAD_BYTES_PER_ELEMENT,

@@ -98,13 +98,15 @@ def solver_sweep(
             headroom=None if default_headroom else Headroom(hw.headroom_bytes),
         )
         setups.append((label, setup))
-        grid = budget_grid(weights // hw.num_gpus, gpu.memory_total_bytes, points_per_gpu)
+        shared_by = 1 if hw.parallel == "data" else hw.num_gpus  # data parallel: whole weights per GPU
+        grid = budget_grid(weights // shared_by, gpu.memory_total_bytes, points_per_gpu)
         budgets[label] = sorted(set(grid) | ({hw.budget_bytes} if key == hw.gpu else set()))
     space = Space(
         global_batch=run.micro_batch_size * run.grad_accum_steps,
         rotation=plan.rotation.order,
         rotation_seed=plan.rotation.seed,
         layer_gpu=tuple(plan.placement.layer_gpu),
+        ranks=hw.num_gpus if hw.parallel == "data" else 1,
     )
     plan_setup = setups[0][1]  # the plan's GPU comes first
     space = replace(space, cross_entropy=cross_entropy_mode(plan, plan_setup, tables, space))

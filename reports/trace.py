@@ -17,8 +17,13 @@ from chunkft.timeline import CATEGORIES, LANES, StepSimulation
 from .data import drawn_step_seconds
 
 _PID = 1
-_TIDS = {"compute": 1, "h2d": 2, "d2h": 3}
-_THREAD_NAMES = {"compute": "compute", "h2d": "host → device (prefetch)", "d2h": "device → host (write-back)"}
+_TIDS = {"compute": 1, "h2d": 2, "d2h": 3, "interconnect": 4}
+_THREAD_NAMES = {
+    "compute": "compute",
+    "h2d": "host → device (prefetch)",
+    "d2h": "device → host (write-back)",
+    "interconnect": "between GPUs (reduce-scatter, all-gather)",
+}
 IDLE_NAME = "idle (waiting on copy)"
 
 

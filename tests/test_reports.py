@@ -603,3 +603,29 @@ def test_real_plan_end_to_end(tmp_path: Path, model: str, extra: list[str]) -> N
     check_trace_matches_simulator(tmp_path / "rep" / "trace.json", plan)
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
     assert html.count("<tr><td class='num'>") == load_plan(plan).chunk_table.num_chunks
+
+
+def test_a_data_parallel_plan_draws_the_collective_lane_and_one_ranks_memory(tmp_path: Path) -> None:
+    """Issue 13 step 4: the lanes figure and trace.json show the reduce-scatter and all-gather between the
+    GPUs; the memory axis is one GPU's (every rank holds the whole model), not the GPUs' sum."""
+    from chunkft.planner.cli import main as plan_main
+    from chunkft.planner.simulator import simulate_plan
+    from chunkft.reports.figures import lanes_figure
+    from chunkft.reports.trace import trace_events
+
+    args = ["tiny-llama", "--gpu", "h100-80gb", "--seq-len", "32", "--batch-size", "2", "--micro-batch",
+            "1", "--grad-accum", "2", "--chunks", "4", "--host-mem", "4GiB", "--num-gpus", "2"]  # fmt: skip
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(tmp_path / "p.json")
+    sim = simulate_plan(plan)
+    data = report_data(plan, sim)
+    assert data.memory_total_bytes == plan.hardware.memory_total_bytes and "per rank" in data.gpu_name
+    ax = lanes_figure(data).axes[0]
+    ticks = zip(ax.get_yticklabels(), ax.get_yticks(), strict=True)
+    rows = {t.get_text().split("\n")[0]: y for t, y in ticks}
+    assert sorted(rows, key=rows.get) == ["device → host", "host → device", "between GPUs", "compute"]
+    events = trace_events(sim)
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    between = [e["name"] for e in events if e["ph"] == "X" and names[e["tid"]].startswith("between GPUs")]
+    assert [n.split(" chunk")[0] for n in between] == ["reduce-scatter", "all-gather"]
