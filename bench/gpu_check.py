@@ -231,16 +231,25 @@ def describe_plan(plan: Any, row: Row, min_steps: int) -> int:
 def sink_checkpoint(counted: list[int]) -> Any:
     """A stand-in for executor.checkpoint.save_checkpoint that does its GPU-side work and writes nothing:
     the weights go through the real streaming writer (one tensor's host staging at a time) into /dev/null,
-    the trainer state (driver.state_dict(): every window's host states, already gathered) is counted."""
+    the trainer state and the windows' states (the host stores themselves, and CPU copies of the slots
+    not written back: ChunkFT.sharded_state_dict) are counted."""
     from chunkft.executor.checkpoint import tensor_bytes
     from chunkft.executor.safetensors_stream import model_tensors_for_save, save_safetensors_streaming
 
     def save(
-        output_dir: Path, meta: Any, model: torch.nn.Module, trainer: dict[str, Any], keep: int = 2
+        output_dir: Path,
+        meta: Any,
+        model: torch.nn.Module,
+        trainer: dict[str, Any],
+        keep: int = 2,
+        *,
+        shards: dict[str, Any] | None = None,
+        world: Any = None,
     ) -> Path:
         tensors, metadata = model_tensors_for_save(model)
         save_safetensors_streaming(tensors, os.devnull, metadata)
-        counted.append(tensor_bytes(tensors) + tensor_bytes(trainer))
+        states = [s.local for s in (shards or {}).values()]
+        counted.append(tensor_bytes(tensors) + tensor_bytes(trainer) + tensor_bytes(states))
         return Path(output_dir) / "checkpoints" / "not-written"
 
     return save
