@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from chunkft.chunks import Chunk
 from chunkft.executor import distributed as dist_
@@ -231,6 +232,9 @@ class ChunkFT:
         for i, s in enumerate(layout):
             g = grads.get(s.slice.name)
             if g is not None:
+                # Sharded weights (FSDP2): their gradient arrives reduce-scattered, this rank's rows of the
+                # mean over ranks; made whole it is the same on every rank, and the mean below keeps it.
+                g = g.full_tensor() if isinstance(g, DTensor) else g
                 flat[s.offset : s.offset + s.numel].copy_(g.reshape(-1))
                 present[i] = 1.0
         # a slice that got a gradient on any rank is updated on all (its gradient is zero on the others)

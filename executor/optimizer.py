@@ -19,6 +19,7 @@ from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from chunkft.chunks import Chunk, ParamSlice
 from chunkft.executor import distributed as dist_
@@ -210,7 +211,12 @@ class ChunkedOptimizer:
         self.numels = [sum(s.numel for s in lay) for lay in self.layouts]
         self.bounds = [dist_.shard_bounds(n, self.world) for n in self.numels]
         used = [params[sl.name] for c in chunks for sl in c.slices]
-        self.needs_master = any(p.dtype != torch.float32 for p in used)
+        # Weights sharded by FSDP2 (fully_shard: DTensors, this rank's dim-0 rows) are written from an
+        # fp32 master whatever their dtype: the update runs on the window's flat shard, not on their rows.
+        self.sharded = any(isinstance(p, DTensor) for p in used)
+        if self.sharded and not self.world.parallel:
+            raise ValueError("the model's parameters are sharded (FSDP2) but the world has one rank")
+        self.needs_master = self.sharded or any(p.dtype != torch.float32 for p in used)
         location = "host" if states_on == "host" else "device"
         kinds = []
         if self.needs_master:
@@ -231,8 +237,10 @@ class ChunkedOptimizer:
                 master = self.engine.store(c, "master")
                 if self.world.parallel:
                     lo, hi, _ = self.bounds[c]
+                    # every rank reads every slice (for sharded weights a collective, in the same order)
+                    rows = {sl.slice.name: self._read_rows(sl) for sl in lay}
                     for s, a, b in self._pieces(c):
-                        master[a - lo : b - lo].copy_(self._rows(s)[a - s.offset : b - s.offset])
+                        master[a - lo : b - lo].copy_(rows[s.slice.name][a - s.offset : b - s.offset])
                     continue
                 for s in lay:
                     master[s.offset : s.offset + s.numel].copy_(self._rows(s))
@@ -240,6 +248,29 @@ class ChunkedOptimizer:
     def _rows(self, s: SliceLayout) -> Tensor:
         """The slice's rows of its parameter as a flat view (no autograd, no version bump)."""
         return self._params[s.slice.name].data.view(-1)[s.param_offset : s.param_offset + s.numel]
+
+    def _read_rows(self, s: SliceLayout) -> Tensor:
+        """The slice's rows, flat; of a sharded weight gathered from every rank (a collective)."""
+        p = self._params[s.slice.name]
+        if not isinstance(p, DTensor):
+            return self._rows(s)
+        return p.full_tensor().detach().reshape(-1)[s.param_offset : s.param_offset + s.numel]
+
+    def _write_rows(self, s: SliceLayout, values: Tensor) -> None:
+        """Set the slice's rows to `values` (flat, the whole slice); a sharded weight takes the rows its
+        local shard holds (FSDP2 splits dim 0 as torch.chunk does, which is shard_bounds')."""
+        p = self._params[s.slice.name]
+        if not isinstance(p, DTensor):
+            self._rows(s).copy_(values)
+            return
+        local = p.to_local()  # this rank's rows of the parameter, the storage FSDP2 gathers from
+        r0, r1, _ = dist_.shard_bounds(p.shape[0], self.world)
+        if local.shape[0] != r1 - r0:
+            raise ValueError(f"{s.slice.name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
+        a, b = max(s.slice.row_start, r0), min(s.slice.row_end, r1)
+        if a < b:
+            rows = values.view(s.slice.num_rows, -1)[a - s.slice.row_start : b - s.slice.row_start]
+            local.detach()[a - r0 : b - r0].copy_(rows.view(local[a - r0 : b - r0].shape))
 
     def begin_window(self, chunk: int) -> None:
         """The rotation moved to `chunk` from another window: with "reset", its bias correction restarts."""
@@ -342,7 +373,7 @@ class ChunkedOptimizer:
             mine[a - lo : b - lo].copy_(self._master_piece(t, s, a, b, lo))
         full = dist_.all_gather_flat(mine, self.world)
         for s in self.layouts[chunk]:
-            self._rows(s).copy_(full[s.offset : s.offset + s.numel])
+            self._write_rows(s, full[s.offset : s.offset + s.numel])
 
     def _full_engine_state(self) -> dict | None:
         """The engine state as one rank would have it (whole windows), on rank 0; None elsewhere."""

@@ -41,9 +41,18 @@ def micro_batches(step: int, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def make(case: tuple, world: World | None) -> tuple[torch.nn.Module, ChunkFT]:
+def make(case: tuple, world: World | None, shard: bool = False) -> tuple[torch.nn.Module, ChunkFT]:
+    """shard: the weights sharded by FSDP2 (fully_shard per decoder layer and the root) first."""
     _, tied, policy, k, opt, dtype = case
     model = tiny_llama(dtype, tied=tied)
+    if shard:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh("cpu", (world.size,))  # type: ignore[union-attr]
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     hp = (
         AdamWHparams(lr=1e-2, weight_decay=0.01) if opt == "adamw" else SGDHparams(lr=5e-2, weight_decay=0.01)
     )
@@ -60,10 +69,12 @@ def make(case: tuple, world: World | None) -> tuple[torch.nn.Module, ChunkFT]:
     return model, driver
 
 
-def train(case: tuple, world: World, steps: int) -> tuple[torch.nn.Module, ChunkFT, list[float]]:
+def train(
+    case: tuple, world: World, steps: int, shard: bool = False
+) -> tuple[torch.nn.Module, ChunkFT, list[float]]:
     """World size N: rank r takes the r-th N-th of each step's GLOBAL micro-batches, each loss scaled by
     1/(its count); the driver's mean over ranks then equals one rank accumulating all GLOBAL."""
-    model, driver = make(case, world)
+    model, driver = make(case, world, shard)
     norms = []
     for step in range(steps):
         micro = micro_batches(step, GLOBAL)

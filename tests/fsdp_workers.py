@@ -74,7 +74,25 @@ def fsdp_worker(rank: int, size: int, port: int, out: str) -> None:
             sg.zero_grad()
         if rank == 0:
             torch.save(results, Path(out) / "fsdp.pt")
+        dist.barrier()  # no rank leaves while another's collectives are in flight (gloo aborts the process)
     finally:
         dist.destroy_process_group()
 
 
+
+def chunkft_fsdp_worker(rank: int, size: int, port: int, out: str) -> None:
+    """ChunkFT on a model sharded by fully_shard (per decoder layer and the root), every case of
+    dp_workers.CASES, each rank on its share of every step's micro-batches; rank 0 saves the weights made
+    whole and the clip norms. test_fsdp2 compares them with one unsharded rank accumulating them all."""
+    from dp_workers import CASES, STEPS, _init, train
+
+    world = _init(rank, size, port)
+    try:
+        for case in CASES:
+            model, _, norms = train(case, world, STEPS, shard=True)
+            whole = {n: p.full_tensor() for n, p in model.named_parameters()}
+            if world.is_main:
+                torch.save({"params": whole, "norms": norms}, Path(out) / f"{case[0]}-fsdp.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dp_workers import free_port
-from fsdp_workers import WINDOWS, dense_window_grads, fsdp_worker
+from dp_workers import CASES, STEPS, free_port, train
+from fsdp_workers import WINDOWS, chunkft_fsdp_worker, dense_window_grads, fsdp_worker
 from tiny_models import tiny_llama
+
+from chunkft.executor.distributed import World
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned children import fsdp_workers by module name
 
@@ -48,3 +50,23 @@ def test_fsdp2_gives_the_window_and_only_the_window_its_dense_gradients(sharded:
             assert kind == "local"  # computed by SliceGradients on the unsharded weight
         assert torch.allclose(g, ref[name], rtol=1e-6, atol=1e-8), (name, (g - ref[name]).abs().max())
 
+
+
+@pytest.fixture(scope="module")
+def chunkft_sharded(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp-chunkft")
+    mp.spawn(chunkft_fsdp_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_chunkft_on_fsdp2_sharded_weights_equals_one_unsharded_rank(chunkft_sharded: Path, case: str) -> None:
+    """The driver on a fully_shard-ed model (2 ranks, each its half of every step's micro-batches) ends
+    where one unsharded rank accumulating all of them ends, for slices, whole tensors, tied embeddings and
+    SGD, with clipping. Tolerance as tests/test_distributed.py (2e-5 + 1e-5 * |value|)."""
+    got = torch.load(chunkft_sharded / f"{case}-fsdp.pt", weights_only=True)
+    model, _, norms = train(next(c for c in CASES if c[0] == case), World.single(), STEPS)
+    assert got["norms"] == pytest.approx(norms, rel=1e-5)
+    for n, p in model.named_parameters():
+        q = got["params"][n]
+        assert torch.allclose(p, q, rtol=1e-5, atol=2e-5), (n, (p - q).abs().max())
