@@ -56,7 +56,10 @@ CheckpointMode = Literal["none", "all", "selected"]
 # How num_gpus > 1 GPUs are used: "none" splits the decoder layers across them (placement.layer_gpu;
 # what every plan before the field meant), "data" runs one rank per GPU, each on its own micro-batches,
 # every window's master and states sharded 1/N per rank (executor/distributed.py).
-Parallel = Literal["none", "data"]
+# How num_gpus > 1 GPUs share the work: "none" layers split across them (planned, not run), "data" every
+# rank holds the whole model (data parallel), "shard" every rank holds 1/N of every block's weights
+# (FSDP2 fully_shard per decoder layer, gathered a block at a time).
+Parallel = Literal["none", "data", "shard"]
 
 # Whether a task's batches are padded when the plan does not say (files written before
 # run.padded_batches): what the planner assumed then, planner.profile_model.default_padded (causal-LM
@@ -1127,7 +1130,8 @@ def _cross_checks(v: dict[str, typing.Any], problems: list[str]) -> None:
         _need(
             hw.parallel == "none" or not any(pl.layer_gpu),
             problems,
-            "placement.layer_gpu must be all 0 when hardware.parallel is 'data' (each rank holds all layers)",
+            "placement.layer_gpu must be all 0 when hardware.parallel is 'data' or 'shard' (each rank runs "
+            "every layer)",
         )
         for i, g in enumerate(pl.layer_gpu):
             _need(
