@@ -54,11 +54,10 @@ WeightsPlacement = Literal["resident", "streamed"]
 WeightDecayMode = Literal["window", "compensated"]
 CheckpointMode = Literal["none", "all", "selected"]
 # How num_gpus > 1 GPUs are used: "none" splits the decoder layers across them (placement.layer_gpu;
-# what every plan before the field meant), "data" runs one rank per GPU, each on its own micro-batches,
-# every window's master and states sharded 1/N per rank (executor/distributed.py).
-# How num_gpus > 1 GPUs share the work: "none" layers split across them (planned, not run), "data" every
-# rank holds the whole model (data parallel), "shard" every rank holds 1/N of every block's weights
-# (FSDP2 fully_shard per decoder layer, gathered a block at a time).
+# what every plan before the field meant; not run), "data" runs one rank per GPU, each on its own
+# micro-batches, every window's master and states sharded 1/N per rank (executor/distributed.py);
+# "shard" the same, and every rank holds 1/N of every block's weights too (FSDP2 fully_shard per decoder
+# layer, gathered a block at a time).
 Parallel = Literal["none", "data", "shard"]
 
 # Whether a task's batches are padded when the plan does not say (files written before

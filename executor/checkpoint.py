@@ -62,8 +62,11 @@ from chunkft.executor import distributed as dist_
 from chunkft.executor.distributed import FlatShard, ReadShards, World
 from chunkft.executor.safetensors_stream import (
     hf_tied_names,
+    load_sharded_rows,
     model_tensors_for_save,
+    save_safetensors_gathered,
     save_safetensors_streaming,
+    sharded_tensors_for_save,
 )
 from chunkft.files import honour_umask
 
@@ -192,13 +195,18 @@ def save_checkpoint(
             _save_states(tmp / STATES_DIR, shards, world)
         except CheckpointException as e:
             raise _unwrapped(e) from None
+        sharded = is_sharded(model)
+        if sharded:  # FSDP2: every rank gathers each weight in turn, rank 0 writes the file
+            tensors, metadata = sharded_tensors_for_save(model)
+            save_safetensors_gathered(tensors, tmp / MODEL_FILE, metadata, write=world.is_main)
+            del tensors
         mine = _digests(tmp, _own_state_files(tmp, world))
         files = {k: v for d in dist_.all_gather_objects(mine, world, checkpoint=True) for k, v in d.items()}
         # 3. rank 0: the weights, the trainer state, state.json; rename into place; the pointer
         failure: tuple[bool, str] | None = None  # (disk full, why)
         if world.is_main:
             try:
-                _finish(root, final, tmp, meta, model, trainer, files)
+                _finish(root, final, tmp, meta, None if sharded else model, trainer, files)
             except BaseException as e:
                 failure = (_full(e, root), _reason(e) if _full(e, root) else _one_line(e))
                 if not world.parallel:
@@ -238,14 +246,16 @@ def _finish(
     final: Path,
     tmp: Path,
     meta: CheckpointMeta,
-    model: torch.nn.Module,
+    model: torch.nn.Module | None,
     trainer: dict[str, Any],
     files: dict[str, dict],
 ) -> None:
-    """Rank 0, after every rank's states are on disk: the rest of the files, then rename and pointer."""
-    tensors, metadata = model_tensors_for_save(model)
-    save_safetensors_streaming(tensors, tmp / MODEL_FILE, metadata)  # no host copy of the model
-    del tensors
+    """Rank 0, after every rank's states are on disk: the rest of the files, then rename and pointer.
+    model None: the weights file is written already (sharded weights, gathered by every rank)."""
+    if model is not None:
+        tensors, metadata = model_tensors_for_save(model)
+        save_safetensors_streaming(tensors, tmp / MODEL_FILE, metadata)  # no host copy of the model
+        del tensors
     torch.save(trainer, tmp / TRAINER_FILE)
     names = [MODEL_FILE, TRAINER_FILE]
     if (tmp / STATES_DIR).is_dir():
@@ -387,7 +397,7 @@ def _global_bytes(shards: Mapping[str, FlatShard]) -> int:
     return sum(s.numel * s.local.element_size() for s in shards.values())
 
 
-def export_safetensors(model: torch.nn.Module, directory: Path) -> Path:
+def export_safetensors(model: torch.nn.Module, directory: Path, world: World | None = None) -> Path:
     """Write a Hugging Face model directory (model.safetensors, config.json, generation_config.json when
     the model generates) that from_pretrained loads, streaming the weights like a checkpoint does.
 
@@ -397,10 +407,20 @@ def export_safetensors(model: torch.nn.Module, directory: Path) -> Path:
     in for atomicity). Returns `directory`.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors, _ = model_tensors_for_save(model, discard_names=hf_tied_names(model))
-    save_safetensors_streaming(tensors, directory / MODEL_FILE, {"format": "pt"})  # as save_pretrained
-    del tensors
+    if is_sharded(model):  # FSDP2: a collective; every rank gathers each weight, rank 0 writes
+        world = World.single() if world is None else world
+        tensors, _ = sharded_tensors_for_save(model, discard_names=hf_tied_names(model))
+        if world.is_main:
+            directory.mkdir(parents=True, exist_ok=True)
+        save_safetensors_gathered(tensors, directory / MODEL_FILE, {"format": "pt"}, write=world.is_main)
+        del tensors
+        if not world.is_main:
+            return directory
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, _ = model_tensors_for_save(model, discard_names=hf_tied_names(model))
+        save_safetensors_streaming(tensors, directory / MODEL_FILE, {"format": "pt"})  # as save_pretrained
+        del tensors
     config = getattr(model, "config", None)
     if config is not None:
         dtype = getattr(model, "dtype", None)  # PreTrainedModel.dtype: its first floating parameter's
@@ -595,12 +615,18 @@ def load_checkpoint(
             f"{path}: was written under another plan (plan sha256 {meta.plan_sha256[:12]}, "
             f"this plan {accepted[0][:12]}); resume with the plan it was made with"
         )
-    try:
-        missing, unexpected = load_model(model, str(path / MODEL_FILE), strict=False)
-    except (SafetensorError, OSError, RuntimeError) as e:
-        raise CheckpointError(
-            f"{path / MODEL_FILE}: cannot load the weights ({e}); the checkpoint does not fit this model"
-        ) from None
+    if is_sharded(model):  # FSDP2: each rank reads the rows of its shards
+        try:
+            rank = dist.get_rank()
+            load_sharded_rows(model, path / MODEL_FILE, rank, dist.get_world_size())
+        except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"{path / MODEL_FILE}: cannot load the weights ({_one_line(e)}); the checkpoint does not "
+                "fit this model"
+            ) from None
+        missing, unexpected = [], []
+    else:
+        missing, unexpected = _load_whole(model, path)
     if missing or unexpected:
         raise CheckpointError(
             f"{path / MODEL_FILE}: tensors do not match the model (missing {sorted(missing)[:3]}"
@@ -615,6 +641,20 @@ def load_checkpoint(
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None
     return Checkpoint(path=path, meta=meta, trainer=trainer)
+
+
+def _load_whole(model: torch.nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    try:
+        return load_model(model, str(path / MODEL_FILE), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{path / MODEL_FILE}: cannot load the weights ({e}); the checkpoint does not fit this model"
+        ) from None
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether FSDP2 (fully_shard) holds the model's weights as DTensors, each rank its rows."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def tensor_bytes(obj: Any) -> int:

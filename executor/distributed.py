@@ -129,6 +129,27 @@ class FlatShard:
 ReadShards = Callable[[dict[str, FlatShard]], None]
 
 
+def shard_model(model: torch.nn.Module, world: World, device_type: str) -> None:
+    """FSDP2 (hardware.parallel "shard"): fully_shard every decoder layer (transformers'
+    GradientCheckpointingLayer), then the root (embeddings, final norm, head), over all ranks. Each rank
+    keeps dim-0 rows 1/N of every tensor (torch.chunk's split, as shard_bounds'), a block's weights are
+    gathered for its forward and backward, gradients reduce-scattered in fp32."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    blocks = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not blocks:
+        raise DistributedError(
+            f"{type(model).__name__} has no transformers decoder layers to shard; plan it data parallel"
+        )
+    mesh = init_device_mesh(device_type, (world.size,))
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:
     """(start, stop, per): this rank's flat range [start, stop) of a window of `numel` elements, and the
     padded shard length `per` (numel rounded up to a multiple of N, divided by N). The last ranks' ranges

@@ -16,6 +16,7 @@ which keeps each tensor aligned to its element size, so the output is byte-ident
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import struct
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import BinaryIO
 
 import torch
+from safetensors import safe_open
 
 ALIGN = 8  # the data section starts at a multiple of this (the header is padded with spaces)
 PIECE_BYTES = 64 << 20  # the most bytes copied to the host, or handed to one write(), at a time
@@ -81,6 +83,78 @@ def save_safetensors_streaming(
         staging = _Staging()
         for name in order:
             _write_tensor(f, tensors[name], staging)
+
+
+def save_safetensors_gathered(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | os.PathLike[str],
+    metadata: dict[str, str] | None,
+    write: bool,
+) -> None:
+    """save_safetensors_streaming for weights sharded by FSDP2 (DTensors): every rank calls it, each
+    DTensor is gathered whole one at a time (a collective, in the same order on every rank), and the
+    rank with `write` writes it. Adds one whole tensor at a time to each rank."""
+    from torch.distributed.tensor import DTensor  # here: the planner imports this module for PIECE_BYTES
+
+    order = _layout_order(tensors)
+    with open(path, "wb") if write else contextlib.nullcontext() as f:
+        if f is not None:
+            header = _header(tensors, order, metadata)
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+        staging = _Staging()
+        for name in order:
+            t = tensors[name]
+            whole = t.full_tensor() if isinstance(t, DTensor) else t
+            if f is not None:
+                _write_tensor(f, whole, staging)
+            del whole
+
+
+def sharded_tensors_for_save(
+    model: torch.nn.Module, discard_names: Iterable[str] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """model_tensors_for_save for a model sharded by FSDP2: tied names are the same parameter object
+    (its local shard is a view into FSDP's padded storage, so the storage rule does not apply)."""
+    state = model.state_dict()
+    discard = set(discard_names)
+    metadata: dict[str, str] = {"format": "pt"}
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, t in state.items():
+        groups[id(t)].append(name)
+    for names in groups.values():
+        names.sort()
+        keep = next((n for n in names if n not in discard), names[0])
+        for name in names:
+            if name != keep:
+                metadata.setdefault(name, keep)
+                del state[name]
+    return state, metadata
+
+
+def load_sharded_rows(model: torch.nn.Module, path: str | os.PathLike[str], rank: int, size: int) -> None:
+    """Fill a model sharded by FSDP2 from a .safetensors file written whole, each rank reading only the
+    dim-0 rows of its shards (safetensors reads slices): the whole model is never in one rank's memory.
+    A name the file lacks is found under the one its metadata maps it to (a tied tensor stored once)."""
+    from torch.distributed.tensor import DTensor
+
+    with safe_open(str(path), framework="pt") as f:
+        names, aliases = set(f.keys()), f.metadata() or {}
+        for name, t in model.state_dict().items():
+            src = name if name in names else aliases.get(name)
+            if src not in names:
+                raise ValueError(f"{path}: has no tensor {name}")
+            if not isinstance(t, DTensor):
+                t.detach().copy_(f.get_tensor(src))
+                continue
+            local = t.to_local()
+            per = -(-t.shape[0] // size)  # torch.chunk's split of dim 0, which FSDP2 shards by
+            r0 = min(rank * per, t.shape[0])
+            r1 = min(r0 + per, t.shape[0])
+            if local.shape[0] != r1 - r0:
+                raise ValueError(f"{name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
+            if r1 > r0:
+                local.detach().copy_(f.get_slice(src)[r0:r1])
 
 
 def model_tensors_for_save(

@@ -158,7 +158,7 @@ class RunResult:
 def _check_replayable(plan: Any) -> None:
     """Refuse what this executor cannot replay yet, instead of silently training something else."""
     problems = []
-    split = plan.hardware.num_gpus > 1 and plan.hardware.parallel != "data"
+    split = plan.hardware.num_gpus > 1 and plan.hardware.parallel not in ("data", "shard")
     if split or any(g != 0 for g in plan.placement.layer_gpu):
         problems.append(f"{plan.hardware.num_gpus} GPUs with layers placed across them")
     if plan.placement.weights != "resident":
@@ -252,12 +252,12 @@ def check_host_memory(plan: Any, available: int, device: torch.device, plan_path
 
 
 def check_world(plan: Any, opts: RunOptions, world: World) -> None:
-    """A data-parallel plan runs on exactly its num_gpus ranks (each rank's share of the batch and of the
-    host states was planned for that many); a 1-GPU plan runs on one."""
-    n = plan.hardware.num_gpus if plan.hardware.parallel == "data" else 1
+    """A data-parallel or sharded plan runs on exactly its num_gpus ranks (each rank's share of the batch,
+    of the host states and of the weights was planned for that many); a 1-GPU plan runs on one."""
+    n = plan.hardware.num_gpus if plan.hardware.parallel in ("data", "shard") else 1
     if world.size == n:
         return
-    if plan.hardware.parallel != "data" and plan.hardware.num_gpus > 1:
+    if plan.hardware.parallel == "none" and plan.hardware.num_gpus > 1:
         return  # a layer-split plan: _check_replayable says what to do
     raise RunError(
         f"{opts.plan_path} was made for {n} rank(s) and this run has {world.size}; launch it with "
@@ -597,6 +597,9 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     batches = Batches(dataset.train, mbs, seed=plan.run.seed)
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
     apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)
+    sharded = plan.hardware.parallel == "shard"
+    if sharded:  # FSDP2: each rank keeps 1/N of every block's weights, gathered a block at a time
+        dist_.shard_model(model, world, device.type)
     model.train()
     driver = build_driver(model, plan, device, streams, world=world)
 
@@ -663,8 +666,8 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         return save_checkpoint(out, meta, model, trainer, keep=keep, shards=shards, world=world)
 
     def evaluate_and_log(step: int) -> None:
-        if not world.is_main:  # the same weights on every rank: rank 0 evaluates, the others wait
-            return
+        if not world.is_main and not sharded:  # the same weights on every rank: rank 0 evaluates
+            return  # (sharded weights: every rank takes part in each block's gather, rank 0 records)
         # Micro-batches of the plan's size, without gradients: below a training step's peak, which the
         # plan counts. An OOM anyway costs the evaluation only: no weight or state is touched by it.
         try:
@@ -792,12 +795,14 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
     memory = tracker.result() if tracker.steps_measured else None
     if not world.is_main:
+        if sharded:  # the gathers rank 0's export needs; this rank writes nothing
+            export_safetensors(model, out / "model", world)
         dist_.shutdown(world)
         skipped = sum(x is None for x in losses)
         run_json, model_dir = out / "run.json", out / "model"  # rank 0 writes them
         return RunResult(out, total_steps, tuple(losses), (), skipped, memory, run_json, model_dir)
     with tracker.phase("export"):
-        model_dir = export_model(model, tokenizer, out / "model")
+        model_dir = export_model(model, tokenizer, out / "model", world)
     host_states = driver.host_state_bytes()
     result = _write_run_json(
         opts, plan, plan_sha, device, out, memory, clock, model_dir, host_state_bytes=host_states
@@ -950,13 +955,15 @@ def evaluate(
     return loss_sum / n, (correct / n if task == "sequence-classification" else None)
 
 
-def export_model(model: torch.nn.Module, tokenizer: Tokenizer, target: Path) -> Path:
+def export_model(
+    model: torch.nn.Module, tokenizer: Tokenizer, target: Path, world: dist_.World | None = None
+) -> Path:
     """A Hugging Face directory (safetensors) that from_pretrained loads, written beside then swapped in.
     The weights stream to the file a piece at a time (save_pretrained would first copy them all to the
     host: 16 GB more for an 8B model, on top of the pinned optimizer states)."""
     tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=target.parent))
     try:
-        export_safetensors(model, tmp)
+        export_safetensors(model, tmp, world)  # sharded weights: the other ranks gather with rank 0
         tokenizer.save(tmp)
         honour_umask(tmp)  # mkdtemp made it 0700: give it the modes mkdir/open would
         if target.exists():
