@@ -18,13 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from dp_workers import CASES, equality_worker, free_port, reference
+from dp_workers import CASES, close, equality_worker, free_port, reference
 
 sys.path.insert(0, str(Path(__file__).parent))  # spawned children import dp_workers by module name
-
-
-def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.allclose(a, b, rtol=1e-5, atol=2e-5)
 
 
 @pytest.fixture(scope="module")
