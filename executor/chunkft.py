@@ -227,7 +227,9 @@ class ChunkFT:
         norm from the all-reduced fp64 sum of squares, update this rank's shard, all-gather the rows."""
         layout = self._optimizer.layouts[chunk]
         device = self._optimizer.engine.device
-        flat = torch.zeros(self._optimizer.numels[chunk], dtype=torch.float32, device=device)
+        # padded to N*per already, so the reduce-scatter takes it as it is (no padded copy of the window)
+        per = self._optimizer.bounds[chunk][2]
+        flat = torch.zeros(per * self.world.size, dtype=torch.float32, device=device)
         present = torch.zeros(len(layout), dtype=torch.float32, device=device)
         for i, s in enumerate(layout):
             g = grads.get(s.slice.name)

@@ -34,6 +34,8 @@ DEFAULT_TIMEOUT_S = float(os.environ.get("CHUNKFT_COLLECTIVE_TIMEOUT_S", "180"))
 # Writing and hashing a large checkpoint keeps rank 0 away for longer than a training step's collectives
 # may wait: the checkpoint group waits this many times the collective timeout.
 CHECKPOINT_TIMEOUT_FACTOR = 10
+# global_sq_norm squares this many elements at a time in fp64 (16 bytes each, for the copy and its square)
+NORM_PIECE = 1 << 20
 
 
 class DistributedError(RuntimeError):
@@ -161,10 +163,15 @@ def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:
 
 def reduce_scatter_mean(flat: Tensor, world: World) -> Tensor:
     """This rank's shard of the mean over ranks of `flat` (padded to N*per): SUM then divide by N, so 2
-    ranks on micro-batches A and B give the gradient of 1 rank accumulating A and B."""
+    ranks on micro-batches A and B give the gradient of 1 rank accumulating A and B. A `flat` of a
+    multiple of N elements (the caller padded it) is reduced as it is, without a padded copy; it may be
+    overwritten."""
     per = -(-flat.numel() // world.size)
-    padded = torch.zeros(per * world.size, dtype=flat.dtype, device=flat.device)
-    padded[: flat.numel()].copy_(flat)
+    if flat.numel() == per * world.size:
+        padded = flat
+    else:
+        padded = torch.zeros(per * world.size, dtype=flat.dtype, device=flat.device)
+        padded[: flat.numel()].copy_(flat)
     out = torch.empty(per, dtype=flat.dtype, device=flat.device)
     try:
         dist.reduce_scatter_tensor(out, padded, group=world.group)
@@ -203,7 +210,9 @@ def all_reduce_sum(value: Tensor, world: World) -> Tensor:
 def global_sq_norm(shard: Tensor, world: World) -> Tensor:
     """The squared 2-norm over every rank's shard, summed in fp64 (so skipping a non-finite step is
     decided identically on every rank: they all see the same all-reduced value)."""
-    sq = shard.double().pow(2).sum().reshape(1)
+    sq = torch.zeros(1, dtype=torch.float64, device=shard.device)
+    for piece in shard.split(NORM_PIECE):  # fp64 copies of one piece at a time, not of the whole shard
+        sq += piece.double().pow(2).sum()
     return all_reduce_sum(sq, world)
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 
 from chunkft.chunks import DTYPE_BYTES, Chunk, ParamSpec
+from chunkft.executor.distributed import NORM_PIECE
 from chunkft.executor.safetensors_stream import PIECE_BYTES
 from chunkft.planner.costs import CostModel
 from chunkft.planner.graph import StepNode, step_order
@@ -788,11 +789,11 @@ def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int
     """(moment, bytes) the optimizer step holds above the persistent bytes and the window's fp32
     gradients (which stay until zero_grad). One rank: the update's per-slice temporaries. Data parallel
     (executor/chunkft.py _step_parallel, optimizer.update_shard and _gather_rows), per = ceil(numel/N):
-    - reduce-scatter: the flat fp32 gradient (numel), its zero-padded copy (N*per) and this rank's
-      reduced shard (per), all alive inside distributed.reduce_scatter_mean; gloo (the CPU) also stages
-      the whole padded input in a buffer of its own (N*per, measured: torch 2.13's gloo reduce-scatter
-      all-reduces a copy and splits it), NCCL reduces in place;
-    - norm: the shard, its fp64 copy and that copy squared (global_sq_norm);
+    - reduce-scatter: the flat fp32 gradient, zero-padded to N*per, and this rank's reduced shard
+      (per), alive inside distributed.reduce_scatter_mean; gloo (the CPU) also stages the whole padded
+      input in a buffer of its own (N*per, measured: torch 2.13's gloo reduce-scatter all-reduces a copy
+      and splits it), NCCL reduces in place;
+    - norm: the shard, and an fp64 copy of one NORM_PIECE of it and that copy squared (global_sq_norm);
     - update: the shard and the update's temporaries of one piece (a slice's part of the shard);
     - all-gather: the shard, this rank's rows in the weight dtype (per) and every rank's (N*per).
     The per-slice flags (4 bytes a slice) are left out."""
@@ -802,8 +803,8 @@ def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int
     per = shard_numel(w.numel, n)
     ws = DTYPE_BYTES[setup.weight_dtype]
     return (
-        ("reduce-scatter", 4 * w.numel + 4 * n * per + 4 * per + reduce_scatter_staging(setup, n, per)),
-        ("norm", 4 * per + 8 * per + 8 * per),
+        ("reduce-scatter", 4 * n * per + 4 * per + reduce_scatter_staging(setup, n, per)),
+        ("norm", 4 * per + 16 * min(per, NORM_PIECE)),
         ("update", 4 * per + _update_temp(setup, min(w.max_slice_numel, per))),
         ("all-gather", 4 * per + per * ws + n * per * ws),
     )
