@@ -617,14 +617,13 @@ def load_checkpoint(
         )
     if is_sharded(model):  # FSDP2: each rank reads the rows of its shards
         try:
-            rank = dist.get_rank()
-            load_sharded_rows(model, path / MODEL_FILE, rank, dist.get_world_size())
+            missing = load_sharded_rows(model, [path / MODEL_FILE], dist.get_rank(), dist.get_world_size())
         except (SafetensorError, OSError, RuntimeError, ValueError) as e:
             raise CheckpointError(
                 f"{path / MODEL_FILE}: cannot load the weights ({_one_line(e)}); the checkpoint does not "
                 "fit this model"
             ) from None
-        missing, unexpected = [], []
+        unexpected = []
     else:
         missing, unexpected = _load_whole(model, path)
     if missing or unexpected:

@@ -22,8 +22,8 @@ import os
 import struct
 import sys
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping
-from typing import BinaryIO
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import safe_open
@@ -132,29 +132,57 @@ def sharded_tensors_for_save(
     return state, metadata
 
 
-def load_sharded_rows(model: torch.nn.Module, path: str | os.PathLike[str], rank: int, size: int) -> None:
-    """Fill a model sharded by FSDP2 from a .safetensors file written whole, each rank reading only the
-    dim-0 rows of its shards (safetensors reads slices): the whole model is never in one rank's memory.
-    A name the file lacks is found under the one its metadata maps it to (a tied tensor stored once)."""
+def load_sharded_rows(
+    model: torch.nn.Module, paths: Sequence[str | os.PathLike[str]], rank: int, size: int
+) -> list[str]:
+    """Fill a model sharded by FSDP2 from .safetensors files written whole (one, or a Hugging Face
+    directory's shards), each rank reading only the dim-0 rows of its shards (safetensors reads slices):
+    the whole model is never in one rank's memory. A name no file holds is found under the one a file's
+    metadata maps it to (a tied tensor stored once), or is skipped when it is the same parameter as a
+    name already loaded (Hugging Face files omit a tied head). Returns the names still missing."""
     from torch.distributed.tensor import DTensor
 
-    with safe_open(str(path), framework="pt") as f:
-        names, aliases = set(f.keys()), f.metadata() or {}
-        for name, t in model.state_dict().items():
-            src = name if name in names else aliases.get(name)
-            if src not in names:
-                raise ValueError(f"{path}: has no tensor {name}")
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
+        sources, missing = _sources(model.state_dict(), files)
+        for name, t, f, src in sources:
             if not isinstance(t, DTensor):
                 t.detach().copy_(f.get_tensor(src))
-                continue
-            local = t.to_local()
-            per = -(-t.shape[0] // size)  # torch.chunk's split of dim 0, which FSDP2 shards by
-            r0 = min(rank * per, t.shape[0])
-            r1 = min(r0 + per, t.shape[0])
-            if local.shape[0] != r1 - r0:
-                raise ValueError(f"{name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
-            if r1 > r0:
-                local.detach().copy_(f.get_slice(src)[r0:r1])
+            else:
+                local = t.to_local()
+                per = -(-t.shape[0] // size)  # torch.chunk's split of dim 0, which FSDP2 shards by
+                r0 = min(rank * per, t.shape[0])
+                r1 = min(r0 + per, t.shape[0])
+                if local.shape[0] != r1 - r0:
+                    raise ValueError(f"{name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
+                if r1 > r0:
+                    local.detach().copy_(f.get_slice(src)[r0:r1])
+    return missing
+
+
+def missing_weights(model: torch.nn.Module, paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """The model's names load_sharded_rows would find in none of the files (headers only are read)."""
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
+        return _sources(model.state_dict(), files)[1]
+
+
+def _sources(state: Mapping[str, torch.Tensor], files: Sequence[Any]) -> tuple[list[tuple], list[str]]:
+    """([(name, tensor, file, name in the file)], missing names): a name the files lack is looked up
+    under the name a file's metadata maps it to, and skipped when its tensor (a tied parameter) is
+    loaded under another name."""
+    where = {k: f for f in files for k in f.keys()}
+    aliases = {k: v for f in files for k, v in (f.metadata() or {}).items()}
+    found, missing, done = [], [], set()
+    for name in sorted(state, key=lambda n: n not in where):  # names the files hold first
+        t = state[name]
+        src = name if name in where else aliases.get(name)
+        if src in where:
+            found.append((name, t, where[src], src))
+            done.add(id(t))
+        elif id(t) not in done:
+            missing.append(name)
+    return found, missing
 
 
 def model_tensors_for_save(

@@ -570,7 +570,12 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM
     chosen_tokenizer = user_tokenizer(plan, opts)  # --tokenizer, checked before the model is built
 
-    model, tokenizer = build_model(plan, device)
+    sharded = plan.hardware.parallel == "shard"
+    start_files = sharded_start_files(plan) if sharded else None
+    model, tokenizer = build_model(plan, device, meta=start_files is not None)
+    if start_files is not None and not meta_start_covers(model, start_files):
+        start_files = None  # weights the files lack (a fresh head): build it whole, then shard it
+        model, tokenizer = build_model(plan, device)
     tokenizer = chosen_tokenizer or tokenizer
     tokenizer_id = tokenizer.identity()  # what checkpoints record (hashing a 128K vocabulary takes a while)
     if point is not None:
@@ -597,9 +602,15 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     batches = Batches(dataset.train, mbs, seed=plan.run.seed)
     held_out = _head(dataset.eval, MAX_EVAL_EXAMPLES)
     apply_checkpointing(model, plan.checkpointing.mode, plan.checkpointing.layers)
-    sharded = plan.hardware.parallel == "shard"
     if sharded:  # FSDP2: each rank keeps 1/N of every block's weights, gathered a block at a time
         dist_.shard_model(model, world, device.type)
+        if start_files is not None:  # built on the meta device: each rank reads its rows of the files
+            materialize_sharded(model, start_files, device, world)
+            if world.is_main:
+                log.write(
+                    f"chunkft-run: note: sharded start: each rank read its rows of {len(start_files)} "
+                    f"weight file(s) in {plan.model.path}; no rank built the whole model\n"
+                )
     model.train()
     driver = build_driver(model, plan, device, streams, world=world)
 
@@ -814,10 +825,11 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 # ------------------------------------------------------------------------------------ building blocks
 
 
-def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Tokenizer]:
+def build_model(plan: Any, device: torch.device, meta: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
     """The plan's model on the device, randomly initialised from the plan's seed (presets, and directories
     planned with --random-init: source "hf-config") or loaded (directories), and the tokenizer that goes
-    with it: the directory's own, else the byte-level one (presets, config-only directories)."""
+    with it: the directory's own, else the byte-level one (presets, config-only directories).
+    meta: a directory's model on the meta device, nothing allocated (materialize_sharded fills it)."""
     from chunkft.executor.data import fresh_model_tokenizer
     from chunkft.profiles import build_model as build_hf_model
     from chunkft.profiles import load_model
@@ -844,10 +856,56 @@ def build_model(plan: Any, device: torch.device) -> tuple[torch.nn.Module, Token
         assert preset.has_weights, "check_identity refuses a directory without weights"
         tokenizer = HFTokenizer(preset.path or plan.model.name)
         torch.manual_seed(plan.run.seed)  # any fresh head
-        model = build_hf_model(preset, device="cpu", dtype=dtype, load_weights=True)
+        if meta:
+            model = build_hf_model(preset, device="meta", dtype=dtype)
+        else:
+            model = build_hf_model(preset, device="cpu", dtype=dtype, load_weights=True)
     if plan.model.task == "sequence-classification" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_id  # classifiers on decoders find the last real token
-    return model.to(device), tokenizer
+    return (model if meta else model.to(device)), tokenizer
+
+
+# Non-persistent buffers a meta-device model gets back from transformers' own init (_init_weights
+# recomputes rotary frequencies); a model with others is built whole before it is sharded.
+_REBUILT_BUFFERS = ("inv_freq", "original_inv_freq")
+
+
+def sharded_start_files(plan: Any) -> list[Path] | None:
+    """The .safetensors files a sharded run of a directory's causal LM starts from, each rank reading
+    only its rows (no rank ever holds the whole model: what lets 70B start on 2 x 80 GB); None: the
+    model is built whole, then sharded (presets and random inits, .bin weights, classifiers)."""
+    if plan.model.source != "hf-dir" or plan.model.path is None or plan.model.task != "causal-lm":
+        return None
+    files = sorted(Path(plan.model.path).glob("*.safetensors"))
+    return files or None
+
+
+def meta_start_covers(model: torch.nn.Module, files: list[Path]) -> bool:
+    """Whether materialize_sharded can fill this meta-device model: every weight is in the files and
+    every non-persistent buffer is one transformers' init recomputes."""
+    from chunkft.executor.safetensors_stream import missing_weights
+
+    persistent = set(model.state_dict())
+    others = [n for n, _ in model.named_buffers() if n not in persistent]
+    rebuilt = all(n.rsplit(".", 1)[-1] in _REBUILT_BUFFERS for n in others)
+    return rebuilt and not missing_weights(model, files)
+
+
+def materialize_sharded(
+    model: torch.nn.Module, files: list[Path], device: torch.device, world: World
+) -> None:
+    """A meta-device model just sharded: allocate each rank's shards, recompute the non-persistent
+    buffers (rotary frequencies) with transformers' init, and read each rank's rows of the weights."""
+    from chunkft.executor.safetensors_stream import load_sharded_rows
+
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)  # type: ignore[operator]
+    missing = load_sharded_rows(model, files, world.rank, world.size)
+    if missing:  # meta_start_covers checked this: a file changed under the run
+        raise RunError(f"{files[0].parent}: the weight files lack {missing[:3]}; they changed while loading")
 
 
 def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ...]) -> None:
@@ -956,7 +1014,7 @@ def evaluate(
 
 
 def export_model(
-    model: torch.nn.Module, tokenizer: Tokenizer, target: Path, world: dist_.World | None = None
+    model: torch.nn.Module, tokenizer: Tokenizer, target: Path, world: World | None = None
 ) -> Path:
     """A Hugging Face directory (safetensors) that from_pretrained loads, written beside then swapped in.
     The weights stream to the file a piece at a time (save_pretrained would first copy them all to the
