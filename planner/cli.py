@@ -409,6 +409,7 @@ class Planned:
     host_warning: str  # "" or the one warning line about host memory
     replayed: Any  # the plan's step as the simulator replays it (check_replay)
     measured: Any  # the --calibrate rates, or None
+    layout_warning: str = ""  # "" or why --num-gpus N fell back to the layer split chunkft-run refuses
 
 
 def make_plan(req: Request) -> Planned:
@@ -473,6 +474,7 @@ def make_plan(req: Request) -> Planned:
     sol = host = host_note = host_warning = None
     parallel = layouts[0]
     skip: set[str] = set()
+    uneven = False
     for parallel in layouts:
         if parallel in skip:
             continue
@@ -489,6 +491,7 @@ def make_plan(req: Request) -> Planned:
             if sol.best is not None or not on_gpu:
                 raise click.UsageError(uneven_split_message(req, parallel))
             skip.add("shard")  # it needs the same even split: the layers split (as before shard existed)
+            uneven = True
             continue
         sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
         if sol.best is not None:
@@ -504,7 +507,21 @@ def make_plan(req: Request) -> Planned:
     notes = Notes(
         headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype)
     )
-    return Planned(plan, sol, budget, notes, host_warning, replayed, measured)
+    layout_warning = ""
+    if parallel == "layers" and uneven:
+        n = req.num_gpus
+        layout_warning = (
+            f"the layers are split across the {n} GPUs, which chunkft-run does not run: the batch cannot be "
+            f"dealt out to {n} ranks; --grad-accum a multiple of {n} (--batch-size their product) lets "
+            "the planner try sharded weights (--parallel shard)"
+        )
+    elif parallel == "layers" and req.parallel == "auto":
+        layout_warning = (
+            f"the layers are split across the {req.num_gpus} GPUs, which chunkft-run does not run: neither "
+            f"data parallel nor sharded weights fit {gib(budget)} per GPU (--parallel shard says what "
+            "sharding needs)"
+        )
+    return Planned(plan, sol, budget, notes, host_warning, replayed, measured, layout_warning)
 
 
 def run_request(
@@ -527,6 +544,8 @@ def run_request(
     click.echo(summary(planned.plan, planned.solution, planned.budget, notes=planned.notes))
     if planned.host_warning:
         warning_line(planned.host_warning)
+    if planned.layout_warning:
+        warning_line(planned.layout_warning)
     into_dir = out != Path(out_path)  # -o named a directory (resolve_output)
     click.echo(f"plan written to {out}" + (f" (-o {out_path} is a directory)" if into_dir else ""))
     if report_dir is None:

@@ -211,6 +211,11 @@ def test_70b_on_two_h800s_data_parallel_cannot_fit_and_shard_is_chosen(tmp_path:
     out = tmp_path / "plan.json"
     r = CliRunner().invoke(main, [*common, "--parallel", "data", "-o", str(out)])
     assert r.exit_code == 3 and "with --parallel data" in r.output and not out.exists(), r.output
+    r = CliRunner().invoke(main, [*common, "-o", str(out)])  # default margins: the layer split, said so
+    assert r.exit_code == 0 and load_plan(out).hardware.parallel == "none", r.output
+    assert "neither data parallel nor sharded weights fit" in r.output
+    r = CliRunner().invoke(main, [*common[:-4], "-o", str(out)])  # batch 1: cannot be dealt to 2 ranks
+    assert r.exit_code == 0 and "the batch cannot be dealt out to 2 ranks" in r.output, r.output
     r = CliRunner().invoke(main, [*common, "--reserve", "1GiB", "--headroom", "0", "-o", str(out)])
     assert r.exit_code == 0, r.output
     plan = load_plan(out)
