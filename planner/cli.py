@@ -376,6 +376,7 @@ class Request:
     weight_decay_mode: str = "window"  # "window" | "compensated" (chunkft.plan_format.OptimizerSettings)
     calibrate: bool = False  # --gpu cpu: measure this machine's matmul and copy rates (planner.costs)
     random_init: bool = False  # a directory's config, randomly initialised (model.source "hf-config")
+    parallel: str = "auto"  # --num-gpus > 1: "auto" (data, else shard, else layers), or one forced
 
 
 # fp16 is not offered: it needs loss scaling, which the executor does not do (bf16 does not).
@@ -408,6 +409,7 @@ class Planned:
     host_warning: str  # "" or the one warning line about host memory
     replayed: Any  # the plan's step as the simulator replays it (check_replay)
     measured: Any  # the --calibrate rates, or None
+    layout_warning: str = ""  # "" or why --num-gpus N fell back to the layer split chunkft-run refuses
 
 
 def make_plan(req: Request) -> Planned:
@@ -463,35 +465,63 @@ def make_plan(req: Request) -> Planned:
         fragmentation=0.0 if req.reserve is not None else None,
         headroom=req.headroom,
     )
-    # --num-gpus > 1: data parallel (every rank holds the whole model) when the model fits one GPU; on a
-    # GPU profile, layers split across the GPUs when it does not (the CPU has nothing to split onto)
-    # The simulator plans each data-parallel rank as it runs: its share of the micro-batches, its shard
-    # of the slots and stores, the collectives' buffers and time (planner.simulator.Candidate.ranks).
-    parallel = "data" if req.num_gpus > 1 else "none"
-    solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False)
-    if batch_splits(solver.space):
+    # --num-gpus > 1 (--parallel auto): data parallel (every rank holds the whole model) when the model
+    # fits one GPU, else sharded weights (FSDP2, 1/N per rank), else, on a GPU profile, layers split across
+    # the GPUs (planned, not run). The simulator plans each rank as it runs: its share of the
+    # micro-batches, its shard of the slots and stores (and weights), the collectives' buffers and time
+    # (planner.simulator.Candidate.ranks and .layout).
+    layouts = parallel_layouts(req, on_gpu)
+    sol = host = host_note = host_warning = None
+    parallel = layouts[0]
+    skip: set[str] = set()
+    uneven = False
+    for parallel in layouts:
+        if parallel in skip:
+            continue
+        solver = make_solver(
+            req, preset, structure, setup, budget, dtype,
+            split_layers=parallel == "layers", layout="shard" if parallel == "shard" else "data",
+        )
+        if parallel in ("data", "shard") and not batch_splits(solver.space):
+            # the batch cannot be shared evenly by the ranks: refuse where data parallel is what fits
+            if parallel == "shard" or req.parallel != "auto":
+                raise click.UsageError(uneven_split_message(req, parallel))
+            whole = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False, ranks=1)
+            sol, host, host_note, host_warning = solve_with_host(whole, req, budget)
+            if sol.best is not None or not on_gpu:
+                raise click.UsageError(uneven_split_message(req, parallel))
+            skip.add("shard")  # it needs the same even split: the layers split (as before shard existed)
+            uneven = True
+            continue
         sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
-    else:  # the batch cannot be shared evenly by the ranks: refuse where data parallel is what fits
-        whole = make_solver(req, preset, structure, setup, budget, dtype, split_layers=False, ranks=1)
-        sol, host, host_note, host_warning = solve_with_host(whole, req, budget)
-        if sol.best is not None or not on_gpu:
-            raise click.UsageError(uneven_split_message(req))
-    if sol.best is None and parallel == "data" and on_gpu:
-        parallel = "none"
-        solver = make_solver(req, preset, structure, setup, budget, dtype, split_layers=True)
-        sol, host, host_note, host_warning = solve_with_host(solver, req, budget)
+        if sol.best is not None:
+            break
     if sol.best is None:
-        raise NoPlanFits(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host))
+        raise NoPlanFits(no_fit_message(sol.smallest, req, preset.key, gpu, budget, host, parallel))
     plan = build_plan(req, preset, gpu, dtype, structure, setup, sol, budget, host, measured=measured)
-    if parallel == "data":
-        plan = replace(plan, hardware=replace(plan.hardware, parallel="data"))
+    if parallel in ("data", "shard"):
+        plan = replace(plan, hardware=replace(plan.hardware, parallel=parallel))
     cadence = replace(plan.run, eval_every=req.eval_every, checkpoint_every=req.checkpoint_every)
     plan = replace(plan, run=cadence)
     replayed = check_replay(plan)
     notes = Notes(
         headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype)
     )
-    return Planned(plan, sol, budget, notes, host_warning, replayed, measured)
+    layout_warning = ""
+    if parallel == "layers" and uneven:
+        n = req.num_gpus
+        layout_warning = (
+            f"the layers are split across the {n} GPUs, which chunkft-run does not run: the batch cannot be "
+            f"dealt out to {n} ranks; --grad-accum a multiple of {n} (--batch-size their product) lets "
+            "the planner try sharded weights (--parallel shard)"
+        )
+    elif parallel == "layers" and req.parallel == "auto":
+        layout_warning = (
+            f"the layers are split across the {req.num_gpus} GPUs, which chunkft-run does not run: neither "
+            f"data parallel nor sharded weights fit {gib(budget)} per GPU (--parallel shard says what "
+            "sharding needs)"
+        )
+    return Planned(plan, sol, budget, notes, host_warning, replayed, measured, layout_warning)
 
 
 def run_request(
@@ -514,6 +544,8 @@ def run_request(
     click.echo(summary(planned.plan, planned.solution, planned.budget, notes=planned.notes))
     if planned.host_warning:
         warning_line(planned.host_warning)
+    if planned.layout_warning:
+        warning_line(planned.layout_warning)
     into_dir = out != Path(out_path)  # -o named a directory (resolve_output)
     click.echo(f"plan written to {out}" + (f" (-o {out_path} is a directory)" if into_dir else ""))
     if report_dir is None:
@@ -583,11 +615,33 @@ def rates_note(measured: Any, dtype: str) -> str:
     )
 
 
-def uneven_split_message(req: Request) -> str:
-    """Data parallel gives every rank the same number of each step's micro-batches."""
+def parallel_layouts(req: Request, on_gpu: bool) -> list[str]:
+    """The layouts to try, in order: "none" on one GPU; --parallel auto: data parallel, sharded weights,
+    then (GPU profiles only: the CPU has nothing to split onto) layers; or the one --parallel forces."""
+    n, forced = req.num_gpus, req.parallel
+    if forced not in ("auto", "data", "shard", "layers"):
+        raise click.UsageError(f"--parallel must be auto, data, shard or layers, not {forced!r}")
+    if n == 1:
+        if forced != "auto":
+            raise click.UsageError(
+                f"--parallel {forced} needs --num-gpus 2 or more (one GPU runs the whole model)"
+            )
+        return ["none"]
+    if forced == "layers" and not on_gpu:
+        raise click.UsageError(
+            "--parallel layers splits layers across GPUs; --gpu cpu has nothing to split onto"
+        )
+    if forced != "auto":
+        return [forced]
+    return ["data", "shard", "layers"] if on_gpu else ["data", "shard"]
+
+
+def uneven_split_message(req: Request, parallel: str = "data") -> str:
+    """Data parallel and sharded weights give every rank the same number of each step's micro-batches."""
     n = req.num_gpus
+    what = "sharded weights (--parallel shard)" if parallel == "shard" else "data parallel"
     return (
-        f"data parallel splits each step's micro-batches over --num-gpus {n}: pass --micro-batch and "
+        f"{what} splits each step's micro-batches over --num-gpus {n}: pass --micro-batch and "
         f"--grad-accum with --grad-accum a multiple of {n} (and --batch-size their product)"
     )
 
@@ -596,6 +650,8 @@ def dp_label(hw: Any) -> str:
     """How the summary names the multi-GPU layout."""
     if hw.num_gpus == 1:
         return ""
+    if hw.parallel == "shard":
+        return " (sharded weights, FSDP2: one rank each, 1/N of every block)"
     return " (data parallel: one rank each)" if hw.parallel == "data" else " (layers split across them)"
 
 
@@ -609,6 +665,7 @@ def make_solver(
     *,
     split_layers: bool = True,
     ranks: int | None = None,
+    layout: str = "data",
 ) -> Any:
     """The solver over the request's search space, with this machine's memory as the host limit;
     split_layers: --num-gpus > 1 places the decoder layers across the GPUs (else data parallel over
@@ -643,6 +700,7 @@ def make_solver(
         cross_entropy=req.cross_entropy,
         layer_gpu=layer_gpu,
         ranks=(req.num_gpus if req.num_gpus > 1 and not split_layers else 1) if ranks is None else ranks,
+        layout=layout if req.num_gpus > 1 and not split_layers and ranks is None else "data",
     )
     host = available_host_bytes() if req.host_mem is None else req.host_mem
     tables = tables_for(preset.config, preset.task, req.seq_len, dtype, req.attn, padded=req.padded_batches)
@@ -677,11 +735,14 @@ def solve_with_host(solver: Any, req: Request, budget: int) -> tuple[Any, int, s
     return unbounded, max(host, need), note, warning
 
 
-def no_fit_message(s: Any, req: Request, key: str, gpu: Any, budget: int, host: int) -> str:
+def no_fit_message(
+    s: Any, req: Request, key: str, gpu: Any, budget: int, host: int, parallel: str = "none"
+) -> str:
     """`MODEL does not fit ...; why; what to do` (the smallest option s tells what would fit)."""
     if s is None:
         raise click.UsageError("no configuration could be simulated for this model; try fewer --chunks")
-    head = f"{key} does not fit {gib(budget)} per GPU on {req.num_gpus} x {gpu.name}"
+    forced = f" with --parallel {parallel}" if req.parallel != "auto" else ""
+    head = f"{key} does not fit {gib(budget)} per GPU on {req.num_gpus} x {gpu.name}{forced}"
     need = s.result.budget_needed_bytes
     if need <= budget:
         return (
@@ -874,7 +935,7 @@ def summary(  # type: ignore[no-untyped-def]
         f"host memory                          {gib(pr.host_bytes)} states + "
         f"{gib(pr.host_peak_bytes - pr.host_bytes)} at checkpoints"
     )
-    if hw.parallel == "data" and sol.best is not None:  # per rank; every rank saves its own rows
+    if hw.parallel in ("data", "shard") and sol.best is not None:  # per rank; every rank saves its own rows
         machine = sol.best.result.host_machine_bytes
         host_line += f" per rank; {gib(machine)} for {hw.num_gpus} ranks on one host"
     lines += [
@@ -920,6 +981,15 @@ def why_chosen(plan: Any) -> list[str]:
 @click.argument("model", required=False)
 @click.option("--gpu", default=None, help="GPU profile (e.g. 4090, h800, cpu) or 'auto' (NVML).")
 @click.option("--num-gpus", default=1, type=click.IntRange(1, 64), show_default=True)
+@click.option(
+    "--parallel",
+    default="auto",
+    type=click.Choice(["auto", "data", "shard", "layers"]),
+    show_default=True,
+    help="How --num-gpus > 1 share the work: auto (data parallel when the model fits one GPU, else "
+    "sharded weights, else layers split), data (every rank the whole model), shard (FSDP2: 1/N of every "
+    "block's weights per rank), layers (split across the GPUs; chunkft-run does not run it).",
+)
 @click.option("--budget", type=Size(), default=None, help="Usable GPU memory per GPU (e.g. 20GiB).")
 @click.option(
     "--reserve",

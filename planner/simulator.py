@@ -15,8 +15,11 @@ device-to-host) with every allocation and free, in the memory categories the run
 The peak is the maximum over windows (the bottom window keeps every block's activations; others keep
 less), the step time the mean over the rotation. Data parallel (Candidate.ranks > 1) replays one rank:
 its share of the micro-batches, its shard of the slots and stores, the DP step's buffers (step_temps)
-and the collectives on a fourth lane, "interconnect". Copies follow the executor's transfer engine: one FIFO
-copy stream, the write-back of the previous window then the fill of the one after next.
+and the collectives on a fourth lane, "interconnect"; with sharded weights (Candidate.layout "shard",
+FSDP2) also 1/N of the weights, the blocks gathered whole in flight and their gathers and gradient
+reduce-scatters on that lane, overlapped with compute block by block (see "sharded weights"). Copies
+follow the executor's transfer engine: one FIFO copy stream, the write-back of the previous window then
+the fill of the one after next.
 
 Pure: simulate(setup, candidate, table) reads its arguments only (nothing is traced here; a table that
 lacks an edge pattern the candidate's windows need is refused, see edge_patterns), so the solver can be
@@ -160,6 +163,15 @@ class Candidate:
     # data-parallel ranks (hardware.parallel "data"): each runs grad_accum // ranks of the step's
     # micro-batches on the whole model and owns 1/ranks of every window's flat elements (slots, stores)
     ranks: int = 1
+    # how the ranks hold the weights: "data" every rank the whole model; "shard" (hardware.parallel
+    # "shard", FSDP2 fully_shard per decoder layer and the root) 1/ranks of every tensor's rows, each
+    # block gathered whole around its forward and backward (see shard_* below)
+    layout: str = "data"
+
+    @property
+    def sharded(self) -> bool:
+        """FSDP2-sharded weights on more than one rank."""
+        return self.layout == "shard" and self.ranks > 1
 
     @property
     def num_gpus(self) -> int:
@@ -274,13 +286,153 @@ def host_machine_bytes(setup: Setup, cand: Candidate) -> int:
     return cand.ranks * host_peak_bytes(setup, cand)
 
 
+# ------------------------------------------------------------------------------- sharded weights
+# The "shard" layout (FSDP2, default reshard_after_forward): each rank holds ceil(rows / N) rows of every
+# tensor (sharded_tensor_bytes); a block's whole weights are all-gathered before its forward and again
+# before its backward (blocks from the head down to the window's lowest), freed after each, with the next
+# block's gather prefetched during the current block's compute: two blocks whole at most. The root module
+# (embeddings, final norm, head) stays whole from its forward to the end of the backward (FSDP2 overrides
+# reshard_after_forward to False for the root at lazy init). The backward reduce-scatters the fp32
+# gradient of each block's trainable tensors into the rank's 1/N; the executor all-gathers those shards
+# into the window's whole fp32 gradient before its flat reduce-scatter. Modelled: the gradient buffers
+# as under data parallel (whole, from the backward that makes them: an upper bound while only shards
+# exist), plus the 1/N reduce-scatter output at that backward and all the shards while they are made
+# whole (step_temps). Not modelled: FSDP2's all-gather input copies (1/N of a block while it is
+# gathered), the bf16 gradient before its cast to the fp32 reduce dtype, the reduce-scatter buffers of
+# later micro-batches (their time is counted), NCCL's own buffers; slices' gradients are counted as if
+# they went through FSDP (an upper bound).
+
+
+def sharded_tensor_bytes(spec: ParamSpec, ranks: int) -> int:
+    """One rank's bytes of a tensor under FSDP2: dim 0 padded to a multiple of ranks, ceil(rows/N)
+    rows each (a 0-d tensor is one row)."""
+    return -(-spec.rows // ranks) * spec.row_numel * DTYPE_BYTES[spec.dtype]
+
+
+_GROUP_BYTES: dict[int, tuple[ModelStructure, tuple[int, ...]]] = {}
+
+
+def group_weight_bytes(structure: ModelStructure) -> tuple[int, ...]:
+    """Whole weight bytes per group, indexed by group + 1 (embedding side 0, blocks, head side L + 1),
+    memoised by the structure's identity (hashing one costs more than the sum)."""
+    hit = _GROUP_BYTES.get(id(structure))
+    if hit is not None and hit[0] is structure:
+        return hit[1]
+    out = [0] * (structure.num_layers + 2)
+    for spec, grp in zip(structure.specs, structure.spec_layer, strict=True):
+        out[min(max(grp, -1), structure.num_layers) + 1] += spec.numel * DTYPE_BYTES[spec.dtype]
+    if len(_GROUP_BYTES) > 256:
+        _GROUP_BYTES.clear()
+    _GROUP_BYTES[id(structure)] = (structure, tuple(out))
+    return tuple(out)
+
+
+def _block_bytes(structure: ModelStructure, group: int) -> int:
+    """Whole bytes of decoder block `group`; 0 for anything else (the root is counted apart)."""
+    if 0 <= group < structure.num_layers:
+        return group_weight_bytes(structure)[group + 1]
+    return 0
+
+
+def root_bytes(structure: ModelStructure) -> int:
+    """Whole bytes of the root module's own tensors: embeddings, final norm, an untied head."""
+    b = group_weight_bytes(structure)
+    return b[0] + b[-1]
+
+
+def shard_inflight_bytes(setup: Setup, cand: Candidate, forward: bool, group: int, lowest: int) -> int:
+    """Whole (gathered) weight bytes alive during one compute node under "shard", besides the rank's
+    shards: the root throughout, the node's own block and the one whose gather is prefetched during it
+    (forward: the block above; backward: the block below, if the backward reaches it, i.e. >= lowest)."""
+    if not cand.sharded:
+        return 0
+    st = setup.structure
+    nxt = group + 1 if forward else group - 1
+    ahead = _block_bytes(st, nxt) if forward or nxt >= lowest else 0
+    return root_bytes(st) + _block_bytes(st, group) + ahead
+
+
+def shard_gather_bytes(setup: Setup, cand: Candidate, forward: bool, group: int) -> int:
+    """Whole bytes all-gathered for one node: its block, or the root before the embedding's forward (FSDP2
+    sets reshard_after_forward=False on the root: it stays whole until its post-backward, no re-gather)."""
+    if not cand.sharded:
+        return 0
+    st = setup.structure
+    if forward and group < 0:
+        return root_bytes(st)
+    return _block_bytes(st, group)
+
+
+def ring_seconds(setup: Setup, cand: Candidate, whole_bytes: int) -> float:
+    """A ring all-gather or reduce-scatter of a whole_bytes buffer: each rank sends (N-1)/N of it."""
+    n = cand.ranks
+    return setup.cost.peer_seconds((n - 1) * whole_bytes // n)
+
+
+def gather_seconds(
+    setup: Setup, cand: Candidate, kinds: Sequence[bool], groups: Sequence[int]
+) -> list[float]:
+    """Interconnect seconds of each node's all-gather (shard_gather_bytes) of one micro-batch."""
+    return [
+        ring_seconds(setup, cand, shard_gather_bytes(setup, cand, f, g))
+        for f, g in zip(kinds, groups, strict=True)
+    ]
+
+
+def node_durations(
+    setup: Setup, cand: Candidate, kinds: Sequence[bool], groups: Sequence[int], dts: Sequence[float]
+) -> tuple[float, list[float]]:
+    """(exposed seconds before the first node, each node's seconds) of one micro-batch: under "shard" the
+    gather of node i+1 runs on the interconnect lane during node i, so a node lasts the longer of its
+    compute and the next gather; node 0's gather (the root) is not hidden. Else the compute alone."""
+    if not cand.sharded:
+        return 0.0, list(dts)
+    gathers = gather_seconds(setup, cand, kinds, groups)
+    out = [max(dt, nxt) for dt, nxt in zip(dts, gathers[1:] + [0.0], strict=True)]
+    return gathers[0], out
+
+
+def shard_grad_numel(w: Window, cand: Candidate) -> int:
+    """Elements of the rank's FSDP gradient shards of window w: ceil(G/N) of each group's G elements (the
+    window's rows counted as whole tensors: slices' gradients do not go through FSDP, an upper bound)."""
+    return sum(shard_numel(n, cand.ranks) for _, n in w.numel_by_group) if cand.sharded else 0
+
+
+def shard_grad_seconds(setup: Setup, cand: Candidate, w: Window) -> float:
+    """Interconnect seconds of one micro-batch's FSDP gradient reduce-scatters (fp32) of window w."""
+    if not cand.sharded:
+        return 0.0
+    n = cand.ranks
+    return sum(ring_seconds(setup, cand, 4 * n * shard_numel(g, n)) for _, g in w.numel_by_group)
+
+
+def shard_lane_seconds(
+    setup: Setup, cand: Candidate, w: Window, kinds: Sequence[bool], groups: Sequence[int]
+) -> float:
+    """Every interconnect second of one micro-batch under "shard": the gathers and w's reduce-scatters."""
+    if not cand.sharded:
+        return 0.0
+    return sum(gather_seconds(setup, cand, kinds, groups)) + shard_grad_seconds(setup, cand, w)
+
+
+def shard_fb_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
+    """Forward/backward seconds of window w's step: the profile's (compute bounded by the gathers node by
+    node) or, when longer, every micro-batch's lane work, the serial interconnect lane being the bound."""
+    if not cand.sharded:
+        return fb
+    kinds, groups, _ = _node_plan(setup.structure.num_layers, max(w.low, -1))
+    return max(fb, cand.rank_accum * shard_lane_seconds(setup, cand, w, kinds, groups))
+
+
 def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], int]:
     """Bytes held on each GPU for the whole step, by category; and one slot's bytes."""
     st = setup.structure
     L = st.num_layers
     gpus = [dict.fromkeys(CATEGORIES, 0) for _ in range(cand.num_gpus)]
     for spec, grp in zip(st.specs, st.spec_layer, strict=True):
-        gpus[_gpu_of_group(cand, grp, L)]["weights"] += spec.numel * DTYPE_BYTES[spec.dtype]
+        whole = spec.numel * DTYPE_BYTES[spec.dtype]
+        held = sharded_tensor_bytes(spec, cand.ranks) if cand.sharded else whole
+        gpus[_gpu_of_group(cand, grp, L)]["weights"] += held
     master, states = _state_kinds(setup)
     slot = 0
     if cand.states_on == "gpu":
@@ -457,9 +609,15 @@ def _replay(
         if record:
             walk.events.append(LaneEvent(lane, name, start, end, chunk, layer))  # type: ignore[arg-type]
 
+    kinds = [n.kind == "fwd" for n in order]
+    gathers = gather_seconds(setup, cand, kinds, [n.group for n in order]) if cand.sharded else []
+    lane = 0.0  # the interconnect lane's cursor (shard)
     for _micro in range(cand.rank_accum):
         prev_gpu = _gpu_of_group(cand, -1, L)
-        for node in order:
+        if cand.sharded:  # the root's gather before the embedding: nothing to hide it behind
+            add_event("interconnect", "all-gather root", walk.now, walk.now + gathers[0])
+            lane = walk.now = walk.now + gathers[0]
+        for i, node in enumerate(order):
             grp = node.group
             gpu = _gpu_of_group(cand, grp, L)
             if gpu != prev_gpu:  # activation (forward) or its gradient (backward) crosses GPUs
@@ -501,18 +659,36 @@ def _replay(
                 seg = Segment(
                     seg.delta_bytes - seg.grad_bytes + new, seg.excursion_bytes - seg.grad_bytes + new, new
                 )
+                if cand.sharded and new:  # the FSDP reduce-scatter's 1/N output beside the gradient
+                    shard = 4 * shard_numel(grads_by_group[grp], cand.ranks)
+                    seg = Segment(seg.delta_bytes, seg.excursion_bytes + shard, seg.grad_bytes)
+            if cand.sharded:
+                inflight = shard_inflight_bytes(setup, cand, node.kind == "fwd", grp, max(w.low, 0))
+                seg = Segment(seg.delta_bytes, seg.excursion_bytes + inflight, seg.grad_bytes)
             dt = c.compute_seconds(flops)
+            if cand.sharded:  # the next node's gather runs during this one (FSDP2's prefetch)
+                nxt = gathers[i + 1] if i + 1 < len(gathers) else 0.0
+                if nxt:
+                    start = max(lane, walk.now)
+                    lane = start + nxt
+                    add_event("interconnect", f"all-gather {order[i + 1].name}", start, lane)
+                dt = max(dt, nxt)
             label = node.name + (" (recompute)" if node.kind == "bwd" and grp in ckpt else "")
             add_event("compute", label, walk.now, walk.now + dt, layer=grp if 0 <= grp < L else None)
             walk.segment(gpu, seg, label, dt)
             compute_s += dt
+            if cand.sharded and node.kind == "bwd" and grp in grads_by_group:  # its gradients' reduce-scatter
+                rs = ring_seconds(setup, cand, 4 * cand.ranks * shard_numel(grads_by_group[grp], cand.ranks))
+                start = max(lane, walk.now)
+                lane = start + rs
+                add_event("interconnect", f"reduce-scatter grads {node.name}", start, lane)
         for m in walk.mem:  # everything of the micro-batch is freed by the end of its backward
             m["activations"] = 0
             m["temporaries"] = 0
 
     # Transfers on the copy stream, the update on the compute stream; under data parallel the collectives
     # (reduce-scatter and norm before the update, all-gather after it) on the interconnect lane.
-    t_fb = walk.now
+    t_fb = shard_fb_seconds(setup, cand, w, walk.now)
     master, states = _state_kinds(setup)
     upd_gpu = _gpu_of_group(cand, w.low, L)
     numel = shard_numel(w.numel, cand.ranks)
@@ -543,6 +719,8 @@ def _replay(
             add_event("h2d", f"prefetch chunk {nxt}", wb, wb + fill, chunk=nxt)
             t0 = ready + wait
     temps = dict(step_temps(setup, cand, w))
+    if cand.sharded:
+        walk.note(upd_gpu, f"gradient all-gather chunk {w.index}", temps["gradient all-gather"], t=t_fb)
     if cand.ranks > 1:
         add_event("interconnect", f"reduce-scatter chunk {w.index}", t_fb, ready, chunk=w.index)
         walk.note(upd_gpu, f"reduce-scatter chunk {w.index}", temps["reduce-scatter"], t=t_fb + t_rs / 2)
@@ -591,6 +769,7 @@ class _Profile:
     prefix_max: tuple[tuple[int, ...], ...]  # per GPU: max node_peak over nodes[:i] on that GPU
     later_max: tuple[int, ...]  # per GPU: max over micro-batches 1.. (all gradients exist then)
     fb_seconds: float  # forward + backward of all micro-batches
+    node_top: tuple[int, ...] = ()  # the excursion's top inside each node (node_peak without the end state)
 
 
 _PROFILES: dict[tuple, tuple[object, object, _Profile]] = {}
@@ -613,6 +792,7 @@ def _profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: Window) -
         cand.micro_batch,
         cand.rank_accum,
         cand.layer_gpu,
+        cand.ranks if cand.sharded else 1,
     )
     hit = _PROFILES.get(key)
     if hit is not None and hit[0] is setup and hit[1] is act:
@@ -713,11 +893,20 @@ def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: W
 
     is_fwd, groups, bwd_index = _node_plan(L, max(low, -1))
     vals = [fv[g + 1] if f else bv[g + 1] for f, g in zip(is_fwd, groups, strict=True)]
+    first_gather = 0.0
+    if cand.sharded:  # the gathered weights in flight, and the nodes' lengths under the gathers
+        lowest = max(low, 0)
+        first_gather, durations = node_durations(setup, cand, is_fwd, groups, [v[2] for v in vals])  # type: ignore[index]
+        vals = [
+            (d, e + shard_inflight_bytes(setup, cand, f, g, lowest), dt)
+            for (d, e, _), f, g, dt in zip(vals, is_fwd, groups, durations, strict=True)  # type: ignore[misc]
+        ]
     gpu_of = _group_gpus(cand.layer_gpu, L)
     n_gpu = cand.num_gpus
     node_gpu = [gpu_of[g + 1] for g in groups]
     node_peak: list[int] = []
-    ticks: list[float] = []
+    node_top: list[int] = []
+    ticks: list[float] = [first_gather] if cand.sharded else []
     acts = [0] * n_gpu
     prev = gpu_of[0]
     peer = c.peer_seconds(act.hidden_bytes)
@@ -732,6 +921,7 @@ def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: W
             after = 0
         acts[gpu] = after
         peak = before + e
+        node_top.append(peak)
         node_peak.append(peak if peak > after else after)
     now = 0.0
     for _micro in range(cand.rank_accum):
@@ -746,7 +936,9 @@ def _compute_profile(setup: Setup, cand: Candidate, act: ActivationProfile, w: W
         prefix.append(tuple(accumulate(mine, max, initial=0)))  # peaks are >= 0
         if cand.rank_accum > 1:
             later[gi] = max(mine, default=0)
-    return _Profile(tuple(node_gpu), tuple(node_peak), bwd_index, tuple(prefix), tuple(later), now)
+    return _Profile(
+        tuple(node_gpu), tuple(node_peak), bwd_index, tuple(prefix), tuple(later), now, tuple(node_top)
+    )
 
 
 def _window_peaks(
@@ -772,6 +964,8 @@ def _window_peaks(
             continue
         g = prof.node_gpu[i]
         rel[g] = max(rel[g], prof.node_peak[i] + cum[g])
+        if cand.sharded and grp in grads:  # the FSDP reduce-scatter's 1/N output beside the gradient
+            rel[g] = max(rel[g], prof.node_top[i] + cum[g] + 4 * shard_numel(grads[grp], cand.ranks))
     if cand.rank_accum > 1:
         for g in range(n_gpu):
             rel[g] = max(rel[g], prof.later_max[g] + total[g])
@@ -802,7 +996,10 @@ def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int
     n = cand.ranks
     per = shard_numel(w.numel, n)
     ws = DTYPE_BYTES[setup.weight_dtype]
-    return (
+    # shard: the FSDP gradient shards while they are all-gathered into the window's whole fp32 gradient
+    # (the "gradients" bytes); afterwards as data parallel
+    gathered = (("gradient all-gather", 4 * shard_grad_numel(w, cand)),) if cand.sharded else ()
+    return gathered + (
         ("reduce-scatter", 4 * n * per + 4 * per + reduce_scatter_staging(setup, n, per)),
         ("norm", 4 * per + 16 * min(per, NORM_PIECE)),
         ("update", 4 * per + _update_temp(setup, min(w.max_slice_numel, per))),
@@ -824,7 +1021,9 @@ def collective_bytes(setup: Setup, cand: Candidate, w: Window) -> tuple[int, int
     if n <= 1:
         return 0, 0
     per = shard_numel(w.numel, n)
-    return (n - 1) * per * 4 + 2 * (n - 1) * 8 // n, (n - 1) * per * DTYPE_BYTES[setup.weight_dtype]
+    gathered = (n - 1) * 4 * shard_grad_numel(w, cand)  # shard: the FSDP gradient shards made whole first
+    before = gathered + (n - 1) * per * 4 + 2 * (n - 1) * 8 // n
+    return before, (n - 1) * per * DTYPE_BYTES[setup.weight_dtype]
 
 
 def collective_seconds(setup: Setup, cand: Candidate, w: Window) -> tuple[float, float]:
@@ -841,6 +1040,7 @@ def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
     master, states = _state_kinds(setup)
     c = setup.cost
     numel = shard_numel(w.numel, cand.ranks)
+    fb = shard_fb_seconds(setup, cand, w, fb)
     t_rs, t_ag = collective_seconds(setup, cand, w)
     t_opt = t_rs + c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype]) + t_ag
     if cand.states_on != "host":
@@ -866,7 +1066,7 @@ def hiding_interval(setup: Setup, cand: Candidate, act: ActivationProfile) -> in
     for w in cand.windows:
         numel = shard_numel(w.numel, cand.ranks)
         compute = (
-            _profile(setup, cand, act, w).fb_seconds
+            shard_fb_seconds(setup, cand, w, _profile(setup, cand, act, w).fb_seconds)
             + c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
             + sum(collective_seconds(setup, cand, w))
         )
@@ -880,6 +1080,10 @@ def check_ranks(cand: Candidate) -> None:
     """Data parallel splits each step's micro-batches evenly over whole-model ranks."""
     if cand.ranks < 1:
         raise ValueError(f"ranks must be >= 1, got {cand.ranks}")
+    if cand.layout not in ("data", "shard"):
+        raise ValueError(f"layout must be 'data' or 'shard', got {cand.layout!r}")
+    if cand.layout == "shard" and cand.ranks < 2:
+        raise ValueError("sharded weights need at least 2 ranks (one rank holds the whole model)")
     if cand.ranks > 1 and cand.layer_gpu:
         raise ValueError("data parallel ranks hold the whole model: give ranks or layer_gpu, not both")
     if cand.grad_accum % cand.ranks:
@@ -1004,7 +1208,8 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         layer_gpu=tuple(pl.layer_gpu),
         update_interval=p.rotation.update_interval,  # type: ignore[attr-defined]
         chunk_tokens=DEFAULT_CHUNK_TOKENS if run.chunked_cross_entropy else None,
-        ranks=p.hardware.num_gpus if p.hardware.parallel == "data" else 1,  # type: ignore[attr-defined]
+        ranks=p.hardware.num_gpus if p.hardware.parallel in ("data", "shard") else 1,  # type: ignore[attr-defined]
+        layout="shard" if p.hardware.parallel == "shard" else "data",  # type: ignore[attr-defined]
     )
     act = activation_profile(
         preset.config,

@@ -168,6 +168,7 @@ class Space:
     cross_entropy: str = "auto"  # full | chunked | auto (see Solver.loss_options)
     layer_gpu: tuple[int, ...] = ()
     ranks: int = 1  # data-parallel ranks (planner.simulator.Candidate.ranks)
+    layout: str = "data"  # how the ranks hold the weights: "data" (whole) or "shard" (Candidate.layout)
     placements: tuple[tuple[str, str, bool], ...] = (
         ("host", "float32", True),
         ("host", "float32", False),
@@ -321,6 +322,7 @@ class Solver:
             prefetch=prefetch and states_on == "host" and k > 1,
             layer_gpu=self.space.layer_gpu,
             ranks=self.space.ranks,
+            layout=self.space.layout,
             synchronous_copies=synchronous,
             chunk_tokens=chunk_tokens,
         )

@@ -57,11 +57,14 @@ def report_data(
     hw, ct = plan.hardware, plan.chunk_table
     alts = alternatives_of(plan)
     notes: list[str] = list(run.notes) if run is not None else []
-    # data parallel: every rank holds the whole model, so memory is one GPU's (the simulation is one rank's)
-    data_parallel = hw.parallel == "data"
-    gpus_pooled = 1 if data_parallel else hw.num_gpus
+    # data parallel or sharded weights: one rank per GPU, so memory is one GPU's (the simulation is one
+    # rank's: the whole model, or its 1/N shard of the weights and the blocks gathered in flight)
+    per_rank = hw.parallel in ("data", "shard")
+    gpus_pooled = 1 if per_rank else hw.num_gpus
     gpu_label = hw.gpu_name + (f" × {hw.num_gpus}" if hw.num_gpus > 1 else "")
-    gpu_label += " (data parallel, per rank)" if data_parallel else ""
+    gpu_label += {"data": " (data parallel, per rank)", "shard": " (sharded weights, per rank)"}.get(
+        hw.parallel, ""
+    )
     if sweep is None:
         lo = min([a.peak_bytes for a in alts] + [simulation.peak_bytes]) + hw.reserve_bytes
         hi = hw.memory_total_bytes * gpus_pooled

@@ -99,6 +99,7 @@ def solver_sweep(
         )
         setups.append((label, setup))
         shared_by = 1 if hw.parallel == "data" else hw.num_gpus  # data parallel: whole weights per GPU
+        # (layers split or sharded: about 1/N each)
         grid = budget_grid(weights // shared_by, gpu.memory_total_bytes, points_per_gpu)
         budgets[label] = sorted(set(grid) | ({hw.budget_bytes} if key == hw.gpu else set()))
     space = Space(
@@ -106,7 +107,8 @@ def solver_sweep(
         rotation=plan.rotation.order,
         rotation_seed=plan.rotation.seed,
         layer_gpu=tuple(plan.placement.layer_gpu),
-        ranks=hw.num_gpus if hw.parallel == "data" else 1,
+        ranks=hw.num_gpus if hw.parallel in ("data", "shard") else 1,
+        layout="shard" if hw.parallel == "shard" else "data",
     )
     plan_setup = setups[0][1]  # the plan's GPU comes first
     space = replace(space, cross_entropy=cross_entropy_mode(plan, plan_setup, tables, space))

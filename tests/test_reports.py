@@ -629,3 +629,32 @@ def test_a_data_parallel_plan_draws_the_collective_lane_and_one_ranks_memory(tmp
     names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     between = [e["name"] for e in events if e["ph"] == "X" and names[e["tid"]].startswith("between GPUs")]
     assert [n.split(" chunk")[0] for n in between] == ["reduce-scatter", "all-gather"]
+
+
+def test_a_shard_plan_draws_the_gathers_between_gpus_and_one_ranks_memory(tmp_path: Path) -> None:
+    """Sharded weights (--parallel shard): the lanes figure and trace.json show every block's all-gather and
+    the gradients' reduce-scatters between the GPUs besides the window's collectives; memory is one rank's."""
+    from chunkft.planner.cli import main as plan_main
+    from chunkft.planner.simulator import simulate_plan
+    from chunkft.reports.figures import lanes_figure
+    from chunkft.reports.trace import trace_events
+
+    args = ["tiny-llama", "--gpu", "h100-80gb", "--seq-len", "32", "--batch-size", "2", "--micro-batch",
+            "1", "--grad-accum", "2", "--chunks", "4", "--host-mem", "4GiB", "--num-gpus", "2",
+            "--parallel", "shard"]  # fmt: skip
+    res = CliRunner().invoke(plan_main, [*args, "-o", str(tmp_path / "p.json")])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(tmp_path / "p.json")
+    assert plan.hardware.parallel == "shard"
+    sim = simulate_plan(plan)
+    data = report_data(plan, sim)
+    assert data.memory_total_bytes == plan.hardware.memory_total_bytes and "sharded weights" in data.gpu_name
+    ax = lanes_figure(data).axes[0]
+    rows = [t.get_text().split("\n")[0] for t in ax.get_yticklabels()]
+    assert "between GPUs" in rows
+    events = trace_events(sim)
+    names = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    between = [e["name"] for e in events if e["ph"] == "X" and names[e["tid"]].startswith("between GPUs")]
+    assert "all-gather root" in between and "all-gather fwd layers.1" in between
+    assert any(n.startswith("reduce-scatter grads bwd") for n in between)
+    assert [n.split(" chunk")[0] for n in between if " chunk" in n][-2:] == ["reduce-scatter", "all-gather"]
