@@ -210,6 +210,25 @@ def test_a_sharded_run_of_a_directory_starts_without_any_rank_building_the_whole
     assert runs["s"][1]["losses"]["train"] == pytest.approx(runs["one"][1]["losses"]["train"], rel=1e-5)
 
 
+def test_the_70b_plan_for_two_h800s_is_one_chunkft_run_accepts(tmp_path) -> None:
+    """Issue 13's bar: chunkft-plan's sharded 70B plan for 2 x H800 passes every check chunkft-run makes of
+    a plan before building (replayable, world size); a layer-split plan is still refused, in one line."""
+    from chunkft.executor.distributed import World
+    from chunkft.executor.train import RunError, RunOptions, _check_replayable, check_world
+
+    common = ["llama-3-70b", "--gpu", "h800", "--num-gpus", "2", "--batch-size", "2", "--host-mem", "2TiB"]
+    out = tmp_path / "p.json"
+    res = CliRunner().invoke(plan_main, [*common, "--reserve", "1GiB", "--headroom", "0", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(out)
+    assert plan.hardware.parallel == "shard" and plan.hardware.num_gpus == 2
+    _check_replayable(plan)
+    check_world(plan, RunOptions(plan_path=out, data_path=out, output_dir=tmp_path / "o"), World(0, 2))
+    split = dataclasses.replace(plan, hardware=dataclasses.replace(plan.hardware, parallel="none"))
+    with pytest.raises(RunError, match="layers placed across them"):
+        _check_replayable(split)
+
+
 def test_a_plan_for_two_ranks_on_one_is_refused_with_the_replan_command(plans, tmp_path) -> None:
     plan2, _, data = plans
     res = CliRunner().invoke(run_main, [str(plan2), "--data", str(data), "--output", str(tmp_path / "o")])
