@@ -149,7 +149,27 @@ def shard_model(model: torch.nn.Module, world: World, device_type: str) -> None:
     policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
+    embedding, head = untied_units(model)
+    if embedding is not None and head is not None:
+        # FSDP2 keeps the root whole from its forward to the end of the backward: units of their own, an
+        # untied embedding is gathered for its forward (and backward) only, the head from its forward to
+        # its backward (not resharded in between: chunked cross-entropy calls it once per piece). On
+        # Llama-3-70B that is 3.9 GiB less per GPU through the backward (planner.simulator.root_bytes).
+        fully_shard(embedding, mesh=mesh, mp_policy=policy)
+        fully_shard(head, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def untied_units(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.nn.Module | None]:
+    """(input embedding, head) of a causal LM whose head is not tied to its embedding; else (None, None)
+    (tied: one parameter, which must stay in one FSDP unit; classifiers: no output embeddings)."""
+    get_in = getattr(model, "get_input_embeddings", None)
+    get_out = getattr(model, "get_output_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    head = get_out() if callable(get_out) else None
+    if embedding is None or head is None or getattr(head, "weight", None) is getattr(embedding, "weight", 0):
+        return None, None
+    return embedding, head
 
 
 def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:

@@ -65,15 +65,23 @@ class UnsupportedArchitectureError(ValueError):
     """Chunked cross-entropy cannot reproduce this model's loss; str() names the class and what to do."""
 
 
+def _model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's fully_shard swaps in a subclass named FSDP<name> (the forward and
+    loss are the original class's)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
 def _verified(model: nn.Module) -> bool:
-    cls = type(model)
+    cls = _model_class(model)
     return (cls.__module__, cls.__name__) in _VERIFIED_CLASSES
 
 
 def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     """(decoder, head) of a verified *ForCausalLM model, found through transformers' own accessors
     (`base_model`, `get_output_embeddings()`); anything else raises UnsupportedArchitectureError."""
-    name = type(model).__name__
+    name = _model_class(model).__name__
     supported = ", ".join(n for _, n in _VERIFIED_CLASSES)
     if not _verified(model):
         raise UnsupportedArchitectureError(

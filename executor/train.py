@@ -165,6 +165,9 @@ def _check_replayable(plan: Any) -> None:
         problems.append(f"weights {plan.placement.weights!r}")
     if plan.run.weight_dtype == "float16" or plan.run.compute_dtype == "float16":
         problems.append("float16 training (no loss scaling; use bfloat16)")
+    if plan.hardware.parallel == "shard" and plan.run.chunked_cross_entropy:
+        # it calls the decoder around FSDP's root module, whose own weights would stay sharded
+        problems.append("chunked cross-entropy with sharded weights")
     if problems:
         raise RunError(
             f"this plan needs {', '.join(problems)}, which chunkft-run does not do yet; re-plan for one "

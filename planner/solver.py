@@ -358,8 +358,15 @@ class Solver:
         mode = self.space.cross_entropy
         if mode == "full":
             return [None]
-        supported = self.table(micro).chunked_loss_supported
+        # Sharded weights: chunked cross-entropy calls the decoder around the root FSDP module, whose
+        # weights would stay sharded (executor/loss.py), so chunkft-run refuses the pair.
+        supported = self.table(micro).chunked_loss_supported and self.space.layout != "shard"
         if mode == "chunked":
+            if self.space.layout == "shard":
+                raise ValueError(
+                    "--cross-entropy chunked: not with sharded weights (chunkft-run calls the decoder "
+                    "around FSDP's root); use --cross-entropy full or --parallel data"
+                )
             if not supported:
                 st = self.setup.structure
                 raise ValueError(

@@ -47,17 +47,13 @@ def micro_batches(step: int, n: int) -> list[dict[str, torch.Tensor]]:
 
 
 def make(case: tuple, world: World | None, shard: bool = False) -> tuple[torch.nn.Module, ChunkFT]:
-    """shard: the weights sharded by FSDP2 (fully_shard per decoder layer and the root) first."""
+    """shard: the weights sharded by FSDP2 first (executor.distributed.shard_model)."""
     _, tied, policy, k, opt, dtype = case
     model = tiny_llama(dtype, tied=tied)
-    if shard:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+    if shard:  # as chunkft-run does: every decoder layer, an untied embedding and head, the root
+        from chunkft.executor.distributed import shard_model
 
-        mesh = init_device_mesh("cpu", (world.size,))  # type: ignore[union-attr]
-        for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        shard_model(model, world, "cpu")  # type: ignore[arg-type]
     hp = (
         AdamWHparams(lr=1e-2, weight_decay=0.01) if opt == "adamw" else SGDHparams(lr=5e-2, weight_decay=0.01)
     )

@@ -227,6 +227,10 @@ def test_the_70b_plan_for_two_h800s_is_one_chunkft_run_accepts(tmp_path) -> None
     split = dataclasses.replace(plan, hardware=dataclasses.replace(plan.hardware, parallel="none"))
     with pytest.raises(RunError, match="layers placed across them"):
         _check_replayable(split)
+    # chunked cross-entropy calls the decoder around FSDP's root, whose weights would stay sharded
+    ce = dataclasses.replace(plan, run=dataclasses.replace(plan.run, chunked_cross_entropy=True))
+    with pytest.raises(RunError, match="chunked cross-entropy with sharded weights"):
+        _check_replayable(ce)
 
 
 def test_a_plan_for_two_ranks_on_one_is_refused_with_the_replan_command(plans, tmp_path) -> None:

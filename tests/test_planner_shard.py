@@ -191,6 +191,7 @@ def test_a_forced_shard_plan_on_cpu_is_valid_and_replays(tmp_path: Path) -> None
         (["--num-gpus", "1", "--parallel", "shard"], "--parallel shard needs --num-gpus 2 or more"),
         (["--num-gpus", "2", "--parallel", "layers"], "--gpu cpu has nothing to split onto"),
         (["--num-gpus", "2", "--parallel", "shard", "--grad-accum", "3", "--batch-size", "3"], "sharded"),
+        (["--num-gpus", "2", "--parallel", "shard", "--cross-entropy", "chunked"], "not with sharded"),
     ],
 )
 def test_an_invalid_forced_layout_is_one_line_and_writes_nothing(tmp_path: Path, args, message) -> None:  # type: ignore[no-untyped-def]
