@@ -290,9 +290,12 @@ def host_machine_bytes(setup: Setup, cand: Candidate) -> int:
 # The "shard" layout (FSDP2, default reshard_after_forward): each rank holds ceil(rows / N) rows of every
 # tensor (sharded_tensor_bytes); a block's whole weights are all-gathered before its forward and again
 # before its backward (blocks from the head down to the window's lowest), freed after each, with the next
-# block's gather prefetched during the current block's compute: two blocks whole at most. The root module
-# (embeddings, final norm, head) stays whole from its forward to the end of the backward (FSDP2 overrides
-# reshard_after_forward to False for the root at lazy init). The backward reduce-scatters the fp32
+# block's gather prefetched during the current block's compute: two blocks whole at most. An untied causal
+# LM's embedding and head are units of their own (executor.distributed.shard_model): the embedding like a
+# block, the head whole from its forward through its backward. The root module (what is left: the final
+# norm; a tied embedding and head; a classifier's head) stays whole from its forward to the end of the
+# backward (FSDP2 overrides reshard_after_forward to False for the root at lazy init). The backward
+# reduce-scatters the fp32
 # gradient of each block's trainable tensors into the rank's 1/N; the executor all-gathers those shards
 # into the window's whole fp32 gradient before its flat reduce-scatter. Modelled: the gradient buffers
 # as under data parallel (whole, from the backward that makes them: an upper bound while only shards
@@ -328,16 +331,38 @@ def group_weight_bytes(structure: ModelStructure) -> tuple[int, ...]:
 
 
 def _block_bytes(structure: ModelStructure, group: int) -> int:
-    """Whole bytes of decoder block `group`; 0 for anything else (the root is counted apart)."""
+    """Whole bytes of FSDP unit `group`: decoder block `group`; for -1 and L an untied causal LM's
+    embedding and head, units of their own (executor.distributed.shard_model); 0 for anything else (the
+    root is counted apart)."""
     if 0 <= group < structure.num_layers:
         return group_weight_bytes(structure)[group + 1]
-    return 0
+    embedding, head = untied_unit_bytes(structure)
+    return embedding if group == -1 else head if group == structure.num_layers else 0
+
+
+def untied_unit_bytes(structure: ModelStructure) -> tuple[int, int]:
+    """(input embedding, head) bytes of an untied causal LM, which the executor shards as FSDP units of
+    their own (the vocab-row matrices of the embedding and head sides); (0, 0) when they stay in the
+    root (tied: one parameter; classifiers)."""
+    if structure.tied_embeddings or structure.task != "causal-lm":
+        return 0, 0
+
+    def vocab_matrix(group: int) -> int:
+        pairs = zip(structure.specs, structure.spec_layer, strict=True)
+        return next(
+            (s.numel * DTYPE_BYTES[s.dtype] for s, g in pairs
+             if g == group and len(s.shape) == 2 and s.shape[0] == structure.vocab_size),
+            0,
+        )  # fmt: skip
+
+    return vocab_matrix(-1), vocab_matrix(structure.num_layers)
 
 
 def root_bytes(structure: ModelStructure) -> int:
-    """Whole bytes of the root module's own tensors: embeddings, final norm, an untied head."""
+    """Whole bytes of the root module's own tensors, whole through the step: the embedding and head
+    sides less the units of their own (an untied LM's root keeps the final norm)."""
     b = group_weight_bytes(structure)
-    return b[0] + b[-1]
+    return b[0] + b[-1] - sum(untied_unit_bytes(structure))
 
 
 def shard_inflight_bytes(setup: Setup, cand: Candidate, forward: bool, group: int, lowest: int) -> int:
@@ -353,13 +378,16 @@ def shard_inflight_bytes(setup: Setup, cand: Candidate, forward: bool, group: in
 
 
 def shard_gather_bytes(setup: Setup, cand: Candidate, forward: bool, group: int) -> int:
-    """Whole bytes all-gathered for one node: its block, or the root before the embedding's forward (FSDP2
-    sets reshard_after_forward=False on the root: it stays whole until its post-backward, no re-gather)."""
+    """Whole bytes all-gathered for one node: its unit, with the root before the embedding's forward
+    (FSDP2 sets reshard_after_forward=False on the root, and shard_model on an untied head: they stay
+    whole until their post-backward, no re-gather)."""
     if not cand.sharded:
         return 0
     st = setup.structure
     if forward and group < 0:
-        return root_bytes(st)
+        return root_bytes(st) + _block_bytes(st, -1)  # the root, then the embedding unit
+    if not forward and group >= st.num_layers:
+        return 0  # the head unit is not resharded after its forward (shard_model): no gather again
     return _block_bytes(st, group)
 
 
