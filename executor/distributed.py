@@ -133,7 +133,8 @@ ReadShards = Callable[[dict[str, FlatShard]], None]
 
 def shard_model(model: torch.nn.Module, world: World, device_type: str) -> None:
     """FSDP2 (hardware.parallel "shard"): fully_shard every decoder layer (transformers'
-    GradientCheckpointingLayer), then the root (embeddings, final norm, head), over all ranks. Each rank
+    GradientCheckpointingLayer), an untied embedding and head (untied_units), then the root (the rest),
+    over all ranks. Each rank
     keeps dim-0 rows 1/N of every tensor (torch.chunk's split, as shard_bounds'), a block's weights are
     gathered for its forward and backward, gradients reduce-scattered in fp32."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -170,6 +171,16 @@ def untied_units(model: torch.nn.Module) -> tuple[torch.nn.Module | None, torch.
     if embedding is None or head is None or getattr(head, "weight", None) is getattr(embedding, "weight", 0):
         return None, None
     return embedding, head
+
+
+def local_rows(t: Tensor, world: World) -> tuple[Tensor, int, int]:
+    """(this rank's local tensor, its first row, one past its last) of a weight FSDP2 sharded on dim 0
+    (torch.chunk's split, which is shard_bounds'); ValueError when the local shard says otherwise."""
+    local = t.to_local()  # type: ignore[attr-defined]
+    r0, r1, _ = shard_bounds(t.shape[0], world)
+    if local.shape[0] != r1 - r0:
+        raise ValueError(f"the local shard has {local.shape[0]} rows, not {r1 - r0}")
+    return local, r0, r1
 
 
 def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:

@@ -263,10 +263,10 @@ class ChunkedOptimizer:
         if not isinstance(p, DTensor):
             self._rows(s).copy_(values)
             return
-        local = p.to_local()  # this rank's rows of the parameter, the storage FSDP2 gathers from
-        r0, r1, _ = dist_.shard_bounds(p.shape[0], self.world)
-        if local.shape[0] != r1 - r0:
-            raise ValueError(f"{s.slice.name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
+        try:  # this rank's rows of the parameter, the storage FSDP2 gathers from
+            local, r0, r1 = dist_.local_rows(p, self.world)
+        except ValueError as e:
+            raise ValueError(f"{s.slice.name}: {e}") from None
         a, b = max(s.slice.row_start, r0), min(s.slice.row_end, r1)
         if a < b:
             rows = values.view(s.slice.num_rows, -1)[a - s.slice.row_start : b - s.slice.row_start]

@@ -76,10 +76,8 @@ def save_safetensors_streaming(
             "safetensors files are little-endian; this writer needs a little-endian host"
         )
     order = _layout_order(tensors)
-    header = _header(tensors, order, metadata)
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(header)))
-        f.write(header)
+        _write_header(f, tensors, order, metadata)
         staging = _Staging()
         for name in order:
             _write_tensor(f, tensors[name], staging)
@@ -99,9 +97,7 @@ def save_safetensors_gathered(
     order = _layout_order(tensors)
     with open(path, "wb") if write else contextlib.nullcontext() as f:
         if f is not None:
-            header = _header(tensors, order, metadata)
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
+            _write_header(f, tensors, order, metadata)
         staging = _Staging()
         for name in order:
             t = tensors[name]
@@ -142,6 +138,8 @@ def load_sharded_rows(
     name already loaded (Hugging Face files omit a tied head). Returns the names still missing."""
     from torch.distributed.tensor import DTensor
 
+    from chunkft.executor.distributed import World, local_rows
+
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(safe_open(str(p), framework="pt")) for p in paths]
         sources, missing = _sources(model.state_dict(), files)
@@ -149,12 +147,10 @@ def load_sharded_rows(
             if not isinstance(t, DTensor):
                 t.detach().copy_(f.get_tensor(src))
             else:
-                local = t.to_local()
-                per = -(-t.shape[0] // size)  # torch.chunk's split of dim 0, which FSDP2 shards by
-                r0 = min(rank * per, t.shape[0])
-                r1 = min(r0 + per, t.shape[0])
-                if local.shape[0] != r1 - r0:
-                    raise ValueError(f"{name}: the local shard has {local.shape[0]} rows, not {r1 - r0}")
+                try:
+                    local, r0, r1 = local_rows(t, World(rank, size))
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
                 if r1 > r0:
                     local.detach().copy_(f.get_slice(src)[r0:r1])
     return missing
@@ -249,6 +245,14 @@ def _check_saveable(name: str, t: object) -> None:
         raise ValueError(f"{name}: dtype {t.dtype} has no safetensors equivalent")
     if t.device.type == "meta":
         raise ValueError(f"{name}: is on the meta device and has no data to save")
+
+
+def _write_header(
+    f: BinaryIO, tensors: Mapping[str, torch.Tensor], order: list[str], metadata: dict[str, str] | None
+) -> None:
+    header = _header(tensors, order, metadata)
+    f.write(struct.pack("<Q", len(header)))
+    f.write(header)
 
 
 def _header(tensors: Mapping[str, torch.Tensor], order: list[str], metadata: dict[str, str] | None) -> bytes:
