@@ -241,7 +241,7 @@ class ChunkFT:
                 present[i] = 1.0
         # a slice that got a gradient on any rank is updated on all (its gradient is zero on the others)
         present = dist_.all_reduce_sum(present, self.world)
-        shard = dist_.reduce_scatter_mean(flat, self.world)
+        shard = dist_.reduce_scatter_mean(flat, self.world)  # consumes flat (its memory is released)
         del flat
         norm = dist_.global_sq_norm(shard, self.world).sqrt().to(torch.float32).reshape(())
         norm_value = float(norm)  # the same on every rank, so every rank skips the same steps

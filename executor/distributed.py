@@ -192,11 +192,22 @@ def shard_bounds(numel: int, world: World) -> tuple[int, int, int]:
     return start, min(start + per, numel), per
 
 
+def release(*tensors: Tensor) -> None:
+    """Free these tensors' memory now, for a caller done with them after a collective. A finished
+    collective's Work can still hold its tensors from the backend's thread (gloo drops its references
+    only after it has marked the work complete), so a plain `del` may leave them alive into the step's
+    next allocation: under load the flat gradient outlived the reduce-scatter into the norm and rank 0's
+    peak rose 12% above the plan in 2 of 3 runs. Safe on CUDA too: later kernels on the compute stream,
+    which waited for the collective, are the only ones the freed blocks can be handed to."""
+    for t in tensors:
+        t.untyped_storage().resize_(0)
+
+
 def reduce_scatter_mean(flat: Tensor, world: World) -> Tensor:
     """This rank's shard of the mean over ranks of `flat` (padded to N*per): SUM then divide by N, so 2
     ranks on micro-batches A and B give the gradient of 1 rank accumulating A and B. A `flat` of a
-    multiple of N elements (the caller padded it) is reduced as it is, without a padded copy; it may be
-    overwritten."""
+    multiple of N elements (the caller padded it) is reduced as it is, without a padded copy. `flat` is
+    consumed: its memory is released on return (see release)."""
     per = -(-flat.numel() // world.size)
     if flat.numel() == per * world.size:
         padded = flat
@@ -211,6 +222,7 @@ def reduce_scatter_mean(flat: Tensor, world: World) -> Tensor:
         # the traffic, same result)
         dist.all_reduce(padded, group=world.group)
         out.copy_(padded[world.rank * per : (world.rank + 1) * per])
+    release(flat, padded)
     return out.div_(world.size)
 
 

@@ -374,6 +374,7 @@ class ChunkedOptimizer:
         full = dist_.all_gather_flat(mine, self.world)
         for s in self.layouts[chunk]:
             self._write_rows(s, full[s.offset : s.offset + s.numel])
+        dist_.release(mine, full)  # not left to the backend's thread to free (see release)
 
     def _full_engine_state(self) -> dict | None:
         """The engine state as one rank would have it (whole windows), on rank 0; None elsewhere."""

@@ -267,3 +267,36 @@ def across_worker(rank: int, size: int, port: int, out_dir: str) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def release_worker(rank: int, size: int, port: int, out: str) -> None:
+    """reduce_scatter_mean's result, and whether the collective's tensors are freed when it returns
+    (saved by each rank for tests/test_distributed.py)."""
+    from chunkft.executor import distributed as dist_
+
+    world = _init(rank, size, port)
+    try:
+        res = {}
+        for numel in (6, 7):  # a multiple of the rank count (reduced as it is) and one padded
+            flat = torch.arange(numel, dtype=torch.float32) * (rank + 1)
+            shard = dist_.reduce_scatter_mean(flat, world)
+            res[numel] = (shard.clone(), flat.untyped_storage().nbytes())
+        # the optimizer's all-gather of the updated rows, in real steps: what it was given and returned
+        seen: list[torch.Tensor] = []
+        gather = dist_.all_gather_flat
+
+        def spy(shard: torch.Tensor, w: World) -> torch.Tensor:
+            seen.append(shard)
+            seen.append(gather(shard, w))
+            return seen[-1]
+
+        dist_.all_gather_flat = spy
+        try:
+            train(CASES[0], world, 2)
+        finally:
+            dist_.all_gather_flat = gather
+        res["gathered bytes left"] = (len(seen), sum(t.untyped_storage().nbytes() for t in seen))
+        dist.barrier()
+        torch.save(res, Path(out) / f"release-{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -322,7 +322,10 @@ def test_a_gpu_plan_for_two_gpus_is_data_parallel_when_the_model_fits_one(tmp_pa
 def test_each_ranks_measured_peak_is_within_5_percent_of_the_plan(tmp_path) -> None:
     """The issue's acceptance for data parallel: chunkft-plan --num-gpus 2 predicts one rank's peak with
     the DP step's buffers (the flat gradient, the padded reduce-scatter input, gloo's copy of it, the
-    shard, the gathered rows) and shards of the state slots; rank 0 measures one full rotation of it."""
+    shard, the gathered rows) and shards of the state slots; rank 0 measures one full rotation of it.
+    Both ranks share one CPU, as adversarial as a loaded machine: gloo's thread then runs late, and a
+    tensor a finished collective still held outlived it into the next allocation (2 runs in 3 measured
+    12% above the plan before distributed.release; tests/test_distributed.py checks the release itself)."""
     args = ["tiny-llama", "--gpu", "cpu", "--seq-len", "64", "--batch-size", "4", "--micro-batch", "1",
             "--grad-accum", "4", "--chunks", "4", "--dtype", "fp32", "--checkpointing", "none",
             "--host-mem", "4GiB", "--steps", "5", "--num-gpus", "2"]  # fmt: skip
@@ -335,6 +338,7 @@ def test_each_ranks_measured_peak_is_within_5_percent_of_the_plan(tmp_path) -> N
         cli(tmp_path / "p.json", "--data", shakespeare_text(tmp_path), "--output", tmp_path / "o",
             "--nproc", "2"),
         env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),  # inherited by the ranks
     )  # fmt: skip
     assert run.returncode == 0, run.stderr[-2000:]
     report = json.loads((tmp_path / "o" / "run.json").read_text())
