@@ -178,6 +178,13 @@ DEFAULT_SEQ_LEN = 1024  # shortened to the model's positions when it has fewer (
 MIN_SEQ_LEN = {"causal-lm": 2, "sequence-classification": 3}
 
 
+def default_batch_size(req: Request) -> int:
+    """--batch-size left out: --micro-batch x --grad-accum, those defaulting to 1 sequence and to one
+    micro-batch per GPU, so --num-gpus N alone gives every rank one sequence a step (a global batch of 1
+    cannot be dealt out to 2 ranks)."""
+    return (req.micro_batch or 1) * (req.grad_accum or req.num_gpus)
+
+
 def check_bounds(req: Request) -> None:
     """Zero, negative and absurd sizes: one UsageError, before anything is loaded or written."""
     for flag, value, limit in (
@@ -349,7 +356,7 @@ class Request:
     budget: int | None
     reserve: int | None
     seq_len: int | None  # None: DEFAULT_SEQ_LEN, or the model's positions when fewer (resolve_seq_len)
-    batch_size: int
+    batch_size: int | None  # None: default_batch_size (one sequence per GPU unless the split says more)
     micro_batch: int | None
     grad_accum: int | None
     optimizer: str
@@ -428,6 +435,8 @@ def make_plan(req: Request) -> Planned:
 
     if req.efficiency is None:
         req = replace(req, efficiency=CALIBRATED_EFFICIENCY if req.calibrate else DEFAULT_EFFICIENCY)
+    if req.batch_size is None:
+        req = replace(req, batch_size=default_batch_size(req))
     check_bounds(req)
     preset = initialisation(profiles.load_model(req.model, task=req.task), req.random_init)
     gpu = profiles.load_gpu(req.gpu)
@@ -640,6 +649,11 @@ def uneven_split_message(req: Request, parallel: str = "data") -> str:
     """Data parallel and sharded weights give every rank the same number of each step's micro-batches."""
     n = req.num_gpus
     what = "sharded weights (--parallel shard)" if parallel == "shard" else "data parallel"
+    if req.batch_size % n:
+        return (
+            f"{what} deals each step's sequences out to --num-gpus {n} ranks, and --batch-size "
+            f"{req.batch_size} is not a multiple of {n}: pass e.g. --batch-size {-(-req.batch_size // n) * n}"
+        )
     return (
         f"{what} splits each step's micro-batches over --num-gpus {n}: pass --micro-batch and "
         f"--grad-accum with --grad-accum a multiple of {n} (and --batch-size their product)"
@@ -1015,10 +1029,10 @@ def why_chosen(plan: Any) -> list[str]:
 )
 @click.option(
     "--batch-size",
-    default=1,
+    default=None,
     type=click.IntRange(1),
-    show_default=True,
-    help="Sequences per optimizer step (global batch).",
+    help="Sequences per optimizer step (global batch; default --micro-batch x --grad-accum, which default "
+    "to 1 and to --num-gpus: one sequence per GPU).",
 )
 @click.option("--micro-batch", default=None, type=click.IntRange(1))
 @click.option("--grad-accum", default=None, type=click.IntRange(1))

@@ -594,3 +594,27 @@ def test_the_probe_shape_follows_the_model() -> None:
     rows, inner, out = probe_shape(st, 8 * 128)
     assert rows == 1024 and inner == st.hidden_size and out * inner >= st.hidden_size**2
     assert probe_shape(st, 10**6)[0] == PROBE_MAX_ROWS
+
+
+def test_num_gpus_alone_gives_every_rank_a_sequence_and_an_uneven_batch_names_one_that_works(
+    tmp_path: Path,
+) -> None:
+    """--batch-size left out is one sequence per GPU (a batch of 1 cannot be dealt out to 2 ranks); a
+    batch that does not divide is refused in one line whose suggestion then plans."""
+    base = ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--chunks", "2", "--steps", "4"]
+    res = CliRunner().invoke(main, [*base, "--num-gpus", "2", "-o", str(tmp_path / "a.json")])
+    assert res.exit_code == 0, res.output
+    plan = load_plan(tmp_path / "a.json")
+    assert plan.hardware.parallel == "data"
+    assert (plan.run.micro_batch_size, plan.run.grad_accum_steps) == (1, 2)
+    res = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "one.json")])
+    assert res.exit_code == 0 and load_plan(tmp_path / "one.json").run.grad_accum_steps == 1  # as before
+    bad = [*base, "--num-gpus", "2", "--batch-size", "3", "-o", str(tmp_path / "b.json")]
+    res = CliRunner().invoke(main, bad)
+    lines = [ln for ln in res.output.splitlines() if ln.startswith("chunkft-plan: error:")]
+    assert res.exit_code == 2 and len(lines) == 1 and "pass e.g. --batch-size 4" in lines[0], res.output
+    assert not (tmp_path / "b.json").exists()
+    fixed = [a if a != "3" else "4" for a in bad]
+    res = CliRunner().invoke(main, fixed)
+    assert res.exit_code == 0, res.output
+    assert load_plan(tmp_path / "b.json").run.grad_accum_steps % 2 == 0
