@@ -139,9 +139,6 @@ class Setup:
     fragmentation: float
     headroom_fixed_bytes: int = 0  # safety margin per GPU: this many bytes ...
     headroom_fraction: float = 0.0  # ... plus this fraction of the peak (see headroom_bytes)
-    # the data-parallel process group's backend: "nccl" on GPUs, "gloo" on the host CPU (they allocate
-    # differently, see step_temps)
-    collective_backend: str = "nccl"
 
 
 @dataclass(frozen=True)
@@ -212,9 +209,11 @@ def headroom_bytes(setup: Setup, peak: int) -> int:
 # ------------------------------------------------------------------------------------------ helpers
 
 
-def _state_kinds(setup: Setup) -> tuple[bool, int]:
-    """(needs fp32 master, number of fp32 optimizer states per element)."""
-    master = setup.weight_dtype != "float32"
+def _state_kinds(setup: Setup, cand: Candidate) -> tuple[bool, int]:
+    """(needs fp32 master, number of fp32 optimizer states per element). Sharded weights keep an fp32
+    master even when they are fp32 (executor.optimizer: the update runs on the window's flat shard, and
+    each rank then writes the rows its FSDP shard holds)."""
+    master = setup.weight_dtype != "float32" or cand.sharded
     states = 2 if setup.optimizer == "adamw" else (1 if setup.sgd_momentum else 0)
     return master, states
 
@@ -240,7 +239,7 @@ def host_bytes(setup: Setup, cand: Candidate) -> int:
     its shard of every window under data parallel."""
     if cand.states_on == "gpu":
         return 0
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     total = sum(shard_numel(w.numel, cand.ranks) for w in cand.windows)
     state_bytes = DTYPE_BYTES[cand.host_state_dtype]
     return total * ((4 if master else 0) + states * state_bytes)
@@ -264,7 +263,7 @@ def checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
     A shard is the whole window on one rank, ceil(numel / N) under data parallel.
     """
     largest_tensor = min(max(s.numel * DTYPE_BYTES[s.dtype] for s in setup.structure.specs), PIECE_BYTES)
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     kinds = (1 if master else 0) + states
     shards = [shard_numel(w.numel, cand.ranks) for w in cand.windows]
     if cand.states_on == "gpu":
@@ -461,7 +460,7 @@ def _persistent(setup: Setup, cand: Candidate) -> tuple[list[dict[str, int]], in
         whole = spec.numel * DTYPE_BYTES[spec.dtype]
         held = sharded_tensor_bytes(spec, cand.ranks) if cand.sharded else whole
         gpus[_gpu_of_group(cand, grp, L)]["weights"] += held
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     slot = 0
     if cand.states_on == "gpu":
         for w in cand.windows:
@@ -717,7 +716,7 @@ def _replay(
     # Transfers on the copy stream, the update on the compute stream; under data parallel the collectives
     # (reduce-scatter and norm before the update, all-gather after it) on the interconnect lane.
     t_fb = shard_fb_seconds(setup, cand, w, walk.now)
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     upd_gpu = _gpu_of_group(cand, w.low, L)
     numel = shard_numel(w.numel, cand.ranks)
     t_upd = c.update_seconds(numel, setup.optimizer, DTYPE_BYTES[setup.weight_dtype])
@@ -1012,9 +1011,8 @@ def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int
     gradients (which stay until zero_grad). One rank: the update's per-slice temporaries. Data parallel
     (executor/chunkft.py _step_parallel, optimizer.update_shard and _gather_rows), per = ceil(numel/N):
     - reduce-scatter: the flat fp32 gradient, zero-padded to N*per, and this rank's reduced shard
-      (per), alive inside distributed.reduce_scatter_mean; gloo (the CPU) also stages the whole padded
-      input in a buffer of its own (N*per, measured: torch 2.13's gloo reduce-scatter all-reduces a copy
-      and splits it), NCCL reduces in place;
+      (per), alive inside distributed.reduce_scatter_mean (NCCL reduce-scatters it; on gloo, whose
+      reduce-scatter would stage a copy of the whole input, it is all-reduced in place);
     - norm: the shard, and an fp64 copy of one NORM_PIECE of it and that copy squared (global_sq_norm);
     - update: the shard and the update's temporaries of one piece (a slice's part of the shard);
     - all-gather: the shard, this rank's rows in the weight dtype (per) and every rank's (N*per).
@@ -1028,17 +1026,11 @@ def step_temps(setup: Setup, cand: Candidate, w: Window) -> tuple[tuple[str, int
     # (the "gradients" bytes); afterwards as data parallel
     gathered = (("gradient all-gather", 4 * shard_grad_numel(w, cand)),) if cand.sharded else ()
     return gathered + (
-        ("reduce-scatter", 4 * n * per + 4 * per + reduce_scatter_staging(setup, n, per)),
+        ("reduce-scatter", 4 * n * per + 4 * per),
         ("norm", 4 * per + 16 * min(per, NORM_PIECE)),
         ("update", 4 * per + _update_temp(setup, min(w.max_slice_numel, per))),
         ("all-gather", 4 * per + per * ws + n * per * ws),
     )
-
-
-def reduce_scatter_staging(setup: Setup, ranks: int, per: int) -> int:
-    """Bytes the backend's reduce-scatter allocates in torch's accounting for an fp32 input of ranks*per
-    elements: gloo a copy of the whole input, NCCL nothing (its own buffers are outside torch's)."""
-    return 4 * ranks * per if setup.collective_backend == "gloo" else 0
 
 
 def collective_bytes(setup: Setup, cand: Candidate, w: Window) -> tuple[int, int]:
@@ -1065,7 +1057,7 @@ def _step_seconds(setup: Setup, cand: Candidate, w: Window, fb: float) -> float:
     """Mean seconds of one of the window's steps: forward/backward and the update every step, the state
     copies (write-back of the previous window, fill of the next) once per visit of update_interval steps
     (see _replay for the order on the lanes)."""
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     c = setup.cost
     numel = shard_numel(w.numel, cand.ranks)
     fb = shard_fb_seconds(setup, cand, w, fb)
@@ -1088,7 +1080,7 @@ def hiding_interval(setup: Setup, cand: Candidate, act: ActivationProfile) -> in
     states stay on the GPU or one step already hides them)."""
     if cand.states_on != "host" or cand.synchronous_copies:
         return 1
-    master, states = _state_kinds(setup)
+    master, states = _state_kinds(setup, cand)
     c = setup.cost
     need = 1
     for w in cand.windows:
@@ -1217,7 +1209,6 @@ def setup_and_candidate(plan: object) -> tuple[Setup, Candidate, ActivationProfi
         context_bytes=p.hardware.reserve_bytes,  # type: ignore[attr-defined]
         fragmentation=0.0,
         headroom_fixed_bytes=p.hardware.headroom_bytes,  # type: ignore[attr-defined]
-        collective_backend="nccl" if gpu.pcie_gen is not None else "gloo",
     )
     ct = p.chunk_table  # type: ignore[attr-defined]
     pl = p.placement  # type: ignore[attr-defined]

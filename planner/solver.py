@@ -589,7 +589,6 @@ def make_setup(
         fragmentation=(FRAGMENTATION if on_gpu else 0.0) if fragmentation is None else fragmentation,
         headroom_fixed_bytes=headroom.fixed_bytes,
         headroom_fraction=headroom.fraction,
-        collective_backend="nccl" if on_gpu else "gloo",
     )
 
 

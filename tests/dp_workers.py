@@ -278,9 +278,18 @@ def release_worker(rank: int, size: int, port: int, out: str) -> None:
     try:
         res = {}
         for numel in (6, 7):  # a multiple of the rank count (reduced as it is) and one padded
-            flat = torch.arange(numel, dtype=torch.float32) * (rank + 1)
-            shard = dist_.reduce_scatter_mean(flat, world)
-            res[numel] = (shard.clone(), flat.untyped_storage().nbytes())
+            for in_place in (True, False):  # gloo's path and NCCL's (reduce_scatter_tensor)
+                flat = torch.arange(numel, dtype=torch.float32) * (rank + 1)
+                shard = dist_.reduce_scatter_mean(flat, world, in_place=in_place)
+                res[numel, in_place] = (shard.clone(), flat.untyped_storage().nbytes())
+        # what the reduce-scatter holds at its highest (tracked as a step is): the input and the shard, on
+        # gloo's path; reduce_scatter_tensor's copy of the whole input on the other
+        from chunkft.executor.measure import MemoryTracker
+
+        for in_place in (True, False, None):  # None: the backend's default
+            with MemoryTracker() as tracker:
+                dist_.reduce_scatter_mean(torch.ones(1 << 16), world, in_place=in_place)
+            res["peak", in_place] = tracker.peak_bytes()
         # the optimizer's all-gather of the updated rows, in real steps: what it was given and returned
         seen: list[torch.Tensor] = []
         gather = dist_.all_gather_flat

@@ -33,13 +33,18 @@ def equality(tmp_path_factory) -> Path:
 
 def test_collectives_give_each_rank_its_rows_and_free_their_tensors_on_return(tmp_path) -> None:
     """The reduce-scatter's input and the all-gather's tensors are freed by the step itself, not left to
-    gloo's thread, which may hold them past the collective (the measured peak then rose 12% above the
-    plan under load)."""
+    gloo's thread, which may hold them past the collective; on gloo the reduce-scatter all-reduces in
+    place, because gloo's reduce_scatter_tensor copies the whole input into its work object, which its
+    thread freed late enough, pinned to one CPU, to lift rank 0's measured peak 12% above the plan."""
     mp.spawn(release_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         res = torch.load(tmp_path / f"release-{rank}.pt", weights_only=True)
         assert res.pop("gathered bytes left") == (4, 0)  # 2 steps' inputs and outputs, all freed
-        for numel, (shard, input_bytes) in res.items():
+        assert res.pop(("peak", True)) == 4 * (1 << 16) * 3 // 2  # the input, this rank's half
+        assert res.pop(("peak", None)) == 4 * (1 << 16) * 3 // 2  # gloo's default: in place
+        assert res.pop(("peak", False)) == 4 * (1 << 16) * 5 // 2  # and gloo's copy of the input
+        assert len(res) == 4
+        for (numel, _in_place), (shard, input_bytes) in res.items():
             mean = torch.arange(numel, dtype=torch.float32) * 1.5  # (1x + 2x) / 2
             per = -(-numel // 2)
             mine = torch.zeros(2 * per)
