@@ -575,10 +575,11 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 
     sharded = plan.hardware.parallel == "shard"
     start_files = sharded_start_files(plan) if sharded else None
-    model, tokenizer = build_model(plan, device, meta=start_files is not None)
+    chosen = chosen_tokenizer is not None
+    model, tokenizer = build_model(plan, device, meta=start_files is not None, tokenizer_chosen=chosen)
     if start_files is not None and not meta_start_covers(model, start_files):
         start_files = None  # weights the files lack (a fresh head): build it whole, then shard it
-        model, tokenizer = build_model(plan, device)
+        model, tokenizer = build_model(plan, device, tokenizer_chosen=chosen)
     tokenizer = chosen_tokenizer or tokenizer
     tokenizer_id = tokenizer.identity()  # what checkpoints record (hashing a 128K vocabulary takes a while)
     if point is not None:
@@ -828,11 +829,15 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
 # ------------------------------------------------------------------------------------ building blocks
 
 
-def build_model(plan: Any, device: torch.device, meta: bool = False) -> tuple[torch.nn.Module, Tokenizer]:
+def build_model(
+    plan: Any, device: torch.device, meta: bool = False, tokenizer_chosen: bool = False
+) -> tuple[torch.nn.Module, Tokenizer]:
     """The plan's model on the device, randomly initialised from the plan's seed (presets, and directories
     planned with --random-init: source "hf-config") or loaded (directories), and the tokenizer that goes
     with it: the directory's own, else the byte-level one (presets, config-only directories).
-    meta: a directory's model on the meta device, nothing allocated (materialize_sharded fills it)."""
+    meta: a directory's model on the meta device, nothing allocated (materialize_sharded fills it).
+    tokenizer_chosen: --tokenizer replaces the default one, so a vocabulary too small for the byte-level
+    tokenizer is no reason to refuse (user_tokenizer checks the chosen one)."""
     from chunkft.executor.data import fresh_model_tokenizer
     from chunkft.profiles import build_model as build_hf_model
     from chunkft.profiles import load_model
@@ -847,7 +852,7 @@ def build_model(plan: Any, device: torch.device, meta: bool = False) -> tuple[to
         torch.manual_seed(plan.run.seed)  # the random init
         model = build_hf_model(preset, device="cpu", dtype=dtype)
         vocab = int(getattr(model.config, "vocab_size", 0))
-        if isinstance(tokenizer, ByteTokenizer) and vocab < ByteTokenizer.vocab_size:
+        if isinstance(tokenizer, ByteTokenizer) and vocab < ByteTokenizer.vocab_size and not tokenizer_chosen:
             what, fix = f"preset {plan.model.name}", ""
             if preset.path is not None:
                 what, fix = f"{preset.path} (no tokenizer files)", "; copy the base model's tokenizer in"
