@@ -123,11 +123,20 @@ def _pieces_loss_sum(head: nn.Module, flat: Tensor, targets: Tensor, chunk_token
     return total
 
 
+def _no_kv_cache(model: nn.Module) -> dict[str, bool]:
+    """use_cache=False for a model that generates (the others take no such argument): a training step
+    reads no cache, yet a config saying use_cache=True, the default of most, made GPT-2 build one, and
+    its step's memory was then not the planned one (tests/test_arch_measured.py)."""
+    can_generate = getattr(model, "can_generate", None)
+    return {"use_cache": False} if callable(can_generate) and can_generate() else {}
+
+
 def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any], chunk_tokens: int | None) -> Tensor:
-    """The step's loss. None: `model(**batch).loss`, unchanged. An int: the same value (Hugging Face's
-    mean over target tokens, to rounding) without materialising the full logits (see the module doc)."""
+    """The step's loss. None: `model(**batch).loss`, without a KV cache. An int: the same value (Hugging
+    Face's mean over target tokens, to rounding) without materialising the full logits (see the module
+    doc)."""
     if chunk_tokens is None:
-        return model(**batch).loss
+        return model(**{**batch, **_no_kv_cache(model)}).loss
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int or None, got {chunk_tokens!r}")
     decoder, head = causal_lm_parts(model)
@@ -140,7 +149,7 @@ def causal_lm_loss(model: nn.Module, batch: Mapping[str, Any], chunk_tokens: int
             raise ValueError(f"chunked cross-entropy does not take {key!r}; pass plain causal-LM labels")
     # what the *ForCausalLM forward passes to its decoder: every keyword but labels (HF passes
     # num_items_in_batch on to both the decoder and the loss)
-    hidden = decoder(**inputs).last_hidden_state
+    hidden = decoder(**inputs, **_no_kv_cache(model)).last_hidden_state
     tokens = hidden.shape[0] * hidden.shape[1]
     flat = hidden.reshape(tokens, hidden.shape[-1])
     # HF: pad one ignored label on the right, drop the first: position t is scored against label t+1
