@@ -133,6 +133,14 @@ class ActivationProfile:
     # input_grad present: an edge is the whole block's step segments moved by their difference.
     edges: tuple[tuple[EdgeKey, BlockMemory], ...] = ()
     chunked_loss_supported: bool = False  # the executor has chunked cross-entropy for this model
+    # What the decoder makes once and hands to every block (attention masks, one per layer type, the
+    # position embeddings and ids): (layer types whose blocks take it, bytes). The step's traces free
+    # it when the decoder returns, as it is without checkpointing; a checkpointed block keeps its
+    # arguments until its backward, so the simulator keeps each until the lowest checkpointed block
+    # taking it has run backward (planner.simulator.kept_inputs). block_types: the full model's layer
+    # type per block (all "" when the config has no layer_types).
+    kept_inputs: tuple[tuple[tuple[str, ...], int], ...] = ()
+    block_types: tuple[str, ...] = ()
 
     def block(
         self,
@@ -1037,6 +1045,56 @@ class _ShallowTracer:
         return seen[0]
 
 
+def layer_types(config: object, num_layers: int) -> tuple[str, ...]:
+    """Each block's layer type (`config.layer_types`, e.g. Gemma-2's sliding and full attention), all
+    "" when the config has none: blocks of one type take the same attention mask."""
+    types = getattr(config, "layer_types", None)
+    if isinstance(types, (list, tuple)) and len(types) == num_layers:
+        return tuple(str(t) for t in types)
+    return ("",) * num_layers
+
+
+def _kept_inputs(tracer: _ShallowTracer) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """The tensors the shallow model's decoder hands its blocks besides the hidden states, each with the
+    layer types of the blocks taking it (ActivationProfile.kept_inputs): one training forward with a
+    hook on every block. Left out: what the forward saves for backward anyway (e.g. the rotary cos and
+    sin, which a plain block's products save): the traces already keep those until the blocks'
+    backward."""
+    _, layers = _decoder_layers(tracer.model)
+    types = layer_types(tracer.model.config, len(layers))
+    taken: dict[int, tuple[int, set[str]]] = {}  # storage -> (bytes, types)
+    saved: set[int] = set()
+
+    def key(t: torch.Tensor) -> int:
+        return t.untyped_storage()._cdata
+
+    def hook(i: int) -> Callable[..., None]:
+        def record(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+            for t in _tensors([list(args[1:]), list(kwargs.values())]):
+                taken.setdefault(key(t), (t.untyped_storage().nbytes(), set()))[1].add(types[i])
+
+        return record
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.add(key(t))
+        return t
+
+    handles = [b.register_forward_pre_hook(hook(i), with_kwargs=True) for i, b in enumerate(layers)]
+    for prm in tracer.model.parameters():  # every run sets its own window again
+        prm.requires_grad_(True)
+    try:
+        with tracer.mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            batch = example_batch(
+                tracer.task, tracer.structure.vocab_size, tracer.micro_batch, tracer.seq_len, tracer.padded
+            )
+            tracer.model(**batch)
+    finally:
+        for h in handles:
+            h.remove()
+    kept = [(tuple(sorted(ts)), n) for k, (n, ts) in taken.items() if k not in saved]
+    return tuple(sorted(kept))
+
+
 def _recompute(b: BlockMemory) -> Segment:
     """A block's forward then backward as one segment (what a checkpointed block's backward runs)."""
     return Segment(
@@ -1111,6 +1169,7 @@ def _traced_profile(tracer: _ShallowTracer) -> ActivationProfile:
     e0 = t_full.index("post_bw 0", t_full.index("fwd_end"))
     embed_bwd = t_full.segment(e0, t_full.index("bwd_end", e0))
     hidden = micro_batch * seq_len * st.hidden_size * DTYPE_BYTES[dtype]
+    depth = int(getattr(tracer._config, "num_hidden_layers", 0) or 0)
     return ActivationProfile(
         micro_batch=micro_batch,
         seq_len=seq_len,
@@ -1122,6 +1181,8 @@ def _traced_profile(tracer: _ShallowTracer) -> ActivationProfile:
         head_fwd=tuple(head_fwd.items()),
         head_bwd=tuple(head_bwd.items()),
         hidden_bytes=hidden,
+        kept_inputs=_kept_inputs(tracer),
+        block_types=layer_types(tracer._config, depth),
     )
 
 

@@ -280,6 +280,8 @@ def encode_profile(p: ActivationProfile) -> dict[str, Any]:
         "head_fwd": encode_named(p.head_fwd),
         "head_bwd": encode_named(p.head_bwd),
         "hidden_bytes": int(p.hidden_bytes),
+        "kept_inputs": [[list(types), int(n)] for types, n in p.kept_inputs],
+        "block_types": list(p.block_types),
     }
 
 
@@ -296,6 +298,8 @@ def profile_decoder(key: dict[str, Any]) -> Callable[[Any], ActivationProfile]:
             head_fwd=decode_named(d["head_fwd"]),
             head_bwd=decode_named(d["head_bwd"]),
             hidden_bytes=_int(d["hidden_bytes"]),
+            kept_inputs=tuple((tuple(_str(t) for t in ts), _int(n)) for ts, n in d["kept_inputs"]),
+            block_types=tuple(_str(t) for t in d["block_types"]),
         )
 
     return decode

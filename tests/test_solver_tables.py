@@ -137,3 +137,37 @@ def test_large_activations_make_the_solver_checkpoint(setup) -> None:  # type: i
     assert heavy is not None and heavy.candidate.checkpoint_layers  # fits only by checkpointing
     assert heavy.result.budget_needed_bytes <= budget
     assert light is not None and light.candidate.checkpoint_layers == ()  # recompute would only cost time
+
+
+def test_inputs_the_decoder_hands_every_block_live_until_the_lowest_checkpointed_taker_ran_backward(
+    setup,  # type: ignore[no-untyped-def]
+) -> None:
+    """planner.simulator.kept_inputs on a made-up table: masks "a" and "b" (alternating layer types, as
+    Gemma-2's sliding and full attention) and one input both take. Only checkpointed blocks that run
+    backward keep them; each is freed by the lowest of those that takes it."""
+    from dataclasses import replace
+
+    from chunkft.planner.simulator import kept_inputs
+
+    act = replace(
+        made_up_table(1000),
+        kept_inputs=((("a",), 10), (("a", "b"), 5), (("b",), 20)),
+        block_types=("a", "b", "a", "b"),
+    )
+    assert kept_inputs(act, frozenset({0, 1}), 0, 4) == (35, {0: 15, 1: 20})
+    assert kept_inputs(act, frozenset({2, 3}), -1, 4) == (35, {2: 15, 3: 20})  # the embedding's window
+    assert kept_inputs(act, frozenset({1}), 0, 4) == (25, {1: 25})  # "a" is taken by no checkpointed block
+    assert kept_inputs(act, frozenset({0, 1}), 2, 4) == (0, {})  # below the window: no backward
+    assert kept_inputs(act, frozenset(), 0, 4) == (0, {})
+    plain = replace(act, block_types=())  # no layer types: every block takes what is listed for ""
+    assert kept_inputs(replace(plain, kept_inputs=((("",), 7),)), frozenset({3}), 0, 4) == (7, {3: 7})
+    # the simulator, every block checkpointed: the peak (block 0's backward, test above) holds what
+    # block 0 frees, "a" and the shared input; "b" went with block 1's backward
+    L = setup.structure.num_layers
+    act = replace(
+        act, **{f: getattr(made_up_table(8 * MIB), f) for f in ("blocks", "edges")},
+        block_types=("a", "b") * (L // 2) + ("a",) * (L % 2),
+    )  # fmt: skip
+    cand = _candidate(setup, 1, tuple(range(L)))
+    base = simulate(setup, cand, replace(act, kept_inputs=())).step.peak_bytes
+    assert simulate(setup, cand, act).step.peak_bytes == base + 15
