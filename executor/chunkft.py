@@ -235,14 +235,16 @@ class ChunkFT:
         self._check_open()
         loss.backward()
 
-    def step(self) -> StepStats:
+    def step(self, lr: float | None = None) -> StepStats:
         """Clip and apply the accumulated window (and always-active) gradients, then advance schedule and
-        rotation."""
+        rotation. `lr`: this step's learning rate instead of the schedule's (executor/optimizer_face.py
+        passes its param group's, set by a torch LR scheduler)."""
         self._check_open()
-        return self._step_at(self.lr())
-
-    def _step_at(self, lr: float) -> StepStats:
-        """step() at a learning rate given by the caller (the optimizer face's param group)."""
+        if lr is None:
+            lr = self.lr()
+        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not lr >= 0:
+            raise ValueError(f"step(lr=...) must be a number >= 0, got {lr!r}")
+        lr = float(lr)
         chunk = self._rotation.current()
         grads = self._slicegrad.window_grads()
         if self.world.parallel:
