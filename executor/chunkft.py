@@ -13,6 +13,10 @@ micro-batch, then step once):
         driver.backward(model(**batch).loss)
         stats = driver.step()
     driver.close()
+
+A task head, norms or biases can train on every step beside the window: partition the other parameters
+and pass `always_active=names`. Under a torch LR scheduler or a Trainer-style loop, drive it through
+executor.optimizer_face.ChunkFTOptimizer(driver) (the scheduler then owns the learning rate).
 """
 
 from __future__ import annotations
