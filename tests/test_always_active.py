@@ -211,3 +211,34 @@ def test_bad_always_active_is_refused_in_one_line():
     with pytest.raises(ValueError, match="resume with the same always_active names"):
         other.load_state_dict(state)
     other.close()
+
+
+def test_sharded_state_dict_on_one_rank_carries_the_always_active_states():
+    """chunkft-run checkpoints through sharded_state_dict(): the always-active states travel in its small
+    part (plain tensors), so a resume from it equals the uninterrupted run too."""
+    names = LLAMA_ALWAYS
+    kw = dict(hparams=AdamWHparams(lr=1e-2), schedule=ScheduleSpec("constant", 0, 10),
+              rotation=RotationSpec("bottom-up", update_interval=3), always_active=names)
+    data = batches(10, tiny_llama())
+    straight = tiny_llama()
+    run_driver(ChunkFT(straight, rest(straight, names, 3), **kw), straight, data)
+
+    first = tiny_llama()
+    d1 = ChunkFT(first, rest(first, names, 3), **kw)
+    run_driver(d1, first, data[:4])
+    small, shards = d1.sharded_state_dict()
+    saved = {k: v.local.clone() for k, v in shards.items()}
+    small = copy.deepcopy(small)
+    weights = copy.deepcopy(first.state_dict())
+    run_driver(d1, first, data[4:6])  # the first driver moves on: the saved copies must not alias it
+
+    def read(targets):
+        for k, t in targets.items():
+            t.local.copy_(saved[k])
+
+    second = tiny_llama()
+    second.load_state_dict(weights)
+    d2 = ChunkFT(second, rest(second, names, 3), **kw)
+    d2.load_state_dict(small, read=read)
+    run_driver(d2, second, data[4:])
+    assert max_diff(second, straight) == 0.0
