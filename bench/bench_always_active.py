@@ -6,6 +6,9 @@ Two experiments, each the setting of an existing benchmark:
 - `sst2`: all-MiniLM-L6-v2 + a fresh 2-way head on SST-2, as bench/bench_sst2.py runs it (rows [0, 2000)
   train, [2000, 3000) held-out test, [3000, 3500) validation; seq 32, batch 16, 250 steps, linear schedule
   with 10% warm-up, no clipping, no weight decay); ChunkFT K=4, bottom-up.
+- `sst2-peers`: the same model and task as bench/bench_sst2_peers.py (4,000 training rows from the first 90%
+  of train.tsv, 256 held-out and 256 validation rows from its last 10%; seq 64, micro-batch 16, 60 steps,
+  constant lr, clip 1.0); ChunkFT K=4, 7 steps per visit (the planner's choice there).
 - `causal`: small-llama-20m pre-trained 100 steps on the SST-2 sentences, then fine-tuned on tinyshakespeare
   as bench/bench_causal_lm.py's recorded run (seq 64, micro-batch 4, 120 steps, constant lr, clip 1.0;
   64 held-out and 64 validation blocks); ChunkFT K=4, 10 steps per visit (the planner's choice there).
@@ -105,7 +108,7 @@ def score(model: nn.Module, data: TokenData, task: str) -> tuple[float, float | 
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench.bench_always_active",
                                 description=__doc__.splitlines()[0])
-    p.add_argument("experiment", choices=("sst2", "causal"))
+    p.add_argument("experiment", choices=("sst2", "sst2-peers", "causal"))
     p.add_argument("--sets", default="none,head,head+norms+biases",
                    help="always-active sets, comma-separated: none, dense (AdamW), head+norms+biases")
     p.add_argument("--lrs", default=None, help="lr grid (default 1e-4,3e-4 for sst2, 1e-3,3e-3 for causal)")
@@ -124,23 +127,30 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse(argv)
     torch.set_num_threads(a.threads)
-    sst2 = a.experiment == "sst2"
-    steps = a.steps or (250 if sst2 else 120)
-    ui = a.update_interval or (1 if sst2 else 10)
+    sst2 = a.experiment.startswith("sst2")
+    steps = a.steps or {"sst2": 250, "sst2-peers": 60, "causal": 120}[a.experiment]
+    ui = a.update_interval or {"sst2": 1, "sst2-peers": 7, "causal": 10}[a.experiment]
     lrs = [float(x) for x in (a.lrs or ("1e-4,3e-4" if sst2 else "1e-3,3e-3")).split(",")]
     sets = [s.strip() for s in a.sets.split(",") if s.strip()]
     try:
         if sst2:
             from transformers import AutoTokenizer
 
-            mdir = peers.minilm_dir()
-            train, test, val = splits(AutoTokenizer.from_pretrained(str(mdir)), 32, 2000, 1000, 500)
+            tok = AutoTokenizer.from_pretrained(str(peers.minilm_dir()))
+            if a.experiment == "sst2":
+                train, test, val = splits(tok, 32, 2000, 1000, 500)
+                schedule = ScheduleSpec("linear", warmup_steps=steps // 10, total_steps=steps)
+                clip = None
+            else:
+                d = peers.sst2_classification(tok, 64, 4000, 256)
+                train, test, val = d.train, d.held_out, d.validation
+                schedule = ScheduleSpec("constant", warmup_steps=0, total_steps=steps)
+                clip = 1.0
 
             def build() -> nn.Module:
                 return peers.minilm_classifier(a.seed).train()
 
-            schedule = ScheduleSpec("linear", warmup_steps=steps // 10, total_steps=steps)
-            task, batch, clip = "sequence-classification", 16, None
+            task, batch = "sequence-classification", 16
         else:
             data = peers.shakespeare_lm(64, 64)
             train, test, val = data.train, data.held_out, data.validation
@@ -206,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "bottom-up",
         "", *lines, "", *chosen, "",
     ]
-    peers.write_section(a.out, f"always-active-{a.experiment}", "\n".join(body))
+    marker = f"always-active-{a.experiment}-K{a.chunks}-ui{ui}-steps{steps}"
+    peers.write_section(a.out, marker, "\n".join(body))
     print("\n".join(body))
     return 0
 
