@@ -493,11 +493,11 @@ def _warn_unreached(
     fix = f"update_interval <= {fits[0]}, " if fits else ""
     shown = ", ".join(never[:5]) + (f" and {len(never) - 5} more" if len(never) > 5 else "")
     what = f"parameters never trained: {shown}" if never else "only rows of parameters other windows train"
+    per = f"{rotation.update_interval} step" + ("s" if rotation.update_interval > 1 else "")
     warnings.warn(
-        f"ChunkFT: {steps} steps at {rotation.update_interval} steps per visit reach "
-        f"{k - len(missed)} of {k} windows; window(s) {', '.join(map(str, missed))} would never be trained "
-        f"({what}); use {fix}"
-        "fewer chunks, or more steps (schedule total_steps)",
+        f"ChunkFT: {steps} steps at {per} per visit reach {k - len(missed)} of {k} windows; window(s) "
+        f"{', '.join(map(str, missed))} would never be trained ({what}); use {fix}fewer chunks, or more "
+        "steps (schedule total_steps)",
         UserWarning,
         stacklevel=3,
     )
