@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         "bottom-up",
         "", *lines, "", *chosen, "",
     ]
-    marker = f"always-active-{a.experiment}-K{a.chunks}-ui{ui}-steps{steps}"
+    marker = f"always-active-{a.experiment}-K{a.chunks}-ui{ui}-steps{steps}-seed{a.seed}"
     peers.write_section(a.out, marker, "\n".join(body))
     print("\n".join(body))
     return 0
