@@ -71,7 +71,7 @@ class StepStats:
 
     chunk: int  # the window updated (or that would have been, when skipped)
     lr: float
-    grad_norm: float  # 2-norm of the window's gradients before clipping (inf/nan when skipped)
+    grad_norm: float  # 2-norm of window + always-active gradients before clipping (inf/nan when skipped)
     skipped: bool  # non-finite gradient norm: no update, same window, schedule not advanced
     transfer_wait_s: float  # seconds the host blocked on this window's state copy
 
@@ -104,9 +104,9 @@ class ChunkFT:
     start_chunk is the first window trained (None: the order's first, 0 bottom-up and K-1 top-down); the
     rotation continues from its place in the order (bottom-up from 3 of 8: 3, 4, ..., 7, 0, 1, ...; a
     random order's first cycle is then the rest of its permutation). load_state_dict() restores the saved
-    position instead. When schedule.total_steps optimizer steps at
-    rotation.update_interval steps per visit cannot reach every window, a UserWarning names the windows
-    and parameters that would never train and what to change.
+    position instead. When schedule.total_steps optimizer steps at rotation.update_interval steps per visit
+    cannot reach every window, a UserWarning names the windows and parameters that would never train and
+    what to change.
     """
 
     def __init__(
@@ -189,12 +189,16 @@ class ChunkFT:
             streams=streams,
             world=self.world,
         )
-        self._always = AlwaysActive(params, always, hparams, device)
         self._rotation = Rotation(rotation, len(chunks), start_chunk=start_chunk)
         _warn_unreached(chunks, rotation, schedule.total_steps, start_chunk)
         self._schedule_step = 0
         self._closed = False
-        self._activate(self._rotation.current())
+        self._always = AlwaysActive(params, always, hparams, device)  # registers gradient hooks
+        try:
+            self._activate(self._rotation.current())
+        except BaseException:
+            self._always.close()  # a refused driver leaves no hook behind
+            raise
 
     # ----- the public loop -----------------------------------------------------------------------------
     @property

@@ -201,7 +201,13 @@ def test_bad_always_active_is_refused_in_one_line():
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="not supported under data parallel yet") as e:
         ChunkFT(model, rest(model, LLAMA_ALWAYS, 2), always_active=LLAMA_ALWAYS, world=World(0, 2), **base)
-    assert all(p.requires_grad for p in model.parameters())  # nothing half-done
+    with pytest.raises(ValueError, match="start_chunk 9 is not a chunk index"):
+        ChunkFT(model, rest(model, LLAMA_ALWAYS, 2), always_active=LLAMA_ALWAYS, start_chunk=9, **base)
+    assert all(p.requires_grad for p in model.parameters())  # nothing half-done: flags and no hooks left
+    (b,) = batches(1, model)
+    model(**b).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())  # a leftover hook would have taken them
+    model.zero_grad(set_to_none=True)
 
     # a state saved with other always-active names is refused
     d = ChunkFT(model, rest(model, LLAMA_ALWAYS, 2), always_active=LLAMA_ALWAYS, **base)
