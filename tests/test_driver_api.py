@@ -49,8 +49,12 @@ def test_k1_face_under_cosine_annealing_equals_torch_adamw_under_it(make):
     trainer_loop(ref, opt_ref, torch.optim.lr_scheduler.CosineAnnealingLR(opt_ref, T_max=12, eta_min=1e-4),
                  data, clip=0.05)
 
-    driver = driver_for(model, 1, max_grad_norm=0.05)
+    always = ["classifier.weight", "classifier.bias"] if make is tiny_bert else []  # in the group too
+    chunks = partition([s for s in param_specs(model) if s.name not in always], num_chunks=1)
+    driver = ChunkFT(model, chunks, hparams=HP, schedule=CONSTANT, rotation=RotationSpec("bottom-up"),
+                     max_grad_norm=0.05, always_active=always)
     opt = ChunkFTOptimizer(driver)
+    assert len(opt.param_groups[0]["params"]) == len(list(model.parameters()))
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=12, eta_min=1e-4)
     trainer_loop(model, opt, sched, data)  # clipping is the driver's (no .grad for clip_grad_norm_)
     assert opt.param_groups[0]["initial_lr"] == HP.lr
