@@ -13,11 +13,16 @@ micro-batch, then step once):
         driver.backward(model(**batch).loss)
         stats = driver.step()
     driver.close()
+
+A task head, norms or biases can train on every step beside the window: partition the other parameters
+and pass `always_active=names`. Under a torch LR scheduler or a Trainer-style loop, drive it through
+executor.optimizer_face.ChunkFTOptimizer(driver) (the scheduler then owns the learning rate).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -27,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from chunkft.chunks import Chunk
 from chunkft.executor import distributed as dist_
+from chunkft.executor.always_active import AlwaysActive
 from chunkft.executor.devices import CudaInfo, resolve_device, same_device
 from chunkft.executor.distributed import FlatShard, ReadShards, World
 from chunkft.executor.optimizer import (
@@ -41,7 +47,7 @@ from chunkft.executor.optimizer import (
     clip_,
     grad_norm,
 )
-from chunkft.executor.rotation import Rotation, RotationSpec
+from chunkft.executor.rotation import Rotation, RotationSpec, windows_reached
 from chunkft.executor.schedule import ScheduleSpec, lr_at
 from chunkft.executor.slicegrad import SliceGradients
 from chunkft.executor.streams import Streams
@@ -65,7 +71,7 @@ class StepStats:
 
     chunk: int  # the window updated (or that would have been, when skipped)
     lr: float
-    grad_norm: float  # 2-norm of the window's gradients before clipping (inf/nan when skipped)
+    grad_norm: float  # 2-norm of window + always-active gradients before clipping (inf/nan when skipped)
     skipped: bool  # non-finite gradient norm: no update, same window, schedule not advanced
     transfer_wait_s: float  # seconds the host blocked on this window's state copy
 
@@ -86,6 +92,21 @@ class ChunkFT:
     follows the rotation itself (exact also for the random order); an empty sequence disables prefetching
     (every copy is synchronous, at the update). A wrong order only costs a synchronous copy, never
     correctness.
+
+    always_active names whole parameters trained on every step on top of the window (a task head, norms,
+    biases: executor/always_active.py), with their own fp32 states resident on the device, the same lr,
+    schedule and weight decay, and one clipping norm over window and always-active gradients together.
+    A name that is also in a chunk is refused rather than silently taken out of it: the chunk table is the
+    plan's (its bytes and memory prediction), so the caller partitions the other parameters instead, e.g.
+    partition([s for s in param_specs(model) if s.name not in names], ...). Single process only for now
+    (refused under data parallel).
+
+    start_chunk is the first window trained (None: the order's first, 0 bottom-up and K-1 top-down); the
+    rotation continues from its place in the order (bottom-up from 3 of 8: 3, 4, ..., 7, 0, 1, ...; a
+    random order's first cycle is then the rest of its permutation). load_state_dict() restores the saved
+    position instead. When schedule.total_steps optimizer steps at rotation.update_interval steps per visit
+    cannot reach every window, a UserWarning names the windows and parameters that would never train and
+    what to change.
     """
 
     def __init__(
@@ -106,6 +127,8 @@ class ChunkFT:
         streams: Streams | None = None,
         cuda: CudaInfo | None = None,
         world: World | None = None,
+        always_active: Sequence[str] = (),
+        start_chunk: int | None = None,
     ) -> None:
         chunks = tuple(chunks)
         if not chunks:
@@ -140,13 +163,15 @@ class ChunkFT:
             bad = [i for i in prefetch_order if not 0 <= i < len(chunks)]
             if bad:
                 raise ValueError(f"prefetch_order names chunk {bad[0]}, but there are {len(chunks)} chunks")
+        world = world if world is not None else World.single()
+        always = _check_always_active(always_active, chunks, params, device, cuda, world)
 
         self.model = model
         self.chunks = chunks
         self.hparams = hparams
         self.schedule = schedule
         self.max_grad_norm = max_grad_norm
-        self.world = world if world is not None else World.single()
+        self.world = world
         self._prefetch_order = prefetch_order
         self._prefetch = prefetch_order is None or len(prefetch_order) > 0
         self._slicegrad = SliceGradients(model)
@@ -164,16 +189,31 @@ class ChunkFT:
             streams=streams,
             world=self.world,
         )
-        self._rotation = Rotation(rotation, len(chunks))
+        self._rotation = Rotation(rotation, len(chunks), start_chunk=start_chunk)
+        _warn_unreached(chunks, rotation, schedule.total_steps, start_chunk)
         self._schedule_step = 0
         self._closed = False
-        self._activate(self._rotation.current())
+        self._always = AlwaysActive(params, always, hparams, device)  # registers gradient hooks
+        try:
+            self._activate(self._rotation.current())
+        except BaseException:
+            self._always.close()  # a refused driver leaves no hook behind
+            raise
 
     # ----- the public loop -----------------------------------------------------------------------------
     @property
     def active_chunk(self) -> Chunk:
         """The window that gets gradients now."""
         return self.chunks[self._rotation.current()]
+
+    @property
+    def always_active(self) -> tuple[str, ...]:
+        """The parameters trained on every step beside the window."""
+        return self._always.names
+
+    def always_active_bytes(self) -> int:
+        """Device bytes of the always-active tensors' fp32 states and masters (for memory reports)."""
+        return self._always.device_bytes()
 
     @property
     def schedule_step(self) -> int:
@@ -203,22 +243,31 @@ class ChunkFT:
         self._check_open()
         loss.backward()
 
-    def step(self) -> StepStats:
-        """Clip and apply the accumulated window gradients, then advance schedule and rotation."""
+    def step(self, lr: float | None = None) -> StepStats:
+        """Clip and apply the accumulated window (and always-active) gradients, then advance schedule and
+        rotation. `lr`: this step's learning rate instead of the schedule's (executor/optimizer_face.py
+        passes its param group's, set by a torch LR scheduler)."""
         self._check_open()
+        if lr is None:
+            lr = self.lr()
+        elif isinstance(lr, bool) or not isinstance(lr, int | float) or not lr >= 0:
+            raise ValueError(f"step(lr=...) must be a number >= 0, got {lr!r}")
+        lr = float(lr)
         chunk = self._rotation.current()
-        lr = self.lr()
         grads = self._slicegrad.window_grads()
         if self.world.parallel:
             return self._step_parallel(chunk, lr, grads)
-        norm = grad_norm(list(grads.values()))
+        extra = self._always.grads()
+        every = list(grads.values()) + list(extra.values())
+        norm = grad_norm(every)  # one norm over window and always-active gradients
         norm_value = float(norm)  # one host sync per step: skipping is decided on the host
         if not math.isfinite(norm_value):
-            self._slicegrad.zero_grad()
+            self.discard_grads()
             return StepStats(chunk, lr, norm_value, True, 0.0)
         if self.max_grad_norm is not None:
-            clip_(list(grads.values()), norm, self.max_grad_norm)
+            clip_(every, norm, self.max_grad_norm)
         wait_s = self._optimizer.update(chunk, grads, lr)
+        self._always.update(extra, lr)
         self._after_update(chunk)
         return StepStats(chunk, lr, norm_value, False, wait_s)
 
@@ -257,7 +306,7 @@ class ChunkFT:
     def _after_update(self, chunk: int) -> None:
         """Clear the gradients and advance the schedule; at the end of a visit write the window's states
         back and activate the next window (the same on one rank and on many)."""
-        self._slicegrad.zero_grad()
+        self.discard_grads()
         self._schedule_step += 1
         if self._rotation.advance():
             self._optimizer.engine.write_back(chunk)
@@ -268,11 +317,13 @@ class ChunkFT:
     def discard_grads(self) -> None:
         """Drop the gradients accumulated since the last step (a step abandoned half-way, e.g. on OOM)."""
         self._slicegrad.zero_grad()
+        self._always.zero_grad()
 
     def close(self) -> None:
         """Restore the model (every module and requires_grad flag) and finish pending copies."""
         if self._closed:
             return
+        self._always.close()
         self._slicegrad.deactivate()
         self._optimizer.engine.synchronize()
         self._closed = True
@@ -294,7 +345,7 @@ class ChunkFT:
         return self._state(small), shards
 
     def _state(self, optimizer: dict) -> dict:
-        return {
+        state = {
             "version": STATE_VERSION,
             "optimizer_kind": type(self.hparams).__name__,
             "chunks": [[[sl.name, sl.row_start, sl.row_end] for sl in c.slices] for c in self.chunks],
@@ -302,6 +353,9 @@ class ChunkFT:
             "schedule_step": self._schedule_step,
             "optimizer": optimizer,
         }
+        if self._always.names:  # absent without them: states saved before always_active load unchanged
+            state["always_active"] = self._always.state_dict()
+        return state
 
     def load_state_dict(self, state: dict, read: ReadShards | None = None) -> None:
         """Continue from a state_dict() of a driver built with the same chunks and optimizer kind, or from
@@ -317,12 +371,20 @@ class ChunkFT:
         theirs = [[[str(n), int(a), int(b)] for n, a, b in c] for c in state["chunks"]]
         if theirs != mine:
             raise ValueError("driver state was saved with a different chunk table; resume with the same plan")
+        always = state.get("always_active", {"names": []})
+        if [str(n) for n in always["names"]] != list(self._always.names):
+            raise ValueError(
+                f"driver state was saved with always_active {list(always['names'])}, this driver has "
+                f"{list(self._always.names)}; resume with the same always_active names"
+            )
         if state["optimizer"]["engine"].get("sharded"):
             if read is None:
                 raise ValueError("this driver state keeps the windows' states apart: pass `read` for them")
             self._optimizer.load_sharded_state_dict(state["optimizer"], read)
         else:
             self._optimizer.load_state_dict(state["optimizer"])
+        if self._always.names:
+            self._always.load_state_dict(always)
         self._rotation.load_state_dict(state["rotation"])
         self._schedule_step = int(state["schedule_step"])
         self._slicegrad.deactivate()
@@ -332,6 +394,7 @@ class ChunkFT:
     def _activate(self, chunk: int) -> None:
         """Give `chunk` gradients and start copying its states and the next window's."""
         self._slicegrad.activate(self.chunks[chunk])
+        self._always.arm()  # activate() froze everything outside the window
         if self._prefetch:
             upcoming = self._prefetch_after(chunk)
             self._optimizer.engine.prefetch(chunk, *([] if upcoming is None else [upcoming]))
@@ -371,3 +434,74 @@ def _check_chunks(chunks: Sequence[Chunk], params: dict[str, nn.Parameter]) -> N
                 if sl.row_start < b and a < sl.row_end:
                     raise ValueError(f"rows of {sl.name!r} are in more than one chunk; use a valid partition")
             covered.setdefault(sl.name, []).append((sl.row_start, sl.row_end))
+
+
+def _check_always_active(
+    names: Sequence[str],
+    chunks: Sequence[Chunk],
+    params: dict[str, nn.Parameter],
+    device: torch.device,
+    cuda: CudaInfo | None,
+    world: World,
+) -> tuple[str, ...]:
+    """The always-active names, checked: real parameters, once each, in no chunk, on the device."""
+    if isinstance(names, str):
+        raise TypeError("always_active must be a sequence of parameter names, not one string; use [name]")
+    names = tuple(names)
+    if not names:
+        return names
+    if world.parallel:
+        raise ValueError(
+            f"always_active is not supported under data parallel yet (world size {world.size}); "
+            "train with one process or leave always_active empty"
+        )
+    seen: set[str] = set()
+    in_chunk = {sl.name: c.index for c in chunks for sl in c.slices}
+    for n in names:
+        if not isinstance(n, str):
+            raise TypeError(f"always_active names must be strings, got {type(n).__name__}")
+        if n not in params:
+            raise ValueError(f"always_active names {n!r}, which is not a parameter of the model")
+        if n in seen:
+            raise ValueError(f"always_active names {n!r} twice; give each parameter once")
+        seen.add(n)
+        if n in in_chunk:
+            raise ValueError(
+                f"always_active names {n!r}, which is also in chunk {in_chunk[n]}; partition the other "
+                "parameters only: partition([s for s in param_specs(model) if s.name not in always_active])"
+            )
+        p = params[n]
+        if isinstance(p, DTensor):
+            raise ValueError(f"always_active names {n!r}, a sharded (FSDP2) weight; leave it out")
+        if not same_device(p.device, device, cuda):
+            raise ValueError(f"always_active parameter {n!r} is on {p.device}, not {device}; move the model")
+    return names
+
+
+def _warn_unreached(
+    chunks: Sequence[Chunk], rotation: RotationSpec, steps: int, start_chunk: int | None
+) -> None:
+    """Warn when `steps` optimizer steps never reach some windows: their parameters would not train."""
+    k = len(chunks)
+    missed = sorted(set(range(k)) - windows_reached(rotation, k, steps, start_chunk))
+    if not missed:
+        return
+    reached = {sl.name for c in chunks if c.index not in missed for sl in c.slices}
+    never = list(dict.fromkeys(sl.name for i in missed for sl in chunks[i].slices if sl.name not in reached))
+
+    def covers(u: int) -> bool:
+        spec = RotationSpec(rotation.order, u, rotation.seed)
+        return len(windows_reached(spec, k, steps, start_chunk)) == k
+
+    fits = [u for u in range(rotation.update_interval - 1, 0, -1) if covers(u)]
+    fix = f"update_interval <= {fits[0]}, " if fits else ""
+    shown = ", ".join(never[:5]) + (f" and {len(never) - 5} more" if len(never) > 5 else "")
+    what = f"parameters never trained: {shown}" if never else "only rows of parameters other windows train"
+    per = f"{rotation.update_interval} step" + ("s" if rotation.update_interval > 1 else "")
+    warnings.warn(
+        f"ChunkFT: {steps} steps at {per} per visit reach {k - len(missed)} of {k} windows; window(s) "
+        f"{', '.join(map(str, missed))} would never be trained ({what}); use {fix}fewer chunks, or more "
+        "steps (schedule total_steps)",
+        UserWarning,
+        stacklevel=3,
+    )

@@ -1,6 +1,7 @@
 """Which window is active: bottom-up, top-down or seeded random rotation over the K chunks.
 
-A cycle visits every chunk once; each visit lasts `update_interval` optimizer steps. The random order
+A cycle visits every chunk once; each visit lasts `update_interval` optimizer steps. A rotation may start
+at any chunk (`start_chunk`): it begins at that chunk's place in the first cycle's order. The random order
 draws a fresh permutation per cycle from (seed, cycle) alone, so the resumable state is just the
 position (cycle, index in the cycle, steps taken in the current window): no generator state to save.
 """
@@ -55,13 +56,43 @@ def cycle_order(spec: RotationSpec, num_chunks: int, cycle: int) -> tuple[int, .
     return tuple(order)
 
 
+def start_position(spec: RotationSpec, num_chunks: int, start_chunk: int | None) -> RotationPosition:
+    """Where a rotation that first trains `start_chunk` begins: that chunk's place in cycle 0's order, as if
+    the rotation had just arrived there (a random order's first cycle is then only its remaining part).
+    None: the order's own first chunk (0 bottom-up, K-1 top-down)."""
+    if start_chunk is None:
+        return RotationPosition(0, 0, 0)
+    if isinstance(start_chunk, bool) or not isinstance(start_chunk, int):
+        raise TypeError(f"start_chunk must be an int, got {type(start_chunk).__name__}")
+    if not 0 <= start_chunk < num_chunks:
+        raise ValueError(f"start_chunk {start_chunk} is not a chunk index; use 0..{num_chunks - 1}")
+    return RotationPosition(0, cycle_order(spec, num_chunks, 0).index(start_chunk), 0)
+
+
+def windows_reached(
+    spec: RotationSpec, num_chunks: int, steps: int, start_chunk: int | None = None
+) -> set[int]:
+    """The chunk indices a run of `steps` optimizer steps (none skipped) trains at least once.
+
+    Only the first 2K visits are walked: from any place in cycle 0 they include all of cycle 1.
+    """
+    rot = Rotation(spec, num_chunks, start_chunk=start_chunk)
+    visits = min(-(-steps // spec.update_interval), 2 * num_chunks)
+    reached = set()
+    for _ in range(visits):
+        reached.add(rot.current())
+        for _ in range(spec.update_interval):
+            rot.advance()
+    return reached
+
+
 class Rotation:
     """The rotation's position over K chunks; advance() once per (non-skipped) optimizer step."""
 
-    def __init__(self, spec: RotationSpec, num_chunks: int) -> None:
+    def __init__(self, spec: RotationSpec, num_chunks: int, start_chunk: int | None = None) -> None:
         self.spec = spec
         self.num_chunks = num_chunks
-        self._pos = RotationPosition(0, 0, 0)
+        self._pos = start_position(spec, num_chunks, start_chunk)
         self._order = cycle_order(spec, num_chunks, 0)
 
     @property
