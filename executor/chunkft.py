@@ -44,6 +44,7 @@ from chunkft.executor.optimizer import (
 from chunkft.executor.rotation import Rotation, RotationSpec
 from chunkft.executor.schedule import ScheduleSpec, lr_at
 from chunkft.executor.slicegrad import SliceGradients
+from chunkft.executor.state_files import DiskTier
 from chunkft.executor.streams import Streams
 from chunkft.executor.transfer import TransferEngine
 
@@ -106,6 +107,7 @@ class ChunkFT:
         streams: Streams | None = None,
         cuda: CudaInfo | None = None,
         world: World | None = None,
+        disk: DiskTier | None = None,  # host states in files under disk.directory (the disk tier)
     ) -> None:
         chunks = tuple(chunks)
         if not chunks:
@@ -163,6 +165,7 @@ class ChunkFT:
             decay_steps=len(chunks) if weight_decay_mode == "compensated" else 1,
             streams=streams,
             world=self.world,
+            disk=disk,
         )
         self._rotation = Rotation(rotation, len(chunks))
         self._schedule_step = 0
