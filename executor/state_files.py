@@ -17,6 +17,7 @@ The state directory is scratch space for one running process: a resume restores 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Sequence
@@ -268,6 +269,13 @@ class StateFiles:
             os.replace(path, final)
         except OSError as e:
             raise _failure("writing state file", final, e) from None
+
+    def remove(self) -> None:
+        """Delete every file (and the directory, when nothing else is in it)."""
+        for c, k in self._pieces:
+            self.path(c, k).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self.directory.rmdir()
 
     def close(self) -> None:
         if self._pool is not None:

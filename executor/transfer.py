@@ -359,6 +359,13 @@ class TransferEngine:
         if self._files is not None:
             self._files.close()
 
+    def remove_files(self) -> None:
+        """Finish, then delete the disk tier's files (scratch space: a finished run's states are in its
+        checkpoints); the engine is unusable afterwards."""
+        self.close()
+        if self._files is not None:
+            self._files.remove()
+
     # ----- resume --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Every chunk's stores plus the fp32 content of slots not yet written back (CPU copies).
