@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -245,7 +246,13 @@ class StateFiles:
         """The file's current contents as a read-only-by-convention private mapping: later replacements
         of the file do not change it (see the module docstring), and it costs no memory until read."""
         n, d = self._pieces[(chunk, kind)]
-        return torch.from_file(str(self.path(chunk, kind)), shared=False, size=n, dtype=d)
+        path = str(self.path(chunk, kind))
+        st = os.stat(path)
+        t = torch.from_file(path, shared=False, size=n, dtype=d)
+        key = t.untyped_storage().data_ptr()
+        _MAPPED[key] = (path, st.st_dev, st.st_ino)
+        weakref.finalize(t, _MAPPED.pop, key, None)
+        return t
 
     def load_target(self, chunk: int, kind: str) -> Tensor:
         """A new zero-filled file mapped shared, for a checkpoint reader to fill in place; commit_loaded
@@ -282,6 +289,30 @@ class StateFiles:
             self._pool.shutdown(wait=True)
         if self._late is not None:
             self._late.run_through(len(self._late.jobs) - 1)
+
+
+# storage address of a live snapshot() -> (path, device, inode) of the file it maps
+_MAPPED: dict[int, tuple[str, int, int]] = {}
+
+
+def fresh_mapping(t: Tensor) -> Tensor | None:
+    """A new mapping of the same bytes as `t`, a snapshot() (or a view of one from its start), while its
+    file is still the one it mapped; None otherwise.
+
+    Why: a checkpoint writer reads every page of a snapshot, and the pages stay in the process (its RSS)
+    for as long as the snapshot lives, i.e. until the whole checkpoint is written: all the states at once.
+    A fresh mapping per file, dropped once that file is written, holds one file's pages at a time."""
+    entry = _MAPPED.get(t.untyped_storage().data_ptr())
+    if entry is None or t.storage_offset() != 0 or not t.is_contiguous():
+        return None
+    path, dev, ino = entry
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if (st.st_dev, st.st_ino) != (dev, ino):  # replaced since: only the snapshot has those bytes now
+        return None
+    return torch.from_file(path, shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
 
 
 def write_atomically(path: Path, t: Tensor) -> None:
