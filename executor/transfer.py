@@ -165,6 +165,7 @@ class TransferEngine:
                 disk.directory,
                 [(c, k.name, n, k.store_dtype) for c, n in enumerate(self.chunk_numels) for k in self._disk],
                 io=disk.io,
+                fsync=disk.fsync,
             )
             self._files.create()
             pieces = [(self._slot_numel, k.store_dtype) for _ in range(count) for k in self._disk]
