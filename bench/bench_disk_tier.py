@@ -8,6 +8,13 @@ a checkpoint every --checkpoint-every steps, the files under a temporary directo
 disk), and prints one line per tier.
 
     python bench/bench_disk_tier.py [--steps 24] [--chunks 8] [--seq-len 64] [--dtype fp32]
+
+On a shared machine the runs' step times drift with the load (+-15% between two runs of the same tier
+here), so `--interleaved` measures the step-time ratio in one process instead: two drivers on two copies
+of the model, one per tier, taking turns by blocks of whole visits on the same batches (one thread), and
+prints the median step of each tier, the mean of the per-block ratios and the trained weights' equality.
+
+    python bench/bench_disk_tier.py --interleaved [--blocks 6] [--chunks 8] [--update-interval 10]
 """
 
 from __future__ import annotations
@@ -44,6 +51,71 @@ def run(plan_path: Path, data: Path, out: Path, store: str) -> tuple[dict, int]:
     return json.loads((out / "run.json").read_text()), usage.ru_maxrss * 1024
 
 
+def interleaved(a: argparse.Namespace) -> None:
+    import statistics
+    import time
+
+    import torch
+
+    from chunkft.chunks import param_specs, partition
+    from chunkft.executor.chunkft import AdamWHparams, ChunkFT, RotationSpec, ScheduleSpec
+    from chunkft.executor.state_files import DiskTier
+    from chunkft.profiles import build_model, load_model
+
+    torch.set_num_threads(1)
+    dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+    preset = load_model("small-llama-20m")
+    torch.manual_seed(0)
+    base = build_model(preset, device="cpu").to(dtype)
+    vocab = preset.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    visit = a.update_interval
+    steps = a.blocks * visit * 2  # every block: two visits per tier
+    ids = [torch.randint(0, vocab, (4, a.seq_len), generator=g) for _ in range(steps)]
+    with tempfile.TemporaryDirectory(dir=Path.cwd()) as d:
+        runs = {}
+        for store in ("host", "disk"):
+            model = build_model(preset, device="cpu").to(dtype)
+            model.load_state_dict(base.state_dict())
+            driver = ChunkFT(
+                model,
+                partition(param_specs(model), num_chunks=a.chunks),
+                hparams=AdamWHparams(lr=1e-3),
+                schedule=ScheduleSpec("constant", 0, steps),
+                rotation=RotationSpec("bottom-up", update_interval=visit),
+                disk=DiskTier(Path(d) / "states") if store == "disk" else None,
+            )
+            runs[store] = (model, driver, [])
+        for b in range(a.blocks):
+            for store in ("host", "disk") if b % 2 == 0 else ("disk", "host"):  # alternate who goes first
+                model, driver, times = runs[store]
+                for i in range(b * 2 * visit, (b + 1) * 2 * visit):
+                    t0 = time.perf_counter()
+                    driver.backward(model(input_ids=ids[i], labels=ids[i]).loss)
+                    driver.step()
+                    times.append(time.perf_counter() - t0)
+        for _, driver, _ in runs.values():
+            driver.close()
+        med = {k: statistics.median(v[2]) for k, v in runs.items()}
+        mean = {k: statistics.fmean(v[2]) for k, v in runs.items()}
+        span = 2 * visit
+        per_block = [
+            statistics.fmean(runs["disk"][2][i : i + span]) / statistics.fmean(runs["host"][2][i : i + span])
+            for i in range(0, steps, span)
+        ]
+        pairs = zip(runs["host"][0].parameters(), runs["disk"][0].parameters(), strict=True)
+        same = all(torch.equal(p, q) for p, q in pairs)
+        states = runs["disk"][1].engine.store_bytes("disk")
+        staging = runs["disk"][1].engine.staging_bytes()
+        print(f"small-llama-20m {a.dtype}, K={a.chunks}, {visit} step(s) per visit, batch 4 x {a.seq_len}, "
+              f"{steps} steps per tier in {a.blocks} interleaved blocks, 1 thread")
+        print(f"host: median step {med['host'] * 1e3:.1f} ms, mean {mean['host'] * 1e3:.1f} ms")
+        print(f"disk: median step {med['disk'] * 1e3:.1f} ms, mean {mean['disk'] * 1e3:.1f} ms "
+              f"(state files {states / MIB:.1f} MiB, staging {staging / MIB:.1f} MiB)")
+        print(f"disk/host: mean step {mean['disk'] / mean['host']:.3f}, per block "
+              f"{' '.join(f'{r:.3f}' for r in per_block)}; same weights: {same}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=24)
@@ -53,7 +125,12 @@ def main() -> None:
     ap.add_argument("--checkpoint-every", type=int, default=8)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--repeats", type=int, default=1, help="alternate host/disk runs this many times")
+    ap.add_argument("--interleaved", action="store_true", help="step-time ratio in one process (see above)")
+    ap.add_argument("--blocks", type=int, default=6)
     a = ap.parse_args()
+    if a.interleaved:
+        interleaved(a)
+        return
     with tempfile.TemporaryDirectory(dir=Path.cwd()) as d:  # on this machine's disk, not a tmpfs
         tmp = Path(d)
         data = tmp / "data.txt"
