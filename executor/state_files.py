@@ -5,12 +5,11 @@ Why one file per (window, kind): each file is a flat array of exactly one store'
 tensor (torch.from_file) with no offsets, and replacing one never touches another.
 
 Why files are only ever replaced, never written in place: every write goes to a temporary file that is
-then renamed over the old one (os.replace; fsynced first only with DiskTier.fsync, which says why not by
-default), so a reader, a kill, or a full disk at any instant leaves either the old or the new bytes, never
-a mix. It also makes a mapped file a snapshot: a mapping
-(`snapshot`) keeps the inode it opened, whatever is renamed over the name later, which is how a checkpoint
-copies the states without reading them all into memory first (executor/checkpoint.py writes them from the
-mappings, page by page).
+fsynced (DiskTier.fsync says why, and why it may be off) and renamed over the old one (os.replace), so a
+reader, a kill, or a full disk at any instant leaves either the old or the new bytes, never a mix. It also
+makes a mapped file a snapshot: a mapping (`snapshot`) keeps the inode it opened, whatever is renamed over
+the name later, which is how a checkpoint copies the states without reading them all into memory first
+(executor/checkpoint.py writes them from fresh mappings, one file at a time).
 
 The state directory is scratch space for one running process: a resume restores it from the checkpoint
 (`load_target` + `commit_loaded`), never from what a killed run left there.
@@ -49,16 +48,18 @@ class DiskTier:
     or "late" (a stand-in for a slow disk: each job runs only when something waits for it, as late as
     the engine's waits allow, like executor/stream_standins.LateStreams for the side stream).
     staging_buffers: pinned buffers between files and slots; None: the engine's max_slots + 2.
-    fsync: fsync each write-back before its rename. Off by default: the rename alone makes every file
-    old or new for this process (and for a killed one), and no run ever reads a state file after a crash
-    (a resume restores them from its checkpoint, tests/test_state_disk_run.py kills a run mid-write), so
-    durability buys nothing and costs the disk's sync latency per write-back (measured on this machine:
-    172 ms per 24 MiB file with fsync, 70 ms without)."""
+    fsync: fsync each write-back before its rename (default). Correctness does not need it: the rename
+    alone makes every file old or new for this process (and for a killed one), and no run reads a state
+    file after a crash (a resume restores them from its checkpoint; tests/test_state_disk_run.py kills a
+    run mid-write). It turns the written pages clean at once, so a host with less RAM than the states
+    never carries them as dirty page cache; on the I/O thread it made no step-time difference beyond
+    the noise here (bench/results/disk_tier.md), though one 24 MiB file takes 172 ms with it and 70 ms
+    without on this machine's disk."""
 
     directory: Path
     io: FileIO = "thread"
     staging_buffers: int | None = None
-    fsync: bool = False
+    fsync: bool = True
 
     def __post_init__(self) -> None:
         if self.io not in FILE_IO:
@@ -162,7 +163,7 @@ class StateFiles:
         pieces: Sequence[tuple[int, str, int, torch.dtype]],
         *,
         io: FileIO = "thread",
-        fsync: bool = False,
+        fsync: bool = True,
     ) -> None:
         """pieces: (chunk, kind, numel, dtype) of each file; io, fsync: see DiskTier."""
         if io not in FILE_IO:
