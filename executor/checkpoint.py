@@ -72,7 +72,7 @@ from chunkft.executor.safetensors_stream import (
     save_safetensors_streaming,
     sharded_tensors_for_save,
 )
-from chunkft.executor.state_files import fresh_mapping
+from chunkft.executor.state_files import fresh_load_mapping, fresh_mapping
 from chunkft.files import honour_umask
 
 FORMAT_VERSION = 2
@@ -345,15 +345,28 @@ def states_reader(path: Path, world: World | None = None) -> ReadShards:
     written on any number of ranks (DCP reads, for each rank, the parts of the saved rows it needs)."""
     world = World.single() if world is None else world
 
+    def load(shards: Mapping[str, FlatShard]) -> None:
+        with _one_rank_is_meant():
+            dcp.load(
+                _as_saved(shards, world),
+                storage_reader=dcp.FileSystemReader(path / STATES_DIR),
+                process_group=_group(world),
+                no_dist=not world.parallel,
+            )
+
     def read(shards: dict[str, FlatShard]) -> None:
+        # The disk tier's targets are mapped state files: each is read through a fresh mapping of its
+        # own, dropped after its key, so a resume never holds every file's pages at once (the same keys
+        # on every rank, in the same order: the loads stay collective).
+        fresh = {k: fresh_load_mapping(s.local) for k, s in shards.items()}
         try:
-            with _one_rank_is_meant():
-                dcp.load(
-                    _as_saved(shards, world),
-                    storage_reader=dcp.FileSystemReader(path / STATES_DIR),
-                    process_group=_group(world),
-                    no_dist=not world.parallel,
-                )
+            plain = {k: s for k, s in shards.items() if fresh[k] is None}
+            if plain:
+                load(plain)
+            for k in sorted(k for k in shards if fresh[k] is not None):
+                s, mapped = shards[k], fresh.pop(k)
+                load({k: FlatShard(mapped, s.numel, s.start)})
+                del mapped
         except (CheckpointException, RuntimeError, OSError, ValueError) as e:
             cause = _unwrapped(e) if isinstance(e, CheckpointException) else e
             raise CheckpointError(

@@ -275,7 +275,11 @@ class StateFiles:
         except OSError as e:
             path.unlink(missing_ok=True)
             raise _failure("creating state file", path, e) from None
-        return torch.from_file(str(path), shared=True, size=n, dtype=d)
+        t = torch.from_file(str(path), shared=True, size=n, dtype=d)
+        key = t.untyped_storage().data_ptr()
+        _LOADING[key] = str(path)
+        weakref.finalize(t, _LOADING.pop, key, None)
+        return t
 
     def commit_loaded(self, chunk: int, kind: str) -> None:
         """Make the filled load_target the state file (renamed over it)."""
@@ -324,6 +328,21 @@ def fresh_mapping(t: Tensor) -> Tensor | None:
     if (st.st_dev, st.st_ino) != (dev, ino):  # replaced since: only the snapshot has those bytes now
         return None
     return torch.from_file(path, shared=False, size=t.numel(), dtype=t.dtype).view(t.shape)
+
+
+# storage address of a live load_target() -> the path of the file it maps (shared)
+_LOADING: dict[int, str] = {}
+
+
+def fresh_load_mapping(t: Tensor) -> Tensor | None:
+    """A new shared mapping of the file a load_target() `t` (or a view of it from its start) maps, None
+    for any other tensor: a checkpoint reader fills it and drops it, so a resume holds one file's written
+    pages at a time instead of every state file's until the load ends (the writes land in the same file,
+    which `t` maps too)."""
+    path = _LOADING.get(t.untyped_storage().data_ptr())
+    if path is None or t.storage_offset() != 0 or not t.is_contiguous():
+        return None
+    return torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype).view(t.shape)
 
 
 def write_atomically(path: Path, t: Tensor, *, fsync: bool = True) -> None:

@@ -327,6 +327,19 @@ def test_a_checkpoint_copies_the_state_files_without_holding_them_in_memory(tmp_
     back = {k: FlatShard(torch.zeros(n), n, 0) for k in shards}
     states_reader(tmp_path / "ckpt")(back)
     assert all(torch.equal(back[k].local, shards[k].local) for k in shards)
+    # a resume fills new state files (mapped) from the checkpoint, one file's pages at a time
+    other = TransferEngine([n, n], kinds, device=torch.device("cpu"), disk=DiskTier(tmp_path / "r"))
+    targets = other.load_targets([])
+    into = {
+        f"store.{c}.{k}": FlatShard(v, n, 0) for c, s in enumerate(targets["stores"]) for k, v in s.items()
+    }
+    before = _rss_file_bytes()
+    states_reader(tmp_path / "ckpt")(into)
+    held = _rss_file_bytes() - before
+    assert held < 16 << 20, f"the resume left {held / 2**20:.1f} MiB of state file pages in the process"
+    other.load_state_dict(targets)
+    names = ("exp_avg", "exp_avg_sq")
+    assert all(torch.equal(other.read_store(c, k), engine.read_store(c, k)) for c in range(2) for k in names)
     engine.store(0, "exp_avg").zero_()  # the files change (replaced) after the snapshot...
     engine.synchronize()
     assert torch.equal(state["stores"][0]["exp_avg"], torch.arange(n, dtype=torch.float32))  # ...it does not
