@@ -272,6 +272,8 @@ class StateFiles:
         try:
             with open(path, "wb") as f:
                 f.truncate(n * d.itemsize)
+                if n:  # the blocks up front: a full disk is an error here, not a SIGBUS in the mapping
+                    os.posix_fallocate(f.fileno(), 0, n * d.itemsize)
         except OSError as e:
             path.unlink(missing_ok=True)
             raise _failure("creating state file", path, e) from None

@@ -155,7 +155,7 @@ class TransferEngine:
         self._staging: list[_Staging] = []
         self._files: StateFiles | None = None
         self._tick = 0
-        self._io_wait_s = 0.0  # host seconds blocked on file reads since the last wait()
+        self._io_wait_s = 0.0  # host seconds blocked on staging waits since the last wait()
         self._loading: dict[tuple[int, str], Tensor] = {}  # load_targets()' files, by (chunk, kind)
         if self._disk:
             if disk is None:
@@ -338,21 +338,28 @@ class TransferEngine:
     def _host_waits_for_drain(self, buf: _Staging) -> None:
         """The host must read the buffer (to write its files) only after the slot -> buffer copy."""
         if buf.drained is not None:
+            t0 = time.perf_counter()
             buf.drained.synchronize()
             buf.drained = None
+            self._io_wait_s += time.perf_counter() - t0
 
     def _host_waits_for_staging_use(self, buf: _Staging) -> None:
         """The host must overwrite the buffer only after the side stream's copies out of it finished."""
         if buf.used is not None:
+            t0 = time.perf_counter()
             buf.used.synchronize()
             buf.used = None
+            self._io_wait_s += time.perf_counter() - t0
 
     def _host_waits_for_io(self, buf: _Staging) -> None:
-        """The buffer must be overwritten only after the I/O thread's job on it finished (errors raise)."""
+        """The buffer must be overwritten only after the I/O thread's job on it finished (errors raise).
+        Every staging wait's seconds go into the next wait()'s transfer wait."""
         self._host_waits_for_read(buf)
         if buf.writing is not None:
+            t0 = time.perf_counter()
             job, buf.writing = buf.writing, None
             job.result()
+            self._io_wait_s += time.perf_counter() - t0
 
     def close(self) -> None:
         """Finish every copy and file write and stop the I/O thread."""
@@ -558,10 +565,11 @@ class TransferEngine:
         """Without blocking: start the file writes whose slot -> staging copy finished, and raise the
         error of any file job that failed."""
         for buf in self._staging:
-            for job in (buf.reading, buf.writing):
-                if job is not None and job.done():
-                    job.result()  # raises a failed job's StateFileError
+            if buf.reading is not None and buf.reading.done():
+                job, buf.reading = buf.reading, None
+                job.result()  # raises a failed read's StateFileError (once)
             if buf.writing is not None and buf.writing.done():
-                buf.writing = None
+                job, buf.writing = buf.writing, None
+                job.result()  # raises a failed write's StateFileError (once)
             if buf.dirty and buf.writing is None and (buf.drained is None or buf.drained.query()):
                 self._flush(buf)

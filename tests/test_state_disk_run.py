@@ -56,6 +56,12 @@ def test_chunkft_run_on_the_disk_tier_equals_the_host_run(setup, tmp_path):
     assert run["state_store"] == "disk" and run["host_state_bytes"] == 0
     assert run["state_file_bytes"] == json.loads((host.run_json).read_text())["measured"]["host_state_bytes"]
     assert 0 < run["staging_bytes"] < run["state_file_bytes"]  # 3 windows' worth of 4
+    # what chunkft-run's host check counts for the disk tier, against what the run pinned
+    from chunkft.executor.state_store import staging_host_bytes
+    from chunkft.plan_format import load_plan
+
+    predicted = staging_host_bytes(load_plan(plan))
+    assert abs(predicted - run["staging_bytes"]) <= 0.01 * run["staging_bytes"], predicted
     wa, wb = weights(out), weights(host.output_dir)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
