@@ -586,7 +586,8 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     check_host_memory(plan, available_host_bytes(), device, opts.plan_path, state_store)
     if tier is not None:
         try:
-            check_state_disk(tier, int(plan.predictions.host_bytes))
+            # every rank's files, as if all ranks shared this disk (they do on one machine)
+            check_state_disk(tier, int(plan.predictions.host_bytes) * world.size)
         except ValueError as e:
             raise RunError(str(e)) from None
     check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM

@@ -163,4 +163,19 @@ def test_the_disk_tier_is_refused_for_states_kept_on_the_gpu_and_for_a_small_dis
     with pytest.raises(ValueError, match="free space there or give --state-dir on a larger disk"):
         check_state_disk(tier, 1 << 62)
     check_state_disk(tier, 1 << 20)
-    assert RunError  # the run wraps both in a RunError (one line, exit 2)
+
+
+def test_the_host_check_counts_the_staging_buffers_instead_of_the_stores(setup):
+    from chunkft.executor.state_store import staging_host_bytes
+    from chunkft.executor.train import check_host_memory, host_bytes_needed
+    from chunkft.plan_format import load_plan
+
+    plan, cpu = load_plan(setup[0]), torch.device("cpu")
+    host_need, _ = host_bytes_needed(plan, cpu)
+    disk_need, _ = host_bytes_needed(plan, cpu, "disk")
+    assert host_need - disk_need == plan.predictions.host_bytes - staging_host_bytes(plan) > 0
+    check_host_memory(plan, disk_need, cpu, setup[0], "disk")  # enough for the disk tier
+    with pytest.raises(RunError, match="of optimizer states in host memory"):
+        check_host_memory(plan, disk_need, cpu, setup[0])  # not for the host tier
+    with pytest.raises(RunError, match="of disk-tier staging buffers in host memory"):
+        check_host_memory(plan, disk_need - 1, cpu, setup[0], "disk")
