@@ -29,7 +29,9 @@ windows' worth (`staging_buffers`, by default max_slots + 2: the window being wr
 filled, the one read ahead), not K. A fill copies staging -> slot, a write-back slot -> staging, both on the
 side stream as above; the files are read into staging and written from it by one I/O thread. prefetch()
 reads the listed windows that find no slot ahead, so with prefetch(active, upcoming) each window's files
-are read one visit before its fill. A written-back buffer is written to its files once its copy finished
+are read one visit before its fill; a later-listed window that would get a slot but whose files are not
+in staging yet is read ahead instead and filled at a later engine call once its read finished (with two
+slots the prefetch never blocks on the upcoming window's file). A written-back buffer is written to its files once its copy finished
 (checked at every engine call, never waited for there), and stays a valid copy of the window, so a window
 that comes back before it is evicted needs no read. Four more waits, host-side, guard the staging buffers:
 
@@ -157,6 +159,8 @@ class TransferEngine:
         self._tick = 0
         self._io_wait_s = 0.0  # host seconds blocked on staging waits since the last wait()
         self._loading: dict[tuple[int, str], Tensor] = {}  # load_targets()' files, by (chunk, kind)
+        self._keep: set[int] = set()  # the chunks of the last prefetch(), never evicted by a deferred fill
+        self._deferred: list[int] = []  # prefetched windows to fill once their file read finished
         if self._disk:
             if disk is None:
                 raise ValueError("state kinds stored on 'disk' need a DiskTier (the state directory)")
@@ -231,8 +235,16 @@ class TransferEngine:
         first and, with a single slot, simply skips the upcoming one.
         """
         self._pump()
+        self._keep = set(chunks)
+        self._deferred = [c for c in self._deferred if c in self._keep]
         for i, chunk in enumerate(chunks):
             if not self._staged or self._slot_of(chunk) is not None:
+                continue
+            if i > 0 and self._disk and not self._read_finished(chunk):
+                # the disk tier: a later-listed window whose files are not in staging yet is read ahead
+                # (below) and filled by a later call once its read finished, instead of blocking here
+                if chunk not in self._deferred:
+                    self._deferred.append(chunk)
                 continue
             slot = self._free_slot(set(chunks[: i + 1]))
             if slot is None:
@@ -458,6 +470,7 @@ class TransferEngine:
         self._loading = {}
         for buf in self._staging:  # every buffer's chunk has new files now
             buf.chunk, buf.dirty, buf.reading, buf.drained = None, False, None, None
+        self._deferred = []
         for slot in self._slots:
             slot.chunk, slot.dirty, slot.ready = None, False, None
         for live in state["live_slots"]:
@@ -561,9 +574,13 @@ class TransferEngine:
         buf.writing = self._files.submit_write(buf.chunk, {k: t[:n] for k, t in buf.tensors.items()})
         buf.dirty = False
 
+    def _read_finished(self, chunk: int) -> bool:
+        buf = self._staging_of(chunk)
+        return buf is not None and (buf.reading is None or buf.reading.done())
+
     def _pump(self) -> None:
-        """Without blocking: start the file writes whose slot -> staging copy finished, and raise the
-        error of any file job that failed."""
+        """Without blocking: start the file writes whose slot -> staging copy finished, fill the deferred
+        windows whose file read finished, and raise the error of any file job that failed."""
         for buf in self._staging:
             if buf.reading is not None and buf.reading.done():
                 job, buf.reading = buf.reading, None
@@ -573,3 +590,11 @@ class TransferEngine:
                 job.result()  # raises a failed write's StateFileError (once)
             if buf.dirty and buf.writing is None and (buf.drained is None or buf.drained.query()):
                 self._flush(buf)
+        for chunk in list(self._deferred):
+            if self._slot_of(chunk) is not None or self._staging_of(chunk) is None:
+                self._deferred.remove(chunk)  # filled meanwhile, or evicted: wait() fetches it
+            elif self._read_finished(chunk):
+                slot = self._free_slot(self._keep | {chunk})
+                if slot is not None:
+                    self._deferred.remove(chunk)
+                    self._fill(slot, chunk)
