@@ -83,6 +83,7 @@ def interleaved(a: argparse.Namespace) -> None:
                 hparams=AdamWHparams(lr=1e-3),
                 schedule=ScheduleSpec("constant", 0, steps),
                 rotation=RotationSpec("bottom-up", update_interval=visit),
+                state_slots=a.slots,
                 disk=DiskTier(Path(d) / "states", fsync=not a.no_fsync) if store == "disk" else None,
             )
             runs[store] = (model, driver, [])
@@ -108,7 +109,7 @@ def interleaved(a: argparse.Namespace) -> None:
         states = runs["disk"][1].engine.store_bytes("disk")
         staging = runs["disk"][1].engine.staging_bytes()
         print(f"small-llama-20m {a.dtype}, K={a.chunks}, {visit} step(s) per visit, batch 4 x {a.seq_len}, "
-              f"fsync {'off' if a.no_fsync else 'on'}, "
+              f"fsync {'off' if a.no_fsync else 'on'}, {a.slots} slot(s), "
               f"{steps} steps per tier in {a.blocks} interleaved blocks, 1 thread")
         print(f"host: median step {med['host'] * 1e3:.1f} ms, mean {mean['host'] * 1e3:.1f} ms")
         print(f"disk: median step {med['disk'] * 1e3:.1f} ms, mean {mean['disk'] * 1e3:.1f} ms "
@@ -129,6 +130,7 @@ def main() -> None:
     ap.add_argument("--interleaved", action="store_true", help="step-time ratio in one process (see above)")
     ap.add_argument("--blocks", type=int, default=6)
     ap.add_argument("--no-fsync", action="store_true", help="--interleaved: DiskTier(fsync=False)")
+    ap.add_argument("--slots", type=int, default=1, help="--interleaved: fp32 state slots (1 or 2)")
     a = ap.parse_args()
     if a.interleaved:
         interleaved(a)

@@ -31,9 +31,10 @@ side stream as above; the files are read into staging and written from it by one
 reads the listed windows that find no slot ahead, so with prefetch(active, upcoming) each window's files
 are read one visit before its fill; a later-listed window that would get a slot but whose files are not
 in staging yet is read ahead instead and filled at a later engine call once its read finished (with two
-slots the prefetch never blocks on the upcoming window's file). A written-back buffer is written to its files once its copy finished
-(checked at every engine call, never waited for there), and stays a valid copy of the window, so a window
-that comes back before it is evicted needs no read. Four more waits, host-side, guard the staging buffers:
+slots the prefetch never blocks on the upcoming window's file). A written-back buffer is written to its
+files once its copy finished (checked at every engine call, never waited for there), and stays a valid
+copy of the window, so a window that comes back before it is evicted needs no read. Four more waits,
+host-side, guard the staging buffers:
 
 - `_host_waits_for_read`: the fill's staging -> slot copy is issued only after the file read finished;
 - `_host_waits_for_drain`: the host writes a buffer to its files only after its slot -> staging copy;
