@@ -197,6 +197,7 @@ class StateFiles:
                 os.replace(tmp, path)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
+                self.remove()  # nothing half-made left behind
                 raise _failure("creating state file", path, e) from None
         _fsync_dir(self.directory)
 

@@ -638,28 +638,35 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     driver = build_driver(model, plan, device, streams, world=world, disk=tier)
 
     start_step, bad_in_a_row = 0, 0
-    if point is not None:
-        ckpt = load_checkpoint(
-            point.path,
-            model,
-            model_fingerprint=plan.model.fingerprint,
-            plan_sha256=plan_digests(plan),  # older chunkft recorded the second
-            trajectory_sha256=trajectory,  # the same run planned for another rank count
-            meta=point.meta,  # verified by find_resume_point: not hashed again
-        )
-        if ckpt.meta.plan_sha256 not in plan_digests(plan) and world.is_main:
-            log.write(
-                f"chunkft-run: note: {ckpt.path.name} was written on {ckpt.meta.world_size} rank(s) under "
-                f"another plan of the same run; continuing on {world.size}\n"
+    try:
+        if point is not None:
+            ckpt = load_checkpoint(
+                point.path,
+                model,
+                model_fingerprint=plan.model.fingerprint,
+                plan_sha256=plan_digests(plan),  # older chunkft recorded the second
+                trajectory_sha256=trajectory,  # the same run planned for another rank count
+                meta=point.meta,  # verified by find_resume_point: not hashed again
             )
-        driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(ckpt.path, world))
-        set_rng_state(ckpt.trainer["rng"])
-        _seek(batches, ckpt.meta, opts, log)
-        start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
-        del ckpt  # the driver holds its own copies now
+            if ckpt.meta.plan_sha256 not in plan_digests(plan) and world.is_main:
+                log.write(
+                    f"chunkft-run: note: {ckpt.path.name} was written on {ckpt.meta.world_size} rank(s) "
+                    f"under another plan of the same run; continuing on {world.size}\n"
+                )
+            driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(ckpt.path, world))
+            set_rng_state(ckpt.trainer["rng"])
+            _seek(batches, ckpt.meta, opts, log)
+            start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
+            del ckpt  # the driver holds its own copies now
+
+        dist_.barrier(world)  # every rank built and resumed: a rank that failed its checks stops the others
+    except BaseException:
+        if tier is not None:  # refused before training: leave no state files behind (a crash later may)
+            with contextlib.suppress(Exception):
+                driver.engine.remove_files()
+        raise
 
     # ---- from here on the run writes into the output directory (rank 0)
-    dist_.barrier(world)  # every rank built and resumed: a rank that failed its checks stops the others here
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not lock.tried:  # the directory did not exist before

@@ -179,3 +179,21 @@ def test_the_host_check_counts_the_staging_buffers_instead_of_the_stores(setup):
         check_host_memory(plan, disk_need, cpu, setup[0])  # not for the host tier
     with pytest.raises(RunError, match="of disk-tier staging buffers in host memory"):
         check_host_memory(plan, disk_need - 1, cpu, setup[0], "disk")
+
+
+def test_a_resume_refused_after_the_driver_is_built_leaves_no_state_files(setup, tmp_path):
+    import dataclasses
+
+    from chunkft.executor.checkpoint import CheckpointError
+    from chunkft.plan_format import load_plan, save_plan
+
+    plan, data, _ = setup
+    out = tmp_path / "refused"
+    train(RunOptions(plan, data, out, max_steps=5, progress=False, state_store="disk"))
+    other = load_plan(plan)
+    opt = dataclasses.replace(other.run.optimizer, lr=other.run.optimizer.lr * 2)
+    changed = dataclasses.replace(other, run=dataclasses.replace(other.run, optimizer=opt))
+    save_plan(changed, tmp_path / "o.json")
+    with pytest.raises(CheckpointError, match="another plan"):
+        train(RunOptions(tmp_path / "o.json", data, out, resume=True, progress=False, state_store="disk"))
+    assert not (out / "state-files").exists()  # built, then removed with the refusal
