@@ -251,19 +251,21 @@ def test_without_the_staging_use_wait_a_queued_fill_copies_other_states(tmp_path
 
 
 def test_without_the_flush_before_state_dict_a_resume_goes_wrong(tmp_path, monkeypatch):
-    """A checkpoint maps the files: the changed staging buffers must be in them first."""
+    """A checkpoint maps the files: synchronize() must write the changed staging buffers into them first
+    (here the last write-back's copy is still queued, so its buffer was not written yet)."""
     config = dict(slots=1, interval=1, order="bottom-up")
     reference = train(SyncStreams, None, steps=9, **config)
-    monkeypatch.setattr(TransferEngine, "_flush", lambda self, buf: None)
-    monkeypatch.setattr(TransferEngine, "_claim", _claim_without_flush)
-    disk = DiskTier(tmp_path / "d", io="late", staging_buffers=6)
-    run = train(LateStreams, disk, steps=9, resume_at=4, **config)
-    assert not same_run(run, reference)
+    disk = DiskTier(tmp_path / "ok", io="late")
+    assert same_run(train(LateStreams, disk, steps=9, resume_at=4, **config), reference)
+    original = TransferEngine.state_dict
 
+    def without_flush(self):
+        monkeypatch.setattr(self, "synchronize", self.streams.synchronize)  # the copies, not the files
+        return original(self)
 
-def _claim_without_flush(self, keep, *, host_writes):
-    free = [b for b in self._staging if b.chunk is None]
-    return free[0] if free else None
+    monkeypatch.setattr(TransferEngine, "state_dict", without_flush)
+    disk = DiskTier(tmp_path / "broken", io="late")
+    assert not same_run(train(LateStreams, disk, steps=9, resume_at=4, **config), reference)
 
 
 # ----- files: atomic, a full disk is one clear error, nothing earlier lost ----------------------------------
