@@ -13,7 +13,8 @@ keep tests/golden/plan_v1.json loading. A field added later is compatible when a
 right reading, so it stays v1. _with_added_fields fills them in: `run.padded_batches` with the task's
 default (what those plans were planned for); `hardware.headroom_bytes` 0, `run.cuda_alloc_conf` "",
 `run.optimizer.weight_decay_mode` "window", `run.cross_entropy` "auto", the `hardware.measured_*` rates 0,
-`hardware.parallel` "none", `hardware.reserve_given` false, `hardware.headroom_given` "" and
+`hardware.parallel` "none", `hardware.reserve_given` false, `hardware.headroom_given` "",
+`placement.state_store` "host" and
 `predictions.host_peak_bytes` = host_bytes (what those plans assumed and
 were run with). Such a file is rewritten with the fields spelled out.
 """
@@ -49,6 +50,9 @@ OptimizerName = Literal["adamw", "sgd"]
 ScheduleKind = Literal["constant", "linear", "cosine"]
 RotationOrder = Literal["bottom-up", "top-down", "random"]
 StatesOn = Literal["gpu", "host"]
+# Where the host tier's inactive windows wait: pinned host memory, or files under chunkft-run's --state-dir
+# read ahead into a few pinned staging buffers (the disk tier, executor/state_files.py).
+StateStore = Literal["host", "disk"]
 HostStateDtype = Literal["float32", "bfloat16", "reset"]
 WeightsPlacement = Literal["resident", "streamed"]
 WeightDecayMode = Literal["window", "compensated"]
@@ -225,6 +229,7 @@ class Placement:
     weights: WeightsPlacement
     prefetch: bool
     layer_gpu: tuple[int, ...]  # device index per decoder layer; empty = all on GPU 0
+    state_store: StateStore = "host"  # "disk": the host tier's states in files (optimizer_states "host")
 
 
 @dataclass(frozen=True)
@@ -583,6 +588,7 @@ def _added_fields(data: dict) -> list[tuple[tuple[str, ...], str, object]]:
         (("hardware",), "parallel", "none"),
         (("hardware",), "reserve_given", False),
         (("hardware",), "headroom_given", ""),
+        (("placement",), "state_store", "host"),
     ]
     predictions = data.get("predictions")
     if isinstance(predictions, dict) and "host_bytes" in predictions:  # else "is missing" is reported
@@ -1138,6 +1144,13 @@ def _cross_checks(v: dict[str, typing.Any], problems: list[str]) -> None:
                 problems,
                 f"placement.layer_gpu[{i}] must be in 0..{hw.num_gpus - 1} (hardware.num_gpus), got {g}",
             )
+    if pl is not None:
+        _need(
+            pl.state_store == "host" or pl.optimizer_states == "host",
+            problems,
+            "placement.state_store \"disk\" needs placement.optimizer_states \"host\" (the disk tier holds "
+            "the host tier's states)",
+        )
     if ops is not None and ct is not None:
         for i, op in enumerate(ops):
             _need(

@@ -17,7 +17,11 @@ The weights are streamed to disk tensor by tensor through one reused 64 MiB host
 the host memory the run already pins. The states go to DCP as they are (the host stores themselves):
 under data parallel each rank writes only the rows it owns, so no rank ever gathers the whole, and a
 resume on any rank count reads, per rank, the parts of the saved rows it needs (2 ranks -> 1, 1 -> 2).
-Format 1 (before states/) kept the states inside trainer.pt; those checkpoints still load.
+Format 1 (before states/) kept the states inside trainer.pt; those checkpoints still load. On the disk tier
+(--state-store disk) the states are mappings of the state files, which are only ever replaced, never
+rewritten, so a mapping is a consistent snapshot: DCP copies them into states/ one file at a time, never
+all in memory, and a resume fills new state files in place (mapped) and renames them in. A checkpoint
+does not depend on the tier: either resumes under the other.
 
 A checkpoint is written into a temporary sibling directory, every file fsynced, then os.replace'd into
 place; `latest` is replaced atomically afterwards. Killing the writer at any instant leaves the previous
@@ -68,6 +72,7 @@ from chunkft.executor.safetensors_stream import (
     save_safetensors_streaming,
     sharded_tensors_for_save,
 )
+from chunkft.executor.state_files import fresh_load_mapping, fresh_mapping
 from chunkft.files import honour_umask
 
 FORMAT_VERSION = 2
@@ -311,12 +316,17 @@ class _AliasingSavePlanner(DefaultSavePlanner):
     """DCP's default planner, handing the writer each state as a tensor whose storage is exactly its
     bytes. The host stores are views of one pinned block, and DCP writes a view of a larger storage from
     a clone, holding the clones until the file closes: with one file per rank, a second copy of all the
-    states (measured: +1.0 GiB of RSS saving 1 GiB of views; +1 MiB with aliases)."""
+    states (measured: +1.0 GiB of RSS saving 1 GiB of views; +1 MiB with aliases). The disk tier's states
+    are mappings of its files (executor/state_files.py snapshot()), whose pages would stay in the process
+    until the save ends once read: each is handed over as a fresh mapping, released after its file."""
 
     def resolve_data(self, write_item: WriteItem) -> Any:
         data = super().resolve_data(write_item)
         if not isinstance(data, Tensor) or data.device.type != "cpu" or data.numel() == 0:
             return data
+        fresh = fresh_mapping(data)  # the disk tier: one state file's pages in memory at a time
+        if fresh is not None:
+            return fresh
         if data.untyped_storage().nbytes() == data.nbytes or not data.is_contiguous():
             return data
         return torch.frombuffer(data.view(torch.uint8).numpy(), dtype=data.dtype)  # same memory
@@ -335,15 +345,28 @@ def states_reader(path: Path, world: World | None = None) -> ReadShards:
     written on any number of ranks (DCP reads, for each rank, the parts of the saved rows it needs)."""
     world = World.single() if world is None else world
 
+    def load(shards: Mapping[str, FlatShard]) -> None:
+        with _one_rank_is_meant():
+            dcp.load(
+                _as_saved(shards, world),
+                storage_reader=dcp.FileSystemReader(path / STATES_DIR),
+                process_group=_group(world),
+                no_dist=not world.parallel,
+            )
+
     def read(shards: dict[str, FlatShard]) -> None:
+        # The disk tier's targets are mapped state files: each is read through a fresh mapping of its
+        # own, dropped after its key, so a resume never holds every file's pages at once (the same keys
+        # on every rank, in the same order: the loads stay collective).
+        fresh = {k: fresh_load_mapping(s.local) for k, s in shards.items()}
         try:
-            with _one_rank_is_meant():
-                dcp.load(
-                    _as_saved(shards, world),
-                    storage_reader=dcp.FileSystemReader(path / STATES_DIR),
-                    process_group=_group(world),
-                    no_dist=not world.parallel,
-                )
+            plain = {k: s for k, s in shards.items() if fresh[k] is None}
+            if plain:
+                load(plain)
+            for k in sorted(k for k in shards if fresh[k] is not None):
+                s, mapped = shards[k], fresh.pop(k)
+                load({k: FlatShard(mapped, s.numel, s.start)})
+                del mapped
         except (CheckpointException, RuntimeError, OSError, ValueError) as e:
             cause = _unwrapped(e) if isinstance(e, CheckpointException) else e
             raise CheckpointError(

@@ -50,6 +50,7 @@ from chunkft.executor.optimizer import (
 from chunkft.executor.rotation import Rotation, RotationSpec, windows_reached
 from chunkft.executor.schedule import ScheduleSpec, lr_at
 from chunkft.executor.slicegrad import SliceGradients
+from chunkft.executor.state_files import DiskTier
 from chunkft.executor.streams import Streams
 from chunkft.executor.transfer import TransferEngine
 
@@ -129,6 +130,7 @@ class ChunkFT:
         world: World | None = None,
         always_active: Sequence[str] = (),
         start_chunk: int | None = None,
+        disk: DiskTier | None = None,  # host states in files under disk.directory (the disk tier)
     ) -> None:
         chunks = tuple(chunks)
         if not chunks:
@@ -188,6 +190,7 @@ class ChunkFT:
             decay_steps=len(chunks) if weight_decay_mode == "compensated" else 1,
             streams=streams,
             world=self.world,
+            disk=disk,
         )
         self._rotation = Rotation(rotation, len(chunks), start_chunk=start_chunk)
         _warn_unreached(chunks, rotation, schedule.total_steps, start_chunk)

@@ -31,6 +31,7 @@ from chunkft.executor.checkpoint import CheckpointDiskFull, CheckpointError, com
 from chunkft.executor.data import DataError
 from chunkft.executor.distributed import DistributedError
 from chunkft.executor.replan import replan_command, rerun_command, resume_command, smaller_budget
+from chunkft.executor.state_files import StateFileError
 from chunkft.executor.streams import PinnedMemoryError
 from chunkft.executor.train import RunError, RunOptions, TrainingDiverged, TrainingInterrupted, train
 
@@ -122,6 +123,24 @@ GIB = 2**30
     help="Data parallel: start this many ranks with torchrun (python -m torch.distributed.run --standalone "
     "--nproc-per-node N) on this machine; the plan must be made for it (chunkft-plan --num-gpus N).",
 )
+@click.option(
+    "--state-store",
+    "state_store",
+    type=click.Choice(["host", "disk"]),
+    default=None,
+    help="Where the inactive windows' states wait: pinned host memory, or files under --state-dir read "
+    "ahead into a few pinned staging buffers (the same training, bit for bit, in a few windows of RAM) "
+    "[default: the plan's placement.state_store, host].",
+)
+@click.option(
+    "--state-dir",
+    "state_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Directory for the disk tier's state files (one per window and kind; scratch, deleted at the end) "
+    "[default: <output>/state-files].",
+)
 @click.option("--debug", is_flag=True, help="Print the traceback before the one-line error (same exit code).")
 def main(
     plan: Path,
@@ -135,6 +154,8 @@ def main(
     device: str | None,
     quiet: bool,
     nproc: int | None,
+    state_store: str | None,
+    state_dir: Path | None,
     debug: bool,
 ) -> None:
     """Fine-tune the model PLAN describes on --data with ChunkFT, writing everything under --output."""
@@ -163,6 +184,8 @@ def main(
         tokenizer_dir=tokenizer_dir,
         progress=not quiet,
         device=device,
+        state_store=state_store,
+        state_dir=state_dir,
     )
     try:
         result = train(opts)
@@ -181,6 +204,8 @@ def main(
         _fail(str(e), EXIT_FAILED, debug)
     except (RunError, DataError, CheckpointError, PlanError, ProfileError) as e:
         _fail(str(e), EXIT_BAD_INPUT, debug)
+    except StateFileError as e:  # a disk-tier file failed mid-run (a full disk): the checkpoints are intact
+        _fail(f"{e}; {_after_failure(opts)}", EXIT_FAILED, debug)
     except PinnedMemoryError as e:
         _fail(f"{e}; {_after_failure(opts)}", EXIT_FAILED, debug)
     except ValueError as e:  # the driver refusing the plan's chunks for this model (e.g. unsupported module)

@@ -287,7 +287,8 @@ class MemoryTracker(MemTracker):
 def driver_tensors(driver: Any) -> tuple[dict[str, list[torch.Tensor]], list[torch.Tensor]]:
     """(persistent, exclude) for a ChunkFT driver: its fp32 state slots by category (the first slot's
     master rows under master, its states under optimizer_states, further slots under prefetch; states
-    kept on the device likewise), and its host stores, which are host memory, not device memory."""
+    kept on the device likewise), and its host stores (and the disk tier's staging buffers), which are
+    host memory, not device memory."""
     engine = driver.engine
     staged = [k for k in engine.kinds if not (k.store == "device" and k.store_dtype == torch.float32)]
     persistent: dict[str, list[torch.Tensor]] = {"master": [], "optimizer_states": [], "prefetch": []}
@@ -302,7 +303,7 @@ def driver_tensors(driver: Any) -> tuple[dict[str, list[torch.Tensor]], list[tor
     for c in range(len(engine.chunk_numels)):
         for name in direct:
             persistent["master" if name == "master" else "optimizer_states"].append(engine.store(c, name))
-    return persistent, list(engine.store_tensors("host"))
+    return persistent, list(engine.store_tensors("host")) + engine.staging_tensors()  # staging: host too
 
 
 # The former name (bench/peers.py); one tracker.

@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from chunkft.chunks import Chunk, ParamSlice
 from chunkft.executor import distributed as dist_
 from chunkft.executor.distributed import FlatShard, ReadShards, World
+from chunkft.executor.state_files import DiskTier
 from chunkft.executor.streams import Streams
 from chunkft.executor.transfer import KindSpec, TransferEngine
 
@@ -187,6 +188,7 @@ class ChunkedOptimizer:
         decay_steps: int = 1,
         streams: Streams | None = None,
         world: World | None = None,
+        disk: DiskTier | None = None,  # the host-tier kinds live in files there instead (the disk tier)
     ) -> None:
         if not isinstance(hparams, AdamWHparams | SGDHparams):
             raise TypeError(f"hparams must be AdamWHparams or SGDHparams, got {type(hparams).__name__}")
@@ -218,6 +220,7 @@ class ChunkedOptimizer:
             raise ValueError("the model's parameters are sharded (FSDP2) but the world has one rank")
         self.needs_master = self.sharded or any(p.dtype != torch.float32 for p in used)
         location = "host" if states_on == "host" else "device"
+        location = "disk" if disk is not None and location == "host" else location
         kinds = []
         if self.needs_master:
             kinds.append(KindSpec("master", location, torch.float32))
@@ -230,6 +233,7 @@ class ChunkedOptimizer:
             device=device,
             max_slots=state_slots,
             streams=streams,
+            disk=disk,
         )
         self.steps = [[0] * len(lay) for lay in self.layouts]
         if self.needs_master:

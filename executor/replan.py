@@ -123,11 +123,14 @@ def _choice_args(plan: Any) -> list[str]:
 
 
 def run_args(opts: RunOptions, output: Path | None = None) -> list[str]:
-    """chunkft-run with this run's plan, data, output, device and --max-steps (no resume flags)."""
+    """chunkft-run with this run's plan, data, output, device, state store and --max-steps (no resume
+    flags)."""
     args = ["chunkft-run", str(opts.plan_path), "--data", str(opts.data_path)]
     args += ["--tokenizer", str(opts.tokenizer_dir)] if opts.tokenizer_dir else []
     args += ["--output", str(opts.output_dir if output is None else output)]
     args += ["--device", opts.device] if opts.device else []
+    args += ["--state-store", opts.state_store] if opts.state_store else []
+    args += ["--state-dir", str(opts.state_dir)] if opts.state_dir else []
     return args + (["--max-steps", str(opts.max_steps)] if opts.max_steps is not None else [])
 
 

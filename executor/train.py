@@ -97,6 +97,8 @@ from chunkft.executor.replan import (
     resume_command,
     run_args,
 )
+from chunkft.executor.state_files import DiskTier, StateFileError
+from chunkft.executor.state_store import check_state_disk, disk_tier, staging_host_bytes, state_store_for
 from chunkft.files import honour_umask
 from chunkft.profiles.host import available_host_bytes
 
@@ -141,6 +143,8 @@ class RunOptions:
     # stand-in streams ("late" or "early", executor/stream_standins.py) instead of synchronous copies
     streams: str | None = None
     collective_timeout_s: float = dist_.DEFAULT_TIMEOUT_S  # data parallel: a dead rank is an error after this
+    state_store: str | None = None  # --state-store host|disk; None: the plan's placement.state_store
+    state_dir: Path | None = None  # --state-dir for the disk tier's files; None: <output>/state-files
 
 
 @dataclass(frozen=True)
@@ -228,26 +232,31 @@ def _streams_for(opts: RunOptions, device: torch.device) -> Any:
         raise RunError(str(e)) from None
 
 
-def host_bytes_needed(plan: Any, device: torch.device) -> tuple[int, int]:
+def host_bytes_needed(plan: Any, device: torch.device, state_store: str = "host") -> tuple[int, int]:
     """(host bytes the run needs at its peak, of which the model's weights): the inactive windows'
-    states and a checkpoint's extra, plus on the CPU the weights themselves."""
+    states (on the disk tier: its staging buffers) and a checkpoint's extra, plus on the CPU the weights."""
     weights = plan.model.num_params * DTYPE_BYTES[plan.run.weight_dtype] if device.type == "cpu" else 0
-    return int(plan.predictions.host_peak_bytes) + weights, weights
+    pred = plan.predictions
+    stores = int(pred.host_bytes) if state_store == "host" else staging_host_bytes(plan)
+    return stores + int(pred.host_peak_bytes - pred.host_bytes) + weights, weights
 
 
-def check_host_memory(plan: Any, available: int, device: torch.device, plan_path: Path) -> None:
+def check_host_memory(
+    plan: Any, available: int, device: torch.device, plan_path: Path, state_store: str = "host"
+) -> None:
     """Refuse before building anything: the inactive windows' states (and a checkpoint's extra; on the CPU
     the model's weights too) must fit in the host memory available now, or the machine swaps or the
     kernel kills the run hours in. plan_path: the plan's file (the re-plan writes beside it)."""
     pred = plan.predictions
-    stores = int(pred.host_bytes)
-    need, weights = host_bytes_needed(plan, device)
+    stores = int(pred.host_bytes) if state_store == "host" else staging_host_bytes(plan)
+    need, weights = host_bytes_needed(plan, device, state_store)
     if need <= available:
         return
-    extra = f" plus {(pred.host_peak_bytes - stores) / GIB:.2f} GiB while a checkpoint is written"
+    extra = f" plus {(pred.host_peak_bytes - pred.host_bytes) / GIB:.2f} GiB while a checkpoint is written"
     on_cpu = f" and, on the CPU, {weights / GIB:.2f} GiB of weights" if weights else ""
+    what = "optimizer states" if state_store == "host" else "disk-tier staging buffers"
     raise RunError(
-        f"this plan keeps {stores / GIB:.2f} GiB of optimizer states in host memory{extra}{on_cpu}, and "
+        f"this plan keeps {stores / GIB:.2f} GiB of {what} in host memory{extra}{on_cpu}, and "
         f"this machine has {available / GIB:.2f} GiB available; free memory, or re-plan for this host (the "
         f"states move to the GPU or shrink): "
         f"{replan_command(plan, plan.hardware.budget_bytes, _sibling_plan(plan_path, 'host'), available)}"
@@ -549,6 +558,11 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
         raise RunError(str(e)) from None
     check_device(plan, opts, device)
     streams = _streams_for(opts, device)
+    try:
+        state_store = state_store_for(plan, opts.state_store)
+    except ValueError as e:
+        raise RunError(str(e)) from None
+    tier = disk_tier(Path(opts.output_dir), opts.state_dir, world) if state_store == "disk" else None
     configure_allocator(plan.run.cuda_alloc_conf, device, log)  # a no-op off CUDA
     total_steps = plan.run.total_steps if opts.max_steps is None else opts.max_steps
     if total_steps < 1:
@@ -569,7 +583,13 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     if point is not None and data_id is not None:
         check_same_data(point, data_id, opts, log)
     # before the model is built and states pinned
-    check_host_memory(plan, available_host_bytes(), device, opts.plan_path)
+    check_host_memory(plan, available_host_bytes(), device, opts.plan_path, state_store)
+    if tier is not None:
+        try:
+            # every rank's files, as if all ranks shared this disk (they do on one machine)
+            check_state_disk(tier, int(plan.predictions.host_bytes) * world.size)
+        except ValueError as e:
+            raise RunError(str(e)) from None
     check_identity(plan, opts)  # on the meta device: a plan for another model fails in a second, not an OOM
     chosen_tokenizer = user_tokenizer(plan, opts)  # --tokenizer, checked before the model is built
 
@@ -616,31 +636,38 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                     f"weight file(s) in {plan.model.path}; no rank built the whole model\n"
                 )
     model.train()
-    driver = build_driver(model, plan, device, streams, world=world)
+    driver = build_driver(model, plan, device, streams, world=world, disk=tier)
 
     start_step, bad_in_a_row = 0, 0
-    if point is not None:
-        ckpt = load_checkpoint(
-            point.path,
-            model,
-            model_fingerprint=plan.model.fingerprint,
-            plan_sha256=plan_digests(plan),  # older chunkft recorded the second
-            trajectory_sha256=trajectory,  # the same run planned for another rank count
-            meta=point.meta,  # verified by find_resume_point: not hashed again
-        )
-        if ckpt.meta.plan_sha256 not in plan_digests(plan) and world.is_main:
-            log.write(
-                f"chunkft-run: note: {ckpt.path.name} was written on {ckpt.meta.world_size} rank(s) under "
-                f"another plan of the same run; continuing on {world.size}\n"
+    try:
+        if point is not None:
+            ckpt = load_checkpoint(
+                point.path,
+                model,
+                model_fingerprint=plan.model.fingerprint,
+                plan_sha256=plan_digests(plan),  # older chunkft recorded the second
+                trajectory_sha256=trajectory,  # the same run planned for another rank count
+                meta=point.meta,  # verified by find_resume_point: not hashed again
             )
-        driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(ckpt.path, world))
-        set_rng_state(ckpt.trainer["rng"])
-        _seek(batches, ckpt.meta, opts, log)
-        start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
-        del ckpt  # the driver holds its own copies now
+            if ckpt.meta.plan_sha256 not in plan_digests(plan) and world.is_main:
+                log.write(
+                    f"chunkft-run: note: {ckpt.path.name} was written on {ckpt.meta.world_size} rank(s) "
+                    f"under another plan of the same run; continuing on {world.size}\n"
+                )
+            driver.load_state_dict(ckpt.trainer["driver"], read=states_reader(ckpt.path, world))
+            set_rng_state(ckpt.trainer["rng"])
+            _seek(batches, ckpt.meta, opts, log)
+            start_step, bad_in_a_row = ckpt.meta.step, ckpt.meta.consecutive_bad_steps
+            del ckpt  # the driver holds its own copies now
+
+        dist_.barrier(world)  # every rank built and resumed: a rank that failed its checks stops the others
+    except BaseException:
+        if tier is not None:  # refused before training: leave no state files behind (a crash later may)
+            with contextlib.suppress(Exception):
+                driver.engine.remove_files()
+        raise
 
     # ---- from here on the run writes into the output directory (rank 0)
-    dist_.barrier(world)  # every rank built and resumed: a rank that failed its checks stops the others here
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         if not lock.tried:  # the directory did not exist before
@@ -710,6 +737,7 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     progress = _Progress(log if opts.progress and world.is_main else None, total_steps, start=start_step)
     stop = _StopSignals()
 
+    failed = True
     try:
         with stop.installed():
             if plan.run.eval_every > 0 and start_step == 0:
@@ -802,11 +830,18 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
             progress.end()
             save(total_steps)  # first: whatever the evaluation does, the trained weights are on disk
             evaluate_and_log(total_steps)
+        failed = False
     finally:
         tracker.stop()
         progress.end()
         metrics.close()
-        driver.close()
+        if failed:  # already failing: a state file error on the way out would hide the first error
+            with contextlib.suppress(StateFileError):
+                driver.close()
+        else:
+            driver.close()
+    if tier is not None:
+        driver.engine.remove_files()  # scratch space: the checkpoints and the model hold the run
 
     memory = tracker.result() if tracker.steps_measured else None
     if not world.is_main:
@@ -819,8 +854,13 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
     with tracker.phase("export"):
         model_dir = export_model(model, tokenizer, out / "model", world)
     host_states = driver.host_state_bytes()
+    store = {
+        "state_store": state_store,
+        "state_file_bytes": driver.engine.store_bytes("disk"),
+        "staging_bytes": driver.engine.staging_bytes(),
+    }
     result = _write_run_json(
-        opts, plan, plan_sha, device, out, memory, clock, model_dir, host_state_bytes=host_states
+        opts, plan, plan_sha, device, out, memory, clock, model_dir, host_state_bytes=host_states, store=store
     )
     dist_.shutdown(world)
     return result
@@ -933,9 +973,15 @@ def apply_checkpointing(model: torch.nn.Module, mode: str, layers: tuple[int, ..
 
 
 def build_driver(
-    model: torch.nn.Module, plan: Any, device: torch.device, streams: Any = None, world: World | None = None
+    model: torch.nn.Module,
+    plan: Any,
+    device: torch.device,
+    streams: Any = None,
+    world: World | None = None,
+    disk: DiskTier | None = None,
 ) -> Any:
-    """The ChunkFT driver with every setting taken from the plan (streams: None for the device's own)."""
+    """The ChunkFT driver with every setting taken from the plan (streams: None for the device's own;
+    disk: the disk tier's files, None for pinned host stores)."""
     from chunkft.executor.chunkft import AdamWHparams, ChunkFT, SGDHparams
     from chunkft.executor.rotation import RotationSpec
     from chunkft.executor.schedule import ScheduleSpec
@@ -968,6 +1014,7 @@ def build_driver(
         state_slots=2 if plan.placement.prefetch else 1,
         streams=streams,
         world=world,
+        disk=disk,
     )
 
 
@@ -1332,8 +1379,10 @@ def _write_run_json(
     clock: StepClock,
     model_dir: Path,
     host_state_bytes: int | None = None,
+    store: dict[str, Any] | None = None,
 ) -> RunResult:
-    """run.json: what was measured beside what the plan predicted, and the losses."""
+    """run.json: what was measured beside what the plan predicted, and the losses. store: where the
+    host-tier states waited (state_store, state_file_bytes, staging_bytes)."""
     import transformers
 
     from chunkft import executor
@@ -1358,6 +1407,7 @@ def _write_run_json(
         "timed_steps_this_session": len(clock.seconds),
         # master + optimizer states kept on the host by this rank (data parallel: ~1/N each)
         "host_state_bytes": host_state_bytes,
+        **(store or {}),
     }
     predicted = {
         "peak_bytes": pred.peak_bytes,

@@ -481,6 +481,7 @@ ADDED_LATER = (
     '\n    "cuda_alloc_conf": "",',
     ',\n    "cross_entropy": "auto"\n',
     ',\n    "host_peak_bytes": 1424896\n',
+    ',\n    "state_store": "host"\n',
 )
 
 
@@ -492,7 +493,7 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
         old = old.replace(spelled, "\n" if spelled.endswith("\n") else "")
     added = (
         "headroom_bytes", "measured_flops_per_s", "weight_decay_mode", "cuda_alloc_conf", "host_peak_bytes",
-        "cross_entropy", "parallel", "reserve_given", "headroom_given",
+        "cross_entropy", "parallel", "reserve_given", "headroom_given", "state_store",
     )
     for name in added:
         assert f"\"{name}\"" not in old
@@ -505,6 +506,7 @@ def test_a_plan_written_before_the_added_fields_loads_with_what_it_meant(tmp_pat
     assert plan.predictions.host_peak_bytes == plan.predictions.host_bytes == 1424896
     assert plan.hardware.parallel == "none"  # layers split across num_gpus, as before the field
     assert plan.hardware.reserve_given is False and plan.hardware.headroom_given == ""  # the defaults
+    assert plan.placement.state_store == "host"  # pinned host memory, as before the disk tier
     assert plan_to_json(plan) == text  # rewritten with the fields spelled out
 
 
@@ -519,7 +521,7 @@ def test_plan_digest_is_the_same_before_and_after_a_field_is_added() -> None:
                          ("hardware", "headroom_bytes"), ("hardware", "parallel"),
                          ("hardware", "reserve_given"), ("hardware", "headroom_given"),
                          ("run", "cuda_alloc_conf"), ("run", "padded_batches"), ("run", "cross_entropy"),
-                         ("predictions", "host_peak_bytes")):
+                         ("predictions", "host_peak_bytes"), ("placement", "state_store")):
         del data[section][key]
     del data["run"]["optimizer"]["weight_decay_mode"]
     plan = load_plan(GOLDEN)
@@ -594,3 +596,16 @@ def test_compensated_weight_decay_needs_adamw_and_a_positive_factor(specs: list[
     assert problems_of(data) == ["run.optimizer.weight_decay_mode 'compensated' needs optimizer 'adamw'"]
     data["run"]["optimizer"]["weight_decay_mode"] = "window"
     assert validate_plan_dict(data) == []
+
+
+def test_the_disk_state_store_round_trips_and_needs_host_states() -> None:
+    """placement.state_store "disk" (issue 16): part of the plan's digest, not of its trajectory (a host
+    run's checkpoint continues on the disk tier), and only for states the host tier holds."""
+    from chunkft.plan_format import plan_digest, trajectory_digest
+
+    plan = load_plan(GOLDEN)
+    disk = dataclasses.replace(plan, placement=dataclasses.replace(plan.placement, state_store="disk"))
+    assert plan_from_json(plan_to_json(disk)) == disk
+    assert plan_digest(disk) != plan_digest(plan) and trajectory_digest(disk) == trajectory_digest(plan)
+    on_gpu = dataclasses.replace(disk, placement=dataclasses.replace(disk.placement, optimizer_states="gpu"))
+    assert any("placement.state_store" in p and "optimizer_states" in p for p in validate(on_gpu))
