@@ -481,14 +481,19 @@ def _check_always_active(
     return names
 
 
-def _warn_unreached(
-    chunks: Sequence[Chunk], rotation: RotationSpec, steps: int, start_chunk: int | None
-) -> None:
-    """Warn when `steps` optimizer steps never reach some windows: their parameters would not train."""
+class UnreachedWindowsWarning(UserWarning):
+    """A run too short to train every window (unreached_windows_message says which and what to change)."""
+
+
+def unreached_windows_message(
+    chunks: Sequence[Chunk], rotation: RotationSpec, steps: int, start_chunk: int | None = None
+) -> str | None:
+    """Why `steps` optimizer steps would never train some windows, and what to change; None when every
+    window is reached (chunkft-plan prints it as a warning line, the driver warns with it)."""
     k = len(chunks)
     missed = sorted(set(range(k)) - windows_reached(rotation, k, steps, start_chunk))
     if not missed:
-        return
+        return None
     reached = {sl.name for c in chunks if c.index not in missed for sl in c.slices}
     never = list(dict.fromkeys(sl.name for i in missed for sl in chunks[i].slices if sl.name not in reached))
 
@@ -501,10 +506,17 @@ def _warn_unreached(
     shown = ", ".join(never[:5]) + (f" and {len(never) - 5} more" if len(never) > 5 else "")
     what = f"parameters never trained: {shown}" if never else "only rows of parameters other windows train"
     per = f"{rotation.update_interval} step" + ("s" if rotation.update_interval > 1 else "")
-    warnings.warn(
-        f"ChunkFT: {steps} steps at {per} per visit reach {k - len(missed)} of {k} windows; window(s) "
+    return (
+        f"{steps} steps at {per} per visit reach {k - len(missed)} of {k} windows; window(s) "
         f"{', '.join(map(str, missed))} would never be trained ({what}); use {fix}fewer chunks, or more "
-        "steps (schedule total_steps)",
-        UserWarning,
-        stacklevel=3,
+        "steps (schedule total_steps)"
     )
+
+
+def _warn_unreached(
+    chunks: Sequence[Chunk], rotation: RotationSpec, steps: int, start_chunk: int | None
+) -> None:
+    """Warn when `steps` optimizer steps never reach some windows: their parameters would not train."""
+    message = unreached_windows_message(chunks, rotation, steps, start_chunk)
+    if message is not None:
+        warnings.warn(f"ChunkFT: {message}", UnreachedWindowsWarning, stacklevel=3)

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ from chunkft.executor.checkpoint import (
     set_rng_state,
     states_reader,
 )
+from chunkft.executor.chunkft import UnreachedWindowsWarning
 from chunkft.executor.data import (
     Batches,
     ByteTokenizer,
@@ -636,7 +638,14 @@ def _train(opts: RunOptions, log: TextIO, lock: OutputLock) -> RunResult:
                     f"weight file(s) in {plan.model.path}; no rank built the whole model\n"
                 )
     model.train()
-    driver = build_driver(model, plan, device, streams, world=world, disk=tier)
+    with warnings.catch_warnings(record=True) as caught:  # the driver's own warning, in chunkft's words
+        warnings.simplefilter("always", UnreachedWindowsWarning)
+        driver = build_driver(model, plan, device, streams, world=world, disk=tier)
+    for w in caught:
+        if not issubclass(w.category, UnreachedWindowsWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        elif world.is_main:
+            log.write(f"chunkft-run: warning: {str(w.message).removeprefix('ChunkFT: ')}\n")
 
     start_step, bad_in_a_row = 0, 0
     try:

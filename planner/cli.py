@@ -555,6 +555,9 @@ def run_request(
         warning_line(planned.host_warning)
     if planned.layout_warning:
         warning_line(planned.layout_warning)
+    unreached = unreached_warning(planned.plan)
+    if unreached:
+        warning_line(unreached)
     into_dir = out != Path(out_path)  # -o named a directory (resolve_output)
     click.echo(f"plan written to {out}" + (f" (-o {out_path} is a directory)" if into_dir else ""))
     if report_dir is None:
@@ -643,6 +646,24 @@ def parallel_layouts(req: Request, on_gpu: bool) -> list[str]:
     if forced != "auto":
         return [forced]
     return ["data", "shard", "layers"] if on_gpu else ["data", "shard"]
+
+
+def unreached_warning(plan: Any) -> str:
+    """"" or why the plan's steps never train some windows (the driver's own check, in the options' words:
+    --steps 3 over 4 windows leaves one untrained)."""
+    from chunkft.executor.chunkft import unreached_windows_message
+    from chunkft.executor.rotation import RotationSpec
+
+    r = plan.rotation
+    message = unreached_windows_message(
+        plan.chunk_table.chunks, RotationSpec(r.order, r.update_interval, r.seed), plan.run.total_steps
+    )
+    if message is None:
+        return ""
+    message = message.replace("update_interval <=", "--update-interval at most").replace(
+        "fewer chunks, or more steps (schedule total_steps)", "fewer --chunks, or more --steps"
+    )
+    return message
 
 
 def uneven_split_message(req: Request, parallel: str = "data") -> str:

@@ -618,3 +618,26 @@ def test_num_gpus_alone_gives_every_rank_a_sequence_and_an_uneven_batch_names_on
     res = CliRunner().invoke(main, fixed)
     assert res.exit_code == 0, res.output
     assert load_plan(tmp_path / "b.json").run.grad_accum_steps % 2 == 0
+
+
+def test_a_run_too_short_for_every_window_is_one_warning_line_at_plan_and_at_run(tmp_path: Path) -> None:
+    """--steps 3 over 4 windows at 1 step per visit never trains window 3: chunkft-plan says so in one
+    warning line (its options' words) and writes the plan; chunkft-run says it in one line too, not as a
+    Python warning with a source path; enough steps: no warning."""
+    from chunkft.executor.cli import main as run_main
+
+    base = ["tiny-llama", "--gpu", "cpu", "--seq-len", "32", "--chunks", "4", "--update-interval", "1"]
+    res = CliRunner().invoke(main, [*base, "--steps", "3", "-o", str(tmp_path / "p.json")])
+    lines = [ln for ln in res.output.splitlines() if "warning:" in ln]
+    assert res.exit_code == 0 and len(lines) == 1, res.output
+    assert lines[0].startswith("chunkft-plan: warning: 3 steps at 1 step per visit reach 3 of 4 windows")
+    assert "window(s) 3 would never be trained" in lines[0] and "fewer --chunks, or more --steps" in lines[0]
+    data = tmp_path / "data.txt"
+    data.write_text("To be, or not to be, that is the question. " * 40)
+    res = CliRunner().invoke(run_main, [str(tmp_path / "p.json"), "--data", str(data),
+                                        "--output", str(tmp_path / "run"), "--quiet"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    lines = [ln for ln in res.output.splitlines() if "window(s) 3 would never be trained" in ln]
+    assert len(lines) == 1 and lines[0].startswith("chunkft-run: warning: 3 steps"), res.output
+    res = CliRunner().invoke(main, [*base, "--steps", "8", "-o", str(tmp_path / "q.json")])
+    assert res.exit_code == 0 and "warning:" not in res.output, res.output
