@@ -1,4 +1,4 @@
-"""Files chunkft writes honour the user's umask.
+"""Files chunkft writes honour the user's umask, and reach the disk before they are renamed into place.
 
 tempfile.mkstemp/mkdtemp create 0600 files and 0700 directories, and an atomic write renames that
 temporary into place: without a chmod the plan, the checkpoints and the exported model would be private
@@ -41,3 +41,18 @@ def honour_umask(path: str | os.PathLike[str]) -> None:
             os.chmod(os.path.join(dirpath, d), 0o777 & ~mask)
         for f in filenames:
             os.chmod(os.path.join(dirpath, f), 0o666 & ~mask)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """The file's bytes on the disk (before an atomic rename publishes it)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """A directory's entries on the disk (so a rename in it survives a crash)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -73,7 +73,7 @@ from chunkft.executor.safetensors_stream import (
     sharded_tensors_for_save,
 )
 from chunkft.executor.state_files import fresh_load_mapping, fresh_mapping
-from chunkft.files import honour_umask
+from chunkft.files import fsync_dir, fsync_file, honour_umask
 
 FORMAT_VERSION = 2
 READABLE_FORMATS = (1, 2)  # 1: every window's states inside trainer.pt (chunkft before states/)
@@ -267,13 +267,13 @@ def _finish(
         names.append(f"{STATES_DIR}/{DCP_METADATA}")  # written by rank 0, the coordinator
     files = {**files, **_digests(tmp, names)}
     for name in files:
-        _fsync_file(tmp / name)
+        fsync_file(tmp / name)
     state = {"format_version": FORMAT_VERSION, **meta.__dict__, "files": dict(sorted(files.items()))}
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
-    _fsync_file(tmp / STATE_FILE)
+    fsync_file(tmp / STATE_FILE)
     if (tmp / STATES_DIR).is_dir():
-        _fsync_dir(tmp / STATES_DIR)
-    _fsync_dir(tmp)
+        fsync_dir(tmp / STATES_DIR)
+    fsync_dir(tmp)
     honour_umask(tmp)  # as if created by mkdir/open, whatever the writers used
     if final.exists():  # a re-save of the same step: move the old copy aside, never delete it first
         aside = root / f"{final.name}{TMP_MARK}old-{os.getpid()}"
@@ -283,7 +283,7 @@ def _finish(
     else:
         os.replace(tmp, final)
     _write_atomically(root / LATEST, final.name + "\n")
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -766,17 +766,6 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:

@@ -30,6 +30,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from chunkft.files import fsync_dir, fsync_file
+
 SUFFIX = ".bin"
 TMP_SUFFIX = ".tmp"
 LOAD_SUFFIX = ".load"
@@ -199,7 +201,7 @@ class StateFiles:
                 tmp.unlink(missing_ok=True)
                 self.remove()  # nothing half-made left behind
                 raise _failure("creating state file", path, e) from None
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
 
     # ----- jobs ------------------------------------------------------------------------------------------
     def submit_read(self, chunk: int, targets: dict[str, Tensor]) -> Job:
@@ -290,7 +292,7 @@ class StateFiles:
         path = final.with_suffix(LOAD_SUFFIX)
         try:
             if self._fsync:
-                _fsync_file(path)
+                fsync_file(path)
             os.replace(path, final)
         except OSError as e:
             raise _failure("writing state file", final, e) from None
@@ -363,14 +365,3 @@ def write_atomically(path: Path, t: Tensor, *, fsync: bool = True) -> None:
         raise _failure("writing state file", path, e) from None
 
 
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
