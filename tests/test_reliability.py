@@ -171,8 +171,9 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path: Path, where: str) -> 
 def test_disk_full_during_a_run_says_what_survives_and_resume_works(tmp_path: Path, base_plan: Plan) -> None:
     """A real run on a small filesystem: a checkpoint at step 2 fits; a filler file then leaves too little
     room for the next one. The run stops with one line naming the intact checkpoint and the resume
-    command; after freeing the space that exact command finishes the run."""
-    plan, data = plan_file(tmp_path, base_plan, steps=4), shakespeare_text(tmp_path)
+    command; after freeing the space that exact command finishes the run. The plan's schedule is long
+    enough to reach every window (a shorter one adds chunkft-run's warning line to the output)."""
+    plan, data = plan_file(tmp_path, base_plan, steps=8), shakespeare_text(tmp_path)
     with tiny_filesystem(tmp_path / "fs", 160 << 20) as fs:
         out = fs / "run"
         args = [str(plan), "--data", str(data), "--output", str(out), "--quiet"]
