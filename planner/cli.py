@@ -194,7 +194,9 @@ def check_bounds(req: Request) -> None:
     ):
         if value > limit:
             raise click.UsageError(f"{flag} {value} is absurdly large (at most {limit:,}); check the number")
-    for flag, size in (("--budget", req.budget), ("--host-mem", req.host_mem), ("--reserve", req.reserve)):
+    sizes = (("--budget", req.budget), ("--host-mem", req.host_mem), ("--reserve", req.reserve),
+             ("--disk-read", req.disk_read), ("--disk-write", req.disk_write))
+    for flag, size in sizes:
         if size is None:
             continue
         if size <= 0 and flag != "--reserve":
@@ -384,6 +386,9 @@ class Request:
     calibrate: bool = False  # --gpu cpu: measure this machine's matmul and copy rates (planner.costs)
     random_init: bool = False  # a directory's config, randomly initialised (model.source "hf-config")
     parallel: str = "auto"  # --num-gpus > 1: "auto" (data, else shard, else layers), or one forced
+    disk_read: int | None = None  # --disk-read: the state disk's sustained read, bytes/s (None: profile)
+    disk_write: int | None = None  # --disk-write: its sustained write, bytes/s (None: profile)
+    probe_disk: str | None = None  # --probe-disk DIR: measure the disk under DIR instead (profiles.disk)
 
 
 # fp16 is not offered: it needs loss scaling, which the executor does not do (bf16 does not).
@@ -399,6 +404,7 @@ class Notes:
     host: str = ""  # " (--host-mem)", " (this machine's available memory)", ...
     seq_len: str = ""  # " (the default 1024 shortened to ...)"
     rates: str = ""  # the --calibrate line, or ""
+    disk: str = ""  # the state disk's rates and where they come from
 
 
 class NoPlanFits(ValueError):
@@ -514,7 +520,8 @@ def make_plan(req: Request) -> Planned:
     plan = replace(plan, run=cadence)
     replayed = check_replay(plan)
     notes = Notes(
-        headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype)
+        headroom_note(req, on_gpu), budget_note(req, gpu), host_note, seq_note, rates_note(measured, dtype),
+        disk_note(resolve_disk(req)),
     )
     layout_warning = ""
     if parallel == "layers" and uneven:
@@ -564,6 +571,36 @@ def run_request(
         return EXIT_OK
     replayed = planned.replayed if planned.measured else None
     return write_plan_report(planned.plan, out, report_dir, replayed, debug=debug)
+
+
+def resolve_disk(req: Request) -> Any:
+    """The state disk the disk tier would use: the shipped profile, --probe-disk's measurement of DIR, or
+    --disk-read/--disk-write (which win over both, figure by figure)."""
+    from chunkft.profiles import disk
+
+    profile = disk.load_disk()
+    if req.probe_disk is not None:
+        read, write = disk.probe(req.probe_disk)
+        where = f"measured under {req.probe_disk} (--probe-disk, {disk.PROBE_BYTES // 2**20} MiB file)"
+        profile = disk.with_rates(profile, read, write, where)
+    return disk.with_rates(profile, req.disk_read, req.disk_write, "--disk-read/--disk-write")
+
+
+def disk_note(d: Any) -> str:
+    """The summary's disk line: both rates and where each comes from (the shipped profile, or not)."""
+    from chunkft.profiles import disk
+
+    shipped = disk.load_disk(d.key).sources
+    whys = []
+    for figure in ("read_bytes_per_s", "write_bytes_per_s"):
+        why = d.sources[figure]
+        why = f"profiles/disks/{d.key}.json: a conservative PCIe 4.0 NVMe" if why == shipped[figure] else why
+        if why not in whys:
+            whys.append(why)
+    return (
+        f"disk       read {d.read_bytes_per_s / 1e9:.2f} GB/s, write {d.write_bytes_per_s / 1e9:.2f} GB/s "
+        f"for a disk state store ({'; '.join(whys)})"
+    )
 
 
 def request_from(model: str, gpu: str, **options: Any) -> Request:
@@ -922,6 +959,7 @@ def summary(  # type: ignore[no-untyped-def]
         f"budget {gib(budget)}{notes.budget} per GPU, "
         f"host budget {gib(hw.host_budget_bytes)}{notes.host}",
         *([notes.rates] if notes.rates else []),
+        *([notes.disk] if notes.disk else []),
         f"batch      {run.micro_batch_size} x {run.grad_accum_steps} sequences of {run.seq_len} tokens"
         + notes.seq_len
         + (" (padded rows)" if run.padded_batches else ""),  # unpadded: packed full rows, the usual case
@@ -1174,6 +1212,18 @@ def why_chosen(plan: Any) -> list[str]:
     default=None,
     type=click.Path(file_okay=False),
     help="Also write the plan's report (report.html, figures, trace.json) into this directory.",
+)
+@click.option(
+    "--disk-read", type=Size(), default=None,
+    help="The state disk's sustained read per second (e.g. 3GB); default: profiles/disks/nvme-pcie4.json.",
+)
+@click.option(
+    "--disk-write", type=Size(), default=None,
+    help="The state disk's sustained write per second (e.g. 1.5GB); default: profiles/disks/nvme-pcie4.json.",
+)
+@click.option(
+    "--probe-disk", default=None, type=click.Path(file_okay=False),
+    help="Measure the disk under DIR (write+fsync and read a 256 MiB file) for the disk tier's rates.",
 )
 @click.option("--list-gpus", is_flag=True, help="List GPU profiles and exit.")
 @click.option("--list-models", is_flag=True, help="List model presets and exit.")

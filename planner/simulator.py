@@ -279,6 +279,55 @@ def host_peak_bytes(setup: Setup, cand: Candidate) -> int:
     return host_bytes(setup, cand) + checkpoint_host_bytes(setup, cand)
 
 
+# ------------------------------------------------------------------------------- disk tier
+# `--state-store disk` (executor/state_store.py, executor/state_files.py): the host tier's stores live in
+# files, one per (window, kind); the host keeps only pinned staging for (slots + 2) of the largest window,
+# and a checkpoint writes the states from fresh mappings of those files, one file's pages at a time.
+
+
+def _host_element_bytes(setup: Setup, cand: Candidate) -> int:
+    """Host-tier bytes per element of a window: fp32 master (when the weights are not fp32) + states."""
+    master, states = _state_kinds(setup, cand)
+    return (4 if master else 0) + states * DTYPE_BYTES[cand.host_state_dtype]
+
+
+def disk_host_bytes(setup: Setup, cand: Candidate) -> int:
+    """Host bytes the disk tier holds on one rank instead of host_bytes: executor.state_store.
+    staging_host_bytes, (slots + 2) x the largest window's shard x the host-tier bytes per element."""
+    if cand.states_on == "gpu":
+        return 0
+    slots = 2 if cand.prefetch else 1
+    largest = max(shard_numel(w.numel, cand.ranks) for w in cand.windows)
+    return (slots + 2) * largest * _host_element_bytes(setup, cand)
+
+
+def disk_checkpoint_host_bytes(setup: Setup, cand: Candidate) -> int:
+    """checkpoint_host_bytes plus the one state file whose pages a disk-tier save holds at a time (the
+    largest window's shard of its largest kind): the states are not held in memory to be saved."""
+    master, states = _state_kinds(setup, cand)
+    largest_file = max(shard_numel(w.numel, cand.ranks) for w in cand.windows) * max(
+        4 if master else 0, DTYPE_BYTES[cand.host_state_dtype] if states else 0
+    )
+    return checkpoint_host_bytes(setup, cand) + largest_file
+
+
+def disk_lane_seconds(
+    setup: Setup, cand: Candidate, read_bytes_per_s: int, write_bytes_per_s: int
+) -> float:
+    """Seconds of the disk tier's one I/O thread per visit: read the next window's host-tier states and
+    write the previous one back (the largest window for both: the slowest visit)."""
+    if cand.states_on == "gpu":
+        return 0.0
+    nbytes = max(shard_numel(w.numel, cand.ranks) for w in cand.windows) * _host_element_bytes(setup, cand)
+    return nbytes / read_bytes_per_s + nbytes / write_bytes_per_s
+
+
+def disk_unhidden_seconds(lane_seconds: float, step_seconds: float, update_interval: int) -> float:
+    """The part of a visit's disk lane that update_interval steps of compute do not hide (its read is
+    started one visit early), spread over those steps: what each step's time grows by."""
+    return max(0.0, lane_seconds - update_interval * step_seconds) / update_interval
+
+
 def host_machine_bytes(setup: Setup, cand: Candidate) -> int:
     """What one machine needs for all its ranks together (the host limit is checked on this): every
     rank saves at the same time. One rank: host_peak_bytes."""
