@@ -746,7 +746,7 @@ def _replay(
                     new = 4 * grads_by_group[grp]
                     grads_done.add(grp)
                 top = seg.excursion_bytes - seg.grad_bytes + new
-                if new and grp >= L and tied_rows:  # the tied rows' gradient appears when the head's backward ends
+                if new and grp >= L and tied_rows:  # the tied rows' gradient: when the head's backward ends
                     top = max(top - tied_rows, seg.delta_bytes - seg.grad_bytes + new)
                 seg = Segment(seg.delta_bytes - seg.grad_bytes + new, top, new)
                 if cand.sharded and new:  # the FSDP reduce-scatter's 1/N output beside the gradient
